@@ -1,0 +1,51 @@
+"""Shared fixtures: paths to the bundled data and a tiny Llama config (hidden 32, 2 layers) for CPU tests."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+TOKENIZER_DIR = DATA_DIR / "llama2_tokenizer"
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+def tiny_llama_config(**overrides):
+    """A tiny LlamaConfig with the LLaMA-2 vocabulary (32000): hidden 32, 2 layers, 4 heads (2 KV heads)."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+@pytest.fixture
+def tokenizer_dir():
+    return str(TOKENIZER_DIR)
+
+
+@pytest.fixture
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))

@@ -63,8 +63,9 @@ def validate_patch_size(patch_size) -> int:
 
 
 def get_patch_size(config) -> int:
-    """K from `config.patch_size`; a config without it (a stock Llama config) means K = 1."""
-    return validate_patch_size(getattr(config, "patch_size", None) or 1)
+    """K from `config.patch_size`; a config without it (a stock Llama config) or with None means K = 1."""
+    patch_size = getattr(config, "patch_size", None)
+    return 1 if patch_size is None else validate_patch_size(patch_size)  # 0 is an error, not "absent"
 
 
 def check_length(length: int, patch_size: int) -> int:
@@ -150,14 +151,17 @@ class _KWayCrossEntropy(torch.autograd.Function):
                 probs.mul_(chunk_valid.sum(dim=1, keepdim=True))  # K_r * softmax
                 probs.scatter_add_(1, safe_targets[chunk], -chunk_valid.to(torch.float32))
                 grad[chunk] = probs
-        ctx.save_for_backward(grad)
+        # With no target that counts, the loss is 0/0 = nan (like stock) and grad_total is inf: the
+        # gradient must stay zero (as stock's), not 0 * inf = nan, which would poison the optimizer.
+        ctx.save_for_backward(grad, valid.any())
         ctx.mark_non_differentiable(per_offset)
         return per_offset.sum(), per_offset
 
     @staticmethod
     def backward(ctx, grad_total, grad_per_offset):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None
+        grad, any_valid = ctx.saved_tensors
+        scale = torch.where(any_valid, grad_total, torch.zeros_like(grad_total))
+        return grad * scale.to(grad.dtype), None, None
 
 
 def kway_cross_entropy(

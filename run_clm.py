@@ -1,0 +1,927 @@
+#!/usr/bin/env python
+"""Patch-level then token-level training of a Llama causal LM, in one launch.
+
+A fork of the shape of transformers' `examples/pytorch/language-modeling/run_clm.py` (argument dataclasses
+parsed by `HfArgumentParser`; a lone `*.json` argument is a config file) that adds patch-level training
+(Shao, Meng, Zhou, ICLR 2025, arXiv:2407.12665):
+
+1. the first fraction λ (`--patch_data_fraction`) of the training tokens is read in patches of K
+   (`--patch_size`) tokens: sequences of K*T tokens, T patches each, K-way next-patch loss;
+2. only the weights are kept (`<output_dir>/patch_stage/`); with a fresh optimizer, scheduler and trainer
+   state, ordinary token-level training (K = 1, sequences of T tokens) runs on the remaining 1 - λ.
+
+Relative cost λ/K + 1 - λ of a token-level run on the same tokens. λ = 0 is the token-level baseline.
+
+Works under `python`, `torchrun`, `accelerate launch` and `deepspeed`. Re-running the same command resumes
+an interrupted job; re-running a finished one reports its results and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    LlamaConfig,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from modeling_llama_patch import PatchLlamaForCausalLM, count_loss_targets, get_patch_size, validate_patch_size
+
+logger = logging.getLogger("run_clm")
+
+SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl")
+COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")
+CACHE_FORMAT_VERSION = 1
+PATCH_STAGE_DIR = "patch_stage"
+STAGE_COMPLETE_FILE = "stage_complete.json"
+RUN_ARGS_FILE = "run_args.json"
+ALL_RESULTS_FILE = "all_results.json"
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one clear line and exit code 2, before any work is lost."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a Llama config to start from scratch, or weights to continue from."""
+
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "A LlamaConfig JSON file or folder (e.g. configs/model/llama-370m.json): train from scratch."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder to start from instead of random weights (e.g. a patch-stage model)."},
+    )
+    tokenizer_name: str = field(
+        default="data/llama2_tokenizer",
+        metadata={"help": "Tokenizer folder or hub name (default: the bundled LLaMA-2 tokenizer, vocab 32000)."},
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "eager, sdpa, flash_attention_2, or auto: FlashAttention-2 when flash_attn imports on a CUDA "
+            "machine, else SDPA."
+        },
+    )
+
+    def __post_init__(self):
+        if self.config_name is None and self.model_name_or_path is None:
+            raise UsageError("give --config_name (a LlamaConfig JSON, to train from scratch) or --model_name_or_path")
+        if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
+            raise UsageError(
+                f"--attn_implementation must be auto, eager, sdpa or flash_attention_2, got {self.attn_implementation!r}"
+            )
+
+
+@dataclass
+class DataArguments:
+    """What to train and evaluate on, and how it is cut into blocks."""
+
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training text: .txt, .json or .jsonl files (optionally .gz/.xz/.bz2/.zst), comma-separated "
+            "(or a JSON list in a config file)."
+        },
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={"help": "Validation text for token-level perplexity (e.g. data/wikitext-103-test.jsonl)."},
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset name, instead of --train_file."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})
+    text_column_name: str = field(default="text", metadata={"help": "The column (JSON key) holding the text."})
+    block_size: int = field(
+        default=2048,
+        metadata={"help": "T, the token-level context. The patch stage reads K*T tokens per sequence (T patches)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read and tokenise the training data on the fly (corpora that do not fit on disk). Needs "
+            "--max_steps, which then fixes the token budget that λ splits."
+        },
+    )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where tokenised data is cached (one folder per data set and tokenizer). Default: "
+            "$HF_HOME/patch_level_tokens or ~/.cache/huggingface/patch_level_tokens."
+        },
+    )
+    tokenize_batch_size: int = field(default=1000, metadata={"help": "Documents per tokenizer call."})
+    max_eval_blocks: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many validation blocks (quick runs)."}
+    )
+
+    def __post_init__(self):
+        if self.train_file is None and self.dataset_name is None:
+            raise UsageError("give --train_file (local text files) or --dataset_name (a hub dataset)")
+        if self.block_size < 1:
+            raise UsageError(f"--block_size must be >= 1, got {self.block_size}")
+        if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
+            raise UsageError(f"--max_eval_blocks must be >= 1, got {self.max_eval_blocks}")
+
+
+@dataclass
+class PatchArguments:
+    """Patch-level training (the paper's K and λ) and the patch stage's own optimisation settings.
+
+    Unset per-stage values follow the paper: the same tokens per optimizer step as the token stage (the
+    batch, counted in sequences of K*T tokens, is K times smaller), the same optimizer settings, and a
+    learning-rate schedule restarted with its own warmup."""
+
+    patch_size: int = field(default=1, metadata={"help": "K, the number of tokens per patch in the patch stage."})
+    patch_data_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ, the fraction of the training data used at patch level: 0 = token-level baseline, "
+            "0 < λ < 1 = both stages, 1 = patch stage only."
+        },
+    )
+    patch_per_device_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Patch-stage micro-batch in sequences of K*T tokens (default: see above)."}
+    )
+    patch_gradient_accumulation_steps: int | None = field(
+        default=None, metadata={"help": "Patch-stage gradient accumulation (default: the token stage's)."}
+    )
+    patch_learning_rate: float | None = field(default=None, metadata={"help": "Patch-stage peak learning rate."})
+    patch_warmup_steps: float | None = field(
+        default=None, metadata={"help": "Patch-stage warmup steps (a float < 1 is a ratio). Default: --warmup_steps."}
+    )
+    patch_max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Stop the patch stage after this many optimizer steps (default: one pass over its data)."},
+    )
+
+    def __post_init__(self):
+        try:
+            self.patch_size = validate_patch_size(self.patch_size)
+        except ValueError as error:
+            raise UsageError(f"--patch_size: {error}") from None
+        if not 0.0 <= self.patch_data_fraction <= 1.0:
+            raise UsageError(f"--patch_data_fraction (λ) must lie in [0, 1], got {self.patch_data_fraction}")
+        if self.patch_data_fraction > 0 and self.patch_size == 1:
+            raise UsageError(
+                f"--patch_data_fraction={self.patch_data_fraction} needs --patch_size K > 1: "
+                "patch-level training with K = 1 is token-level training"
+            )
+        for name in ("patch_per_device_train_batch_size", "patch_gradient_accumulation_steps", "patch_max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be >= 1, got {value}")
+
+    @property
+    def has_patch_stage(self) -> bool:
+        return self.patch_data_fraction > 0
+
+    @property
+    def has_token_stage(self) -> bool:
+        return self.patch_data_fraction < 1
+
+
+@dataclass
+class RunTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments plus the job-level flag transformers 5 dropped."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete what --output_dir holds and start again (otherwise a re-run resumes)."},
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, PatchArguments, RunTrainingArguments)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """Parse the command line, or a lone `*.json` config (unknown keys are an error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        config_path = Path(argv[0])
+        if not config_path.is_file():
+            raise UsageError(f"config file {argv[0]} does not exist")
+        with open(config_path, encoding="utf-8") as handle:
+            try:
+                values = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"config file {argv[0]} is not valid JSON: {error}") from None
+        known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"config file {argv[0]} has unknown keys: {', '.join(unknown)}")
+        if isinstance(values.get("train_file"), list):
+            values["train_file"] = ",".join(values["train_file"])
+        return parser.parse_dict(values)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: files -> token stream cached on disk -> blocks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def split_file_list(spec: str) -> list[str]:
+    """'a.jsonl,b.jsonl' or a JSON list '["a.jsonl", "b.jsonl"]' -> list of paths."""
+    spec = spec.strip()
+    if spec.startswith("["):
+        return [str(p) for p in json.loads(spec)]
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def file_format(path: str) -> str:
+    """'text' or 'json' from the extension (compression suffixes allowed); UsageError otherwise."""
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(".txt"):
+        return "text"
+    if name.endswith((".json", ".jsonl")):
+        return "json"
+    raise UsageError(
+        f"unsupported extension for {path}: use one of {', '.join(SUPPORTED_EXTENSIONS)} "
+        f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)})"
+    )
+
+
+def check_data_files(spec: str, argument: str) -> tuple[list[str], str]:
+    """Resolve and check a file list: exists, readable, one supported format. Returns (paths, format)."""
+    paths = split_file_list(spec)
+    if not paths:
+        raise UsageError(f"--{argument} names no file")
+    formats = set()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UsageError(f"--{argument}: file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"--{argument}: file {path} is not readable")
+        formats.add(file_format(path))
+    if len(formats) > 1:
+        raise UsageError(f"--{argument}: mix of text and JSON files ({', '.join(paths)}); use one format")
+    return [os.path.abspath(p) for p in paths], formats.pop()
+
+
+def load_documents(paths: list[str] | None, fmt: str | None, data_args: DataArguments, streaming: bool):
+    """An iterable (or map-style) datasets.Dataset of documents with a text column."""
+    import datasets
+
+    if paths is not None:
+        dataset = datasets.load_dataset(fmt, data_files={"train": paths}, split="train", streaming=streaming)
+    else:
+        dataset = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split, streaming=streaming
+        )
+    columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset)).keys())
+    if data_args.text_column_name not in columns:
+        raise UsageError(
+            f"--text_column_name {data_args.text_column_name!r} is not a column of the data (columns: {columns})"
+        )
+    return dataset
+
+
+def iter_document_tokens(documents, tokenizer, text_column: str, batch_size: int) -> Iterator[list[int]]:
+    """Token ids of each document: the tokenizer's own special tokens (BOS for LLaMA), the text, then EOS."""
+    eos = tokenizer.eos_token_id
+    batch: list[str] = []
+
+    def encode(texts):
+        for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+            yield ids + [eos] if eos is not None else ids
+
+    for example in documents:
+        text = example[text_column]
+        if text:
+            batch.append(text)
+        if len(batch) >= batch_size:
+            yield from encode(batch)
+            batch = []
+    if batch:
+        yield from encode(batch)
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def cache_key(sources: list[str], tokenizer, text_column: str) -> str:
+    """A hash of what the token stream depends on: the data (path, size, mtime), the tokenizer, the column."""
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_FORMAT_VERSION}|{text_column}|".encode())
+    for source in sources:
+        if os.path.isfile(source):
+            stat = os.stat(source)
+            digest.update(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        else:
+            digest.update(f"{source}|".encode())
+    vocab = tokenizer.get_vocab()
+    digest.update(json.dumps(sorted(vocab.items())).encode())
+    digest.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{type(tokenizer).__name__}".encode())
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir() -> str:
+    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    return os.path.join(home, "patch_level_tokens")
+
+
+def tokenize_to_cache(documents, tokenizer, text_column: str, batch_size: int, folder: str) -> dict:
+    """Tokenise every document once into `<folder>/tokens.bin` (flat uint16/uint32 stream) + `meta.json`.
+
+    Written to a temporary folder and renamed, so an interrupted run never leaves a half-written cache.
+    """
+    dtype = token_dtype(len(tokenizer))
+    tmp_folder = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_folder, ignore_errors=True)
+    os.makedirs(tmp_folder)
+    num_tokens = num_documents = 0
+    start = time.time()
+    with open(os.path.join(tmp_folder, "tokens.bin"), "wb") as out:
+        for ids in iter_document_tokens(documents, tokenizer, text_column, batch_size):
+            out.write(np.asarray(ids, dtype=dtype).tobytes())
+            num_tokens += len(ids)
+            num_documents += 1
+    meta = {
+        "num_tokens": num_tokens,
+        "num_documents": num_documents,
+        "dtype": np.dtype(dtype).name,
+        "tokenize_seconds": round(time.time() - start, 2),
+    }
+    with open(os.path.join(tmp_folder, "meta.json"), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2)
+    if os.path.isdir(folder):  # another process finished first
+        shutil.rmtree(tmp_folder)
+    else:
+        os.replace(tmp_folder, folder)
+    return meta
+
+
+def load_token_stream(folder: str) -> np.memmap:
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    if meta["num_tokens"] == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(os.path.join(folder, "tokens.bin"), dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+
+
+def cached_token_stream(paths, fmt, data_args: DataArguments, tokenizer, training_args) -> tuple[np.ndarray, str]:
+    """The token stream of a data set, tokenised once (by the main process) and then read from the cache."""
+    sources = paths if paths is not None else [f"hub:{data_args.dataset_name}:{data_args.dataset_config_name}:{data_args.dataset_split}"]
+    cache_root = data_args.data_cache_dir or default_cache_dir()
+    folder = os.path.join(cache_root, cache_key(sources, tokenizer, data_args.text_column_name))
+    with training_args.main_process_first(desc="tokenisation"):
+        if not os.path.isdir(folder):
+            logger.info("Tokenising %s into %s", ", ".join(sources), folder)
+            os.makedirs(cache_root, exist_ok=True)
+            documents = load_documents(paths, fmt, data_args, streaming=True)
+            meta = tokenize_to_cache(
+                documents, tokenizer, data_args.text_column_name, data_args.tokenize_batch_size, folder
+            )
+            logger.info("Tokenised %d documents into %d tokens in %.1fs", meta["num_documents"], meta["num_tokens"], meta["tokenize_seconds"])
+        else:
+            logger.info("Reading tokenised data from the cache %s", folder)
+    return load_token_stream(folder), folder
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Blocks of `block_len` tokens cut from a token stream read as repeating (epoch after epoch).
+
+    Block j holds stream positions start + j*block_len ... start + (j+1)*block_len - 1, each taken modulo
+    the stream length, so a stage can start mid-stream and run over several epochs with nothing dropped
+    but its final partial block. Items are {"input_ids", "labels"} (the model shifts the labels).
+    """
+
+    def __init__(self, tokens: np.ndarray, start: int, num_blocks: int, block_len: int):
+        self.tokens, self.start, self.num_blocks, self.block_len = tokens, start, num_blocks, block_len
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(index)
+        length = len(self.tokens)
+        begin = (self.start + index * self.block_len) % length
+        end = begin + self.block_len
+        if end <= length:
+            ids = np.asarray(self.tokens[begin:end], dtype=np.int64)
+        else:  # wraps around the end of the stream
+            ids = np.asarray(np.take(self.tokens, np.arange(begin, end) % length), dtype=np.int64)
+        input_ids = torch.from_numpy(ids)
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+class StreamingTokenBlocks(torch.utils.data.IterableDataset):
+    """Blocks of `block_len` tokens from documents tokenised on the fly: skips the first `skip_tokens` of
+    the stream, then yields `num_blocks` blocks, re-reading the data if it runs out (next epoch)."""
+
+    def __init__(self, make_documents, tokenizer, data_args: DataArguments, skip_tokens: int, num_blocks: int, block_len: int):
+        self.make_documents, self.tokenizer, self.data_args = make_documents, tokenizer, data_args
+        self.skip_tokens, self.num_blocks, self.block_len = skip_tokens, num_blocks, block_len
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def _stream(self) -> Iterator[int]:
+        while True:
+            produced = False
+            for ids in iter_document_tokens(
+                self.make_documents(), self.tokenizer, self.data_args.text_column_name, self.data_args.tokenize_batch_size
+            ):
+                produced = True
+                yield from ids
+            if not produced:
+                raise UsageError("the streamed training data holds no text")
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        stream = self._stream()
+        for _ in range(self.skip_tokens):
+            next(stream)
+        for _ in range(self.num_blocks):
+            ids = torch.tensor([next(stream) for _ in range(self.block_len)], dtype=torch.long)
+            yield {"input_ids": ids, "labels": ids.clone()}
+
+
+@dataclass
+class StagePlan:
+    """The tokens of one stage: stream offset, blocks and what is dropped (for the report)."""
+
+    name: str
+    patch_size: int
+    block_len: int  # tokens per sequence: K*T (patch stage) or T (token stage)
+    start_token: int
+    budget_tokens: int
+    num_blocks: int
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.block_len
+
+    @property
+    def positions(self) -> int:
+        return self.tokens // self.patch_size
+
+    @property
+    def dropped_tokens(self) -> int:
+        return self.budget_tokens - self.tokens
+
+
+def plan_stages(total_tokens: int, patch_fraction: float, patch_size: int, block_size: int) -> list[StagePlan]:
+    """Split a budget of `total_tokens` stream tokens: the first floor(λ*total) to the patch stage (blocks of
+    K*T), the rest to the token stage (blocks of T). Only each stage's final partial block is dropped."""
+    patch_tokens = math.floor(patch_fraction * total_tokens)
+    plans = []
+    if patch_fraction > 0:
+        length = patch_size * block_size
+        plans.append(StagePlan("patch", patch_size, length, 0, patch_tokens, patch_tokens // length))
+    if patch_fraction < 1:
+        rest = total_tokens - patch_tokens
+        plans.append(StagePlan("token", 1, block_size, patch_tokens, rest, rest // block_size))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def patch_size_as(model, patch_size: int):
+    """Temporarily run `model` at another patch size (same weights), e.g. K = 1 for token perplexity."""
+    config = model.config
+    saved = getattr(config, "patch_size", None)
+    config.patch_size = patch_size
+    try:
+        yield model
+    finally:
+        config.patch_size = saved
+
+
+class PatchTrainer(Trainer):
+    """Trainer for `PatchLlamaForCausalLM`: counts the K-way loss's targets for exact gradient
+    accumulation, logs the per-offset losses (and the patch stage's loss as `patch_loss`), and evaluates
+    the patch stage both at patch level and as a token-level model (perplexity)."""
+
+    def __init__(self, *args, patch_eval_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.patch_eval_dataset = patch_eval_dataset
+        self._offset_loss_sum: torch.Tensor | None = None
+        self._offset_loss_count = 0
+
+    @property
+    def stage_patch_size(self) -> int:
+        return get_patch_size(self.model.config)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        patch_size = self.stage_patch_size
+        if patch_size > 1:  # the first patch is never a target: count labels[..., K:], not labels[..., 1:]
+            batch_samples = [
+                {**batch, "shift_labels": batch["labels"][..., patch_size:]} if "labels" in batch else batch
+                for batch in batch_samples
+            ]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        offset_losses = getattr(outputs, "offset_losses", None)
+        if offset_losses is not None and model.training:
+            offset_losses = offset_losses.detach()
+            self._offset_loss_sum = offset_losses if self._offset_loss_sum is None else self._offset_loss_sum + offset_losses
+            self._offset_loss_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.stage_patch_size > 1:
+            logs["patch_loss"] = logs.pop("loss")
+        if self._offset_loss_sum is not None and self._offset_loss_count and "patch_loss" in logs:
+            means = (self._offset_loss_sum / self._offset_loss_count).tolist()
+            for offset, value in enumerate(means, start=1):
+                logs[f"offset_{offset}_loss"] = round(value, 4)
+            self._offset_loss_sum, self._offset_loss_count = None, 0
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = {}
+        patch_size = self.stage_patch_size
+        if patch_size > 1 and self.patch_eval_dataset is not None and eval_dataset is None:
+            metrics.update(super().evaluate(self.patch_eval_dataset, ignore_keys, f"{metric_key_prefix}_patch"))
+        with patch_size_as(self.model, 1):
+            token_metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        loss = token_metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            token_metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 100.0))
+            self.log({f"{metric_key_prefix}_perplexity": token_metrics[f"{metric_key_prefix}_perplexity"]})
+        metrics.update(token_metrics)
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job: output directory, resume, stages, results
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """auto -> flash_attention_2 when flash_attn imports on a CUDA machine, else sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def run_identity(model_args, data_args, patch_args, training_args, dataset_tokens: int) -> dict:
+    """What defines a run: a re-run with the same identity resumes, a different one is refused."""
+    return {
+        "config_name": model_args.config_name,
+        "model_name_or_path": model_args.model_name_or_path,
+        "train_file": data_args.train_file,
+        "dataset_name": data_args.dataset_name,
+        "dataset_tokens": dataset_tokens,
+        "block_size": data_args.block_size,
+        "patch_size": patch_args.patch_size,
+        "patch_data_fraction": patch_args.patch_data_fraction,
+        "max_steps": training_args.max_steps,
+        "num_train_epochs": training_args.num_train_epochs,
+        "seed": training_args.seed,
+    }
+
+
+def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main: bool) -> None:
+    """Refuse an output directory holding an unrelated run; record this run's identity."""
+    path = Path(output_dir)
+    record = path / RUN_ARGS_FILE
+    if path.exists() and any(path.iterdir()):
+        if overwrite:
+            if is_main:
+                logger.warning("--overwrite_output_dir: deleting the contents of %s", output_dir)
+                for child in path.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif not record.is_file():
+            raise UsageError(
+                f"--output_dir {output_dir} is not empty and holds no run of this script ({RUN_ARGS_FILE} missing): "
+                "choose another directory or pass --overwrite_output_dir"
+            )
+        else:
+            previous = json.loads(record.read_text())
+            changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
+            if changed:
+                details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                raise UsageError(
+                    f"--output_dir {output_dir} holds a different run ({details}): choose another directory "
+                    "or pass --overwrite_output_dir"
+                )
+    if is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, identity)
+
+
+def write_json_atomic(path, payload: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def stage_batch_settings(patch_args: PatchArguments, training_args: TrainingArguments) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) of the patch stage: the user's, or the paper's default of the
+    same tokens per optimizer step as the token stage (K times fewer sequences of K*T tokens)."""
+    k = patch_args.patch_size
+    batch = patch_args.patch_per_device_train_batch_size
+    accumulation = patch_args.patch_gradient_accumulation_steps
+    token_batch, token_accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    if batch is not None or accumulation is not None:
+        return batch or token_batch, accumulation or token_accumulation
+    if token_batch % k == 0:
+        return token_batch // k, token_accumulation
+    if (token_batch * token_accumulation) % k == 0 and token_accumulation % k == 0:
+        return token_batch, token_accumulation // k
+    raise UsageError(
+        f"the patch stage keeps the tokens per optimizer step of the token stage, which needs "
+        f"--per_device_train_batch_size ({token_batch}) or --gradient_accumulation_steps ({token_accumulation}) "
+        f"divisible by --patch_size K={k}; or set --patch_per_device_train_batch_size and "
+        "--patch_gradient_accumulation_steps"
+    )
+
+
+def stage_training_args(training_args: RunTrainingArguments, patch_args: PatchArguments, plan: StagePlan, output_dir: str, max_steps: int):
+    """The TrainingArguments of one stage: its own output folder, batch, learning rate, warmup and length."""
+    changes = {"output_dir": output_dir, "max_steps": max_steps, "num_train_epochs": 1.0}
+    if plan.name == "patch":
+        batch, accumulation = stage_batch_settings(patch_args, training_args)
+        changes.update(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        if patch_args.patch_learning_rate is not None:
+            changes["learning_rate"] = patch_args.patch_learning_rate
+        if patch_args.patch_warmup_steps is not None:
+            changes["warmup_steps"] = patch_args.patch_warmup_steps
+    fields = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
+    fields.update(changes)
+    return RunTrainingArguments(**fields)
+
+
+def steps_for(num_blocks: int, args: TrainingArguments) -> int:
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return max(1, num_blocks // global_batch)
+
+
+def build_model(model_args: ModelArguments, init_from: str | None, patch_size: int, attn_implementation: str):
+    """A PatchLlamaForCausalLM at `patch_size`: from weights (`init_from`) or from the config, seeded."""
+    if init_from is not None:
+        model = PatchLlamaForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation)
+    else:
+        config = LlamaConfig.from_pretrained(model_args.config_name)
+        config._attn_implementation = attn_implementation
+        model = PatchLlamaForCausalLM(config)
+    model.config.patch_size = patch_size
+    model.config.use_cache = False
+    return model
+
+
+def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, resume: bool) -> dict:
+    """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it."""
+    token_eval, patch_eval = eval_datasets
+    trainer = PatchTrainer(
+        model=model,
+        args=stage_args,
+        train_dataset=train_dataset,
+        eval_dataset=token_eval,
+        patch_eval_dataset=patch_eval if plan.patch_size > 1 else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    checkpoint = get_last_checkpoint(stage_args.output_dir) if resume and os.path.isdir(stage_args.output_dir) else None
+    if checkpoint:
+        logger.info("Resuming the %s stage from %s", plan.name, checkpoint)
+    start = time.time()
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.time() - start
+    metrics = {
+        "steps": trainer.state.global_step,
+        "train_loss": train_result.training_loss,
+        "train_runtime_s": round(wall, 2),
+        "resumed_from": checkpoint,
+    }
+    if token_eval is not None:
+        metrics.update(trainer.evaluate())
+    return trainer, metrics
+
+
+def report(results: dict) -> None:
+    line = f"perplexity {results['perplexity']:.3f}" if results.get("perplexity") is not None else "no validation set"
+    print(
+        f"[run_clm] done: {line}; relative cost nominal {results['relative_cost_nominal']:.3f} "
+        f"(λ/K + 1 - λ), measured {results['relative_cost_measured']:.3f} (positions / tokens); "
+        f"results in {results['output_dir']}/{ALL_RESULTS_FILE}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, patch_args, training_args = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    output_dir = training_args.output_dir
+    if output_dir is None:
+        raise UsageError("give --output_dir")
+
+    # A finished job: report and change nothing.
+    results_file = Path(output_dir) / ALL_RESULTS_FILE
+    if results_file.is_file() and not training_args.overwrite_output_dir:
+        results = json.loads(results_file.read_text())
+        if training_args.should_log:
+            logger.info("%s already holds a finished run; nothing to do (use --overwrite_output_dir to redo it)", output_dir)
+            report(results)
+        return results
+
+    # Inputs, checked before any work.
+    train_paths = train_format = None
+    if data_args.train_file is not None:
+        train_paths, train_format = check_data_files(data_args.train_file, "train_file")
+    eval_paths = eval_format = None
+    if data_args.validation_file is not None:
+        eval_paths, eval_format = check_data_files(data_args.validation_file, "validation_file")
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise UsageError("--streaming needs --max_steps: it fixes the token budget that --patch_data_fraction splits")
+    config_source = model_args.model_name_or_path or model_args.config_name
+    if not os.path.exists(config_source) and os.path.sep in config_source:
+        raise UsageError(f"model config {config_source} does not exist")
+    config = LlamaConfig.from_pretrained(config_source)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    if data_args.block_size > config.max_position_embeddings:
+        raise UsageError(
+            f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings {config.max_position_embeddings}"
+        )
+    if patch_args.has_patch_stage:
+        stage_batch_settings(patch_args, training_args)  # raises now rather than after the data is read
+    if patch_args.patch_size > 1 and not patch_args.has_patch_stage:
+        logger.warning("--patch_size %d is ignored: --patch_data_fraction is 0 (token-level baseline)", patch_args.patch_size)
+    set_seed(training_args.seed)
+
+    # Data: tokenise once into the on-disk cache; blocks for each stage.
+    block_size, k = data_args.block_size, patch_args.patch_size
+    token_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    if data_args.streaming:
+        dataset_tokens = None
+        total_tokens = training_args.max_steps * token_batch * block_size
+    else:
+        stream, cache_folder = cached_token_stream(train_paths, train_format, data_args, tokenizer, training_args)
+        dataset_tokens = len(stream)
+        if dataset_tokens == 0:
+            raise UsageError("--train_file holds no text")
+        if training_args.max_steps > 0:
+            total_tokens = training_args.max_steps * token_batch * block_size
+        else:
+            total_tokens = math.floor(training_args.num_train_epochs * dataset_tokens)
+    plans = plan_stages(total_tokens, patch_args.patch_data_fraction, k, block_size)
+    for plan in plans:
+        if plan.num_blocks == 0:
+            raise UsageError(
+                f"the {plan.name} stage gets {plan.budget_tokens} training tokens, fewer than one block of "
+                f"{plan.block_len} (block_size {block_size}{f' x patch_size {k}' if plan.patch_size > 1 else ''}): "
+                "give more data or epochs, or lower --block_size / --patch_data_fraction"
+            )
+        logger.info(
+            "%s stage: %d blocks of %d tokens = %d tokens (%d positions), starting at stream token %d; %d tokens dropped",
+            plan.name, plan.num_blocks, plan.block_len, plan.tokens, plan.positions, plan.start_token, plan.dropped_tokens,
+        )
+
+    def make_train_dataset(plan: StagePlan):
+        if data_args.streaming:
+            return StreamingTokenBlocks(
+                lambda: load_documents(train_paths, train_format, data_args, streaming=True),
+                tokenizer, data_args, plan.start_token, plan.num_blocks, plan.block_len,
+            )
+        return TokenBlocks(stream, plan.start_token, plan.num_blocks, plan.block_len)
+
+    eval_datasets = (None, None)
+    if eval_paths is not None:
+        eval_args = dataclasses.replace(data_args, text_column_name=data_args.text_column_name)
+        eval_stream, _ = cached_token_stream(eval_paths, eval_format, eval_args, tokenizer, training_args)
+        eval_blocks = len(eval_stream) // block_size
+        if eval_blocks == 0:
+            raise UsageError(f"--validation_file has {len(eval_stream)} tokens, fewer than one block of {block_size}")
+        if data_args.max_eval_blocks:
+            eval_blocks = min(eval_blocks, data_args.max_eval_blocks)
+        token_eval = TokenBlocks(eval_stream, 0, eval_blocks, block_size)
+        patch_eval = TokenBlocks(eval_stream, 0, max(1, eval_blocks // k), k * block_size) if len(eval_stream) >= k * block_size else None
+        eval_datasets = (token_eval, patch_eval)
+
+    identity = run_identity(model_args, data_args, patch_args, training_args, dataset_tokens)
+    prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save)
+    attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
+    logger.info("Attention: %s", attn_implementation)
+
+    results = {"output_dir": output_dir, "patch_size": k, "patch_data_fraction": patch_args.patch_data_fraction,
+               "block_size": block_size, "dataset_tokens": dataset_tokens, "budget_tokens": total_tokens,
+               "attn_implementation": attn_implementation}
+    init_from = model_args.model_name_or_path
+    final_model = None
+    for plan in plans:
+        if plan.name == "patch":
+            stage_dir = os.path.join(output_dir, PATCH_STAGE_DIR)
+            marker = Path(stage_dir) / STAGE_COMPLETE_FILE
+            if marker.is_file():
+                logger.info("The patch stage is complete (%s): going straight to the token stage", marker)
+                results["patch_stage"] = json.loads(marker.read_text())
+                init_from = stage_dir
+                continue
+        else:
+            stage_dir = output_dir
+        args = stage_training_args(training_args, patch_args, plan, stage_dir, patch_args.patch_max_steps if plan.name == "patch" and patch_args.patch_max_steps else -1)
+        model = build_model(model_args, init_from, plan.patch_size, attn_implementation)
+        trainer, metrics = run_stage(plan, args, model, make_train_dataset(plan), eval_datasets, tokenizer, resume=True)
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        blocks_seen = min(plan.num_blocks, metrics["steps"] * global_batch)
+        stage_results = {
+            "blocks": plan.num_blocks, "block_tokens": plan.block_len, "tokens": blocks_seen * plan.block_len,
+            "positions": blocks_seen * plan.block_len // plan.patch_size, "planned_tokens": plan.tokens,
+            "dropped_tokens": plan.dropped_tokens, "start_token": plan.start_token, "patch_size": plan.patch_size,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
+            **metrics,
+        }
+        model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
+        trainer.save_model(stage_dir)
+        if plan.name == "patch":
+            if trainer.args.should_save:
+                write_json_atomic(Path(stage_dir) / STAGE_COMPLETE_FILE, stage_results)  # written last: the model is complete
+            trainer.accelerator.wait_for_everyone()
+            init_from = stage_dir
+        results[f"{plan.name}_stage"] = stage_results
+        final_model = (trainer, plan)
+
+    # λ = 1: the patch model is the final model; save it as a token-level (K = 1) checkpoint.
+    trainer, plan = final_model if final_model else (None, None)
+    if not patch_args.has_token_stage:
+        if trainer is None:  # the patch stage was complete before this run
+            model = build_model(model_args, init_from, 1, attn_implementation)
+            trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
+                                   eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
+        trainer.model.config.patch_size = 1
+        trainer.save_model(output_dir)
+        if eval_datasets[0] is not None:
+            results["final_eval"] = trainer.evaluate()
+    if trainer is not None and trainer.args.should_save:
+        tokenizer.save_pretrained(output_dir)
+
+    stages = [results[f"{p.name}_stage"] for p in plans]
+    tokens = sum(s["tokens"] for s in stages)
+    positions = sum(s["positions"] for s in stages)
+    lam = patch_args.patch_data_fraction
+    results["relative_cost_nominal"] = lam / k + 1 - lam if lam > 0 else 1.0
+    results["relative_cost_measured"] = positions / tokens if tokens else float("nan")
+    results["tokens"], results["positions"] = tokens, positions
+    last = stages[-1] if patch_args.has_token_stage else results.get("final_eval", {})
+    results["eval_loss"] = last.get("eval_loss")
+    results["perplexity"] = last.get("eval_perplexity")
+    if trainer is None or trainer.args.should_save:
+        write_json_atomic(results_file, results)
+        report(results)
+    return results
+
+
+def cli() -> None:
+    try:
+        main()
+    except UsageError as error:
+        print(f"run_clm.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

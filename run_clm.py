@@ -222,6 +222,34 @@ class RunTrainingArguments(TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PatchArguments, RunTrainingArguments)
 
 
+def check_config_types(values: dict, source: str) -> None:
+    """Refuse a config value of the wrong type (e.g. "block_size": "2048") with a message naming the key."""
+    import types
+    import typing
+
+    expected_types = {}
+    for cls in ARGUMENT_CLASSES:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            annotation = hints.get(f.name)
+            options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+            expected_types[f.name] = options
+    for key, value in values.items():
+        options = expected_types.get(key, ())
+        simple = [t for t in options if t in (int, float, bool, str, type(None))]
+        if len(simple) != len(options) or not simple:
+            continue  # enums, lists, dicts: left to transformers' own checks
+        if value is None and type(None) in simple:
+            continue
+        accepted = isinstance(value, bool) if bool in simple else False
+        accepted |= str in simple and isinstance(value, str)
+        accepted |= int in simple and isinstance(value, int) and not isinstance(value, bool)
+        accepted |= float in simple and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not accepted:
+            names = " or ".join(t.__name__ for t in simple if t is not type(None))
+            raise UsageError(f"config file {source}: key {key!r} must be {names}, got {value!r}")
+
+
 def parse_arguments(argv: list[str] | None = None):
     """Parse the command line, or a lone `*.json` config (unknown keys are an error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -241,6 +269,7 @@ def parse_arguments(argv: list[str] | None = None):
             raise UsageError(f"config file {argv[0]} has unknown keys: {', '.join(unknown)}")
         if isinstance(values.get("train_file"), list):
             values["train_file"] = ",".join(values["train_file"])
+        check_config_types(values, argv[0])
         return parser.parse_dict(values)
     return parser.parse_args_into_dataclasses(args=argv)
 
@@ -602,14 +631,14 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def run_identity(model_args, data_args, patch_args, training_args, dataset_tokens: int) -> dict:
+def run_identity(model_args, data_args, patch_args, training_args) -> dict:
     """What defines a run: a re-run with the same identity resumes, a different one is refused."""
     return {
         "config_name": model_args.config_name,
         "model_name_or_path": model_args.model_name_or_path,
         "train_file": data_args.train_file,
         "dataset_name": data_args.dataset_name,
-        "dataset_tokens": dataset_tokens,
+        "validation_file": data_args.validation_file,
         "block_size": data_args.block_size,
         "patch_size": patch_args.patch_size,
         "patch_data_fraction": patch_args.patch_data_fraction,
@@ -710,7 +739,7 @@ def build_model(model_args: ModelArguments, init_from: str | None, patch_size: i
     return model
 
 
-def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, resume: bool) -> dict:
+def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, resume: bool):
     """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it."""
     token_eval, patch_eval = eval_datasets
     trainer = PatchTrainer(
@@ -790,6 +819,9 @@ def main(argv: list[str] | None = None) -> dict:
         stage_batch_settings(patch_args, training_args)  # raises now rather than after the data is read
     if patch_args.patch_size > 1 and not patch_args.has_patch_stage:
         logger.warning("--patch_size %d is ignored: --patch_data_fraction is 0 (token-level baseline)", patch_args.patch_size)
+    with training_args.main_process_first(desc="output directory"):
+        identity = run_identity(model_args, data_args, patch_args, training_args)
+        prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save)
     set_seed(training_args.seed)
 
     # Data: tokenise once into the on-disk cache; blocks for each stage.
@@ -830,8 +862,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     eval_datasets = (None, None)
     if eval_paths is not None:
-        eval_args = dataclasses.replace(data_args, text_column_name=data_args.text_column_name)
-        eval_stream, _ = cached_token_stream(eval_paths, eval_format, eval_args, tokenizer, training_args)
+        eval_stream, _ = cached_token_stream(eval_paths, eval_format, data_args, tokenizer, training_args)
         eval_blocks = len(eval_stream) // block_size
         if eval_blocks == 0:
             raise UsageError(f"--validation_file has {len(eval_stream)} tokens, fewer than one block of {block_size}")
@@ -841,8 +872,6 @@ def main(argv: list[str] | None = None) -> dict:
         patch_eval = TokenBlocks(eval_stream, 0, max(1, eval_blocks // k), k * block_size) if len(eval_stream) >= k * block_size else None
         eval_datasets = (token_eval, patch_eval)
 
-    identity = run_identity(model_args, data_args, patch_args, training_args, dataset_tokens)
-    prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save)
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
     logger.info("Attention: %s", attn_implementation)
 
@@ -877,6 +906,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
         trainer.save_model(stage_dir)
+        trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
         if plan.name == "patch":
             if trainer.args.should_save:
                 write_json_atomic(Path(stage_dir) / STAGE_COMPLETE_FILE, stage_results)  # written last: the model is complete

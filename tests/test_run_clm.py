@@ -1,0 +1,388 @@
+"""End-to-end tests of run_clm.py on a tiny Llama on CPU: both stages train, the λ split is exact, the token
+stage starts fresh, interrupted runs resume, finished runs are left alone, bad input is refused clearly,
+and the final model loads in a stock transformers pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA_DIR, REPO_ROOT, TOKENIZER_DIR, tiny_llama_config
+from safetensors.torch import load_file
+
+import run_clm
+from run_clm import UsageError
+
+TRAIN_FILE = str(DATA_DIR / "sample_train.jsonl")
+VALID_FILE = str(DATA_DIR / "wikitext-103-test.jsonl")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with a tiny model config (hidden 32, 2 layers, vocab 32000) and a shared token cache."""
+    root = tmp_path_factory.mktemp("run_clm")
+    config = tiny_llama_config(max_position_embeddings=256)
+    config.save_pretrained(root / "model_config")
+    return root
+
+
+def job_args(workdir, output_dir, **overrides):
+    """Command-line arguments of a tiny two-stage job: T=32, K=4, λ=1/2, a budget of 12 token-level steps."""
+    values = {
+        "config_name": str(workdir / "model_config"),
+        "tokenizer_name": str(TOKENIZER_DIR),
+        "train_file": TRAIN_FILE,
+        "validation_file": VALID_FILE,
+        "data_cache_dir": str(workdir / "token_cache"),
+        "output_dir": str(output_dir),
+        "block_size": 32,
+        "patch_size": 4,
+        "patch_data_fraction": 0.5,
+        "per_device_train_batch_size": 4,
+        "max_steps": 12,
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "save_steps": 4,
+        "max_eval_blocks": 4,
+        "eval_strategy": "no",
+        "report_to": "none",
+        "seed": 7,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    values.update(overrides)
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def initial_weights(workdir, seed=7):
+    """The weights run_clm starts from: the config's model built right after set_seed(seed)."""
+    from transformers import LlamaConfig, set_seed
+
+    from modeling_llama_patch import PatchLlamaForCausalLM
+
+    set_seed(seed)
+    return PatchLlamaForCausalLM(LlamaConfig.from_pretrained(workdir / "model_config")).state_dict()
+
+
+def max_abs_difference(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b if k in a)
+
+
+@pytest.fixture(scope="module")
+def finished_job(workdir):
+    """One complete two-stage job, shared by the tests that only read its outputs."""
+    output_dir = workdir / "finished"
+    results = run_clm.main(job_args(workdir, output_dir))
+    return output_dir, results
+
+
+def test_two_stages_train_and_split_is_exact(workdir, finished_job):
+    """Both stages change the weights; the λ split gives the first half of the budget to the patch stage
+    (blocks of K*T) and the rest to the token stage (blocks of T), with nothing lost but partial blocks."""
+    output_dir, results = finished_job
+    budget = 12 * 4 * 32
+    assert results["budget_tokens"] == budget
+    patch, token = results["patch_stage"], results["token_stage"]
+    assert patch["block_tokens"] == 128 and token["block_tokens"] == 32
+    assert token["start_token"] == budget // 2
+    assert patch["tokens"] + patch["dropped_tokens"] == budget // 2
+    assert token["tokens"] + token["dropped_tokens"] == budget - budget // 2
+    assert patch["dropped_tokens"] < 128 and token["dropped_tokens"] < 32
+    # Same tokens per optimizer step in both stages: K times fewer sequences of K*T tokens.
+    assert patch["per_device_train_batch_size"] == 1 and token["per_device_train_batch_size"] == 4
+    assert patch["steps"] == 6 and token["steps"] == 6
+    assert patch["positions"] == patch["tokens"] // 4 and token["positions"] == token["tokens"]
+    assert results["relative_cost_nominal"] == pytest.approx(0.5 / 4 + 0.5)
+    assert results["relative_cost_measured"] == pytest.approx(0.625)
+    assert np.isfinite(results["perplexity"]) and results["perplexity"] > 1
+
+    start = initial_weights(workdir)
+    after_patch = weights(output_dir / "patch_stage")
+    final = weights(output_dir)
+    assert max_abs_difference(after_patch, start) > 1e-3, "the patch stage did not train"
+    assert max_abs_difference(final, after_patch) > 1e-3, "the token stage did not train"
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert config.get("patch_size", 1) == 1
+    assert json.loads((output_dir / "patch_stage" / "config.json").read_text())["patch_size"] == 4
+
+
+def test_stage_blocks_cover_the_stream_without_overlap(workdir):
+    """The token stage's first block starts right after the patch stage's tokens; blocks are contiguous
+    slices of the cached token stream (checked against the tokenizer run by hand)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    with open(TRAIN_FILE, encoding="utf-8") as handle:
+        first_docs = [json.loads(line)["text"] for line, _ in zip(handle, range(3))]
+    expected = []
+    for text in first_docs:
+        expected += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    plans = run_clm.plan_stages(total_tokens=1000, patch_fraction=0.5, patch_size=4, block_size=32)
+    stream = np.asarray(expected[:1000])
+    patch_blocks = run_clm.TokenBlocks(stream, plans[0].start_token, plans[0].num_blocks, plans[0].block_len)
+    token_blocks = run_clm.TokenBlocks(stream, plans[1].start_token, plans[1].num_blocks, plans[1].block_len)
+    patch_tokens = torch.cat([patch_blocks[i]["input_ids"] for i in range(len(patch_blocks))])
+    token_tokens = torch.cat([token_blocks[i]["input_ids"] for i in range(len(token_blocks))])
+    assert len(patch_blocks) == 500 // 128 and len(token_blocks) == 500 // 32
+    assert patch_tokens.tolist() == expected[: len(patch_blocks) * 128]
+    assert token_tokens.tolist() == expected[500 : 500 + len(token_blocks) * 32]
+
+
+def test_multi_epoch_patch_stage_covers_first_lambda_epochs(workdir, tmp_path):
+    """num_train_epochs=3 with λ=1/3: the patch stage reads exactly the first epoch, the token stage the
+    other two (the stream is read as repeating)."""
+    tokens = np.arange(1000) % 97
+    plans = run_clm.plan_stages(total_tokens=3 * 1000, patch_fraction=1 / 3, patch_size=4, block_size=10)
+    assert plans[0].budget_tokens == 1000 and plans[1].start_token == 1000
+    second = run_clm.TokenBlocks(tokens, plans[1].start_token, plans[1].num_blocks, plans[1].block_len)
+    assert second[0]["input_ids"].tolist() == tokens[:10].tolist()  # the second epoch starts over
+    wrap = run_clm.TokenBlocks(tokens, 995, 1, 10)[0]["input_ids"].tolist()
+    assert wrap == tokens[995:].tolist() + tokens[:5].tolist()
+
+
+def test_token_stage_starts_with_fresh_optimizer_and_schedule(finished_job):
+    """The token stage's AdamW state counts only its own steps and its schedule restarts with warmup."""
+    output_dir, results = finished_job
+    optimizer = torch.load(output_dir / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    steps = {float(state["step"]) for state in optimizer["state"].values()}
+    assert steps == {4.0}, f"token-stage AdamW steps {steps}: state carried over from the patch stage"
+    token_log = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    patch_log = json.loads((output_dir / "patch_stage" / "trainer_state.json").read_text())["log_history"]
+    token_lrs = [entry["learning_rate"] for entry in token_log if "learning_rate" in entry]
+    patch_lrs = [entry["learning_rate"] for entry in patch_log if "learning_rate" in entry]
+    # Both stages: 2 warmup steps from 0 to 3e-3 (transformers logs the rate of the step just taken), then decay.
+    assert token_lrs[:3] == pytest.approx([0.0, 1.5e-3, 3e-3]), "the token stage's warmup did not restart"
+    assert token_lrs == pytest.approx(patch_lrs)
+    assert any("patch_loss" in entry and "offset_4_loss" in entry for entry in patch_log)
+    assert all("patch_loss" not in entry for entry in token_log)
+    assert any("eval_patch_loss" in entry for entry in patch_log), "no patch-level evaluation"
+    assert any("eval_perplexity" in entry for entry in patch_log), "no token-level perplexity of the patch model"
+
+
+def test_rerun_of_finished_job_changes_nothing(workdir, finished_job):
+    """Re-running a finished job reports its results and touches no file."""
+    output_dir, results = finished_job
+    before = {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")}
+    again = run_clm.main(job_args(workdir, output_dir))
+    assert again == json.loads((output_dir / "all_results.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, stage_patch_size, step):
+    """Make the Trainer of the stage with this patch size raise at the given optimizer step."""
+    original = run_clm.PatchTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.stage_patch_size == stage_patch_size and self.state.global_step >= step:
+            raise Interrupt(f"interrupted at step {step}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_clm.PatchTrainer, "training_step", training_step)
+
+
+@pytest.mark.parametrize("stage_patch_size", [4, 1], ids=["in_patch_stage", "in_token_stage"])
+def test_resume_after_interruption(workdir, finished_job, tmp_path, monkeypatch, stage_patch_size):
+    """An interrupted job re-run with the same command resumes from its last checkpoint (the finished patch
+    stage is not re-run) and ends with the same weights as the uninterrupted job."""
+    output_dir = tmp_path / "job"
+    interrupt_at(monkeypatch, stage_patch_size, step=5)
+    with pytest.raises(Interrupt):
+        run_clm.main(job_args(workdir, output_dir))
+    monkeypatch.undo()
+    assert not (output_dir / "all_results.json").exists()
+    if stage_patch_size == 4:
+        assert not (output_dir / "patch_stage" / "stage_complete.json").exists()
+    else:
+        patch_weights_before = weights(output_dir / "patch_stage")
+
+    results = run_clm.main(job_args(workdir, output_dir))
+    stage = "patch_stage" if stage_patch_size == 4 else "token_stage"
+    assert results[stage]["resumed_from"].endswith("checkpoint-4")
+    if stage_patch_size == 1:  # the patch stage was finished: not re-run
+        assert results["patch_stage"]["resumed_from"] is None
+        assert max_abs_difference(weights(output_dir / "patch_stage"), patch_weights_before) == 0
+    reference_dir, reference = finished_job
+    assert max_abs_difference(weights(output_dir), weights(reference_dir)) < 1e-5
+    assert results["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
+
+
+def test_half_written_patch_stage_is_not_used(workdir, finished_job, tmp_path):
+    """Without its completion marker, the patch stage is resumed (from its last checkpoint), never skipped."""
+    import shutil
+
+    source_dir, _ = finished_job
+    output_dir = tmp_path / "job"
+    shutil.copytree(source_dir / "patch_stage", output_dir / "patch_stage")
+    shutil.copy(source_dir / "run_args.json", output_dir / "run_args.json")
+    (output_dir / "patch_stage" / "stage_complete.json").unlink()
+    results = run_clm.main(job_args(workdir, output_dir))
+    assert results["patch_stage"]["resumed_from"].endswith("checkpoint-6")
+    assert (output_dir / "patch_stage" / "stage_complete.json").exists()
+
+
+def test_final_model_in_stock_pipeline(finished_job):
+    """The final model loads with stock transformers in a fresh process (no import of this project) and
+    generates through pipeline() offline."""
+    output_dir, _ = finished_job
+    code = (
+        "import transformers, sys\n"
+        f"m, info = transformers.AutoModelForCausalLM.from_pretrained({str(output_dir)!r}, output_loading_info=True)\n"
+        "assert type(m).__name__ == 'LlamaForCausalLM', type(m)\n"
+        "assert not info['missing_keys'] and not info['unexpected_keys'], info\n"
+        f"p = transformers.pipeline('text-generation', model={str(output_dir)!r})\n"
+        "out = p('The king said', max_new_tokens=5, do_sample=False)[0]['generated_text']\n"
+        "assert out.startswith('The king said') and len(out) > len('The king said'), out\n"
+        "assert 'run_clm' not in sys.modules and 'modeling_llama_patch' not in sys.modules\n"
+        "print('OK', out)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", code], cwd=output_dir, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout
+
+
+def test_streaming_matches_cached_blocks(workdir, tmp_path):
+    """Streaming mode yields exactly the blocks of the cached mode for each stage, with no len() crash."""
+    import datasets
+
+    tokens, _ = run_clm.cached_token_stream(
+        [TRAIN_FILE], "json", run_clm.DataArguments(train_file=TRAIN_FILE, data_cache_dir=str(workdir / "token_cache")),
+        __import__("transformers").AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)),
+        run_clm.RunTrainingArguments(output_dir=str(tmp_path), report_to="none"),
+    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    data_args = run_clm.DataArguments(train_file=TRAIN_FILE, streaming=True)
+
+    def documents():
+        return datasets.load_dataset("json", data_files=[TRAIN_FILE], split="train", streaming=True)
+
+    streamed = list(run_clm.StreamingTokenBlocks(documents, tokenizer, data_args, skip_tokens=100, num_blocks=3, block_len=64))
+    cached = run_clm.TokenBlocks(tokens, 100, 3, 64)
+    assert [b["input_ids"].tolist() for b in streamed] == [cached[i]["input_ids"].tolist() for i in range(3)]
+
+
+def test_streaming_two_stage_job(workdir, tmp_path):
+    """A streaming two-stage job runs to the end (the reference code crashes on len() of the stream)."""
+    results = run_clm.main(job_args(workdir, tmp_path / "job", streaming=True, max_steps=4, save_steps=100))
+    assert results["patch_stage"]["steps"] == 2 and results["token_stage"]["steps"] == 2
+    assert np.isfinite(results["perplexity"])
+
+
+def test_json_config_file(workdir, tmp_path):
+    """A lone *.json argument is a config file; a list of training files is accepted."""
+    values = {"config_name": "configs/model/llama-tiny.json", "output_dir": str(tmp_path / "job"),
+              "train_file": [TRAIN_FILE, TRAIN_FILE], "block_size": 32, "patch_size": 4,
+              "patch_data_fraction": 0.5, "learning_rate": 3e-4, "bf16": False, "max_eval_blocks": None}
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps(values))
+    model_args, data_args, patch_args, training_args = run_clm.parse_arguments([str(config)])
+    assert patch_args.patch_size == 4 and data_args.block_size == 32 and training_args.learning_rate == 3e-4
+    paths, fmt = run_clm.check_data_files(data_args.train_file, "train_file")
+    assert paths == [TRAIN_FILE, TRAIN_FILE] and fmt == "json"
+
+    config.write_text(json.dumps({**values, "block_size": "32"}))
+    with pytest.raises(UsageError, match=r"key 'block_size' must be int, got '32'"):
+        run_clm.parse_arguments([str(config)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: a clear message naming the argument, before any work
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"patch_data_fraction": 1.5}, r"--patch_data_fraction .*\[0, 1\], got 1.5"),
+        ({"patch_data_fraction": -0.1}, r"--patch_data_fraction .*got -0.1"),
+        ({"patch_size": 0}, r"--patch_size.*K=0"),
+        ({"patch_size": 1, "patch_data_fraction": 0.5}, r"--patch_data_fraction=0.5 needs --patch_size K > 1"),
+        ({"train_file": "/nonexistent/train.jsonl"}, r"--train_file: file /nonexistent/train.jsonl does not exist"),
+        ({"validation_file": "/nonexistent/valid.jsonl"}, r"--validation_file: file /nonexistent/valid.jsonl does not exist"),
+        ({"train_file": str(REPO_ROOT / "tests" / "conftest.py")}, r"unsupported extension for .*conftest.py"),
+        ({"block_size": 100000}, r"--block_size 100000 exceeds the model's max_position_embeddings"),
+        ({"max_steps": 1, "per_device_train_batch_size": 4, "patch_data_fraction": 0.5}, r"the patch stage gets 64 training tokens, fewer than one block of 128"),
+        ({"per_device_train_batch_size": 3}, r"divisible by --patch_size K=4"),
+        ({"streaming": True, "max_steps": -1}, r"--streaming needs --max_steps"),
+    ],
+)
+def test_bad_input_is_refused(workdir, tmp_path, overrides, message):
+    output_dir = tmp_path / "job"
+    with pytest.raises(UsageError, match=message):
+        run_clm.main(job_args(workdir, output_dir, **overrides))
+    assert not (output_dir / "patch_stage").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_is_refused(workdir, tmp_path):
+    path = tmp_path / "secret.jsonl"
+    path.write_text('{"text": "x"}\n')
+    path.chmod(0)
+    with pytest.raises(UsageError, match="is not readable"):
+        run_clm.main(job_args(workdir, tmp_path / "job", train_file=str(path)))
+
+
+def test_unknown_json_key_is_refused(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path), "config_name": "x", "train_file": TRAIN_FILE, "patch_sise": 4}))
+    with pytest.raises(UsageError, match="unknown keys: patch_sise"):
+        run_clm.parse_arguments([str(config)])
+
+
+def test_output_dir_with_unrelated_content_is_refused(workdir, finished_job, tmp_path):
+    """A folder with foreign files, or another run's folder, is refused; nothing in it is touched."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"is not empty and holds no run of this script"):
+        run_clm.main(job_args(workdir, foreign))
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    output_dir, _ = finished_job
+    (output_dir / "all_results.json").rename(output_dir / "all_results.json.bak")
+    try:
+        with pytest.raises(UsageError, match=r"holds a different run \(patch_data_fraction: 0.5 -> 0.25\)"):
+            run_clm.main(job_args(workdir, output_dir, patch_data_fraction=0.25))
+    finally:
+        (output_dir / "all_results.json.bak").rename(output_dir / "all_results.json")
+
+
+def test_cli_exit_code_and_message(tmp_path):
+    """From the shell: exit code 2 and one line naming the argument, no traceback."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_clm.py"), "--config_name", "x", "--train_file", TRAIN_FILE,
+         "--output_dir", str(tmp_path / "o"), "--patch_data_fraction", "2"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert done.returncode == 2
+    assert "--patch_data_fraction" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_second_run_does_not_tokenise_again(workdir, finished_job, monkeypatch):
+    """The token cache is reused: a new job on the same data never calls the tokenisation routine."""
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(run_clm, "tokenize_to_cache", fail)
+    results = run_clm.main(job_args(workdir, workdir / "second", max_steps=4, save_steps=100))
+    assert results["dataset_tokens"] == finished_job[1]["dataset_tokens"]

@@ -51,7 +51,7 @@ from modeling_llama_patch import PatchLlamaForCausalLM, count_loss_targets, get_
 logger = logging.getLogger("run_clm")
 
 SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl")
-COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")
+COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2")
 CACHE_FORMAT_VERSION = 1
 PATCH_STAGE_DIR = "patch_stage"
 STAGE_COMPLETE_FILE = "stage_complete.json"
@@ -108,7 +108,8 @@ class DataArguments:
     train_file: str | None = field(
         default=None,
         metadata={
-            "help": "Training text: .txt, .json or .jsonl files (optionally .gz/.xz/.bz2/.zst), comma-separated "
+            "help": "Training text: .txt (a document per line), .jsonl/.json (a JSON object per line, or one JSON list) "
+            "files, optionally .gz/.xz/.bz2 compressed, comma-separated "
             "(or a JSON list in a config file)."
         },
     )
@@ -142,12 +143,21 @@ class DataArguments:
     max_eval_blocks: int | None = field(
         default=None, metadata={"help": "Evaluate on at most this many validation blocks (quick runs)."}
     )
+    skip_data_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Skip the first fraction of the training budget (an ablation: token-level training on only "
+            "the data that the token stage of a patch run sees)."
+        },
+    )
 
     def __post_init__(self):
         if self.train_file is None and self.dataset_name is None:
             raise UsageError("give --train_file (local text files) or --dataset_name (a hub dataset)")
         if self.block_size < 1:
             raise UsageError(f"--block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.skip_data_fraction < 1.0:
+            raise UsageError(f"--skip_data_fraction must lie in [0, 1), got {self.skip_data_fraction}")
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
             raise UsageError(f"--max_eval_blocks must be >= 1, got {self.max_eval_blocks}")
 
@@ -319,16 +329,69 @@ def check_data_files(spec: str, argument: str) -> tuple[list[str], str]:
     return [os.path.abspath(p) for p in paths], formats.pop()
 
 
-def load_documents(paths: list[str] | None, fmt: str | None, data_args: DataArguments, streaming: bool):
-    """An iterable (or map-style) datasets.Dataset of documents with a text column."""
+def open_text(path: str):
+    """Open a text file for reading, decompressing .gz/.xz/.bz2 on the fly."""
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+    opener = openers.get(os.path.splitext(path)[1].lower(), open)
+    return opener(path, "rt", encoding="utf-8")
+
+
+def iter_local_documents(paths: list[str], fmt: str, text_column: str) -> Iterator[dict]:
+    """Documents of local files, read lazily in order: a .txt line, or a JSON object of a .jsonl line (a .json
+    file may also hold one JSON list of objects). The text column must exist; errors name file and line."""
+    for path in paths:
+        with open_text(path) as handle:
+            if fmt == "text":
+                for line in handle:
+                    line = line.rstrip("\n")
+                    if line.strip():
+                        yield {text_column: line}
+                continue
+            first = handle.read(1)
+            while first and first.isspace():
+                first = handle.read(1)
+            if first == "[":  # one JSON list
+                records = json.loads(first + handle.read())
+                numbered = enumerate(records, start=1)
+            else:
+                numbered = _json_lines(first, handle)
+            for number, record in numbered:
+                if not isinstance(record, dict) or text_column not in record:
+                    keys = list(record) if isinstance(record, dict) else type(record).__name__
+                    raise UsageError(f"{path}, record {number}: no {text_column!r} field (found {keys}); set --text_column_name")
+                yield record
+
+
+def _json_lines(first: str, handle) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file whose first character was already read."""
+    for number, line in enumerate(_prepend(first, handle), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{handle.name}, line {number}: not valid JSON ({error})") from None
+
+
+def _prepend(first: str, handle) -> Iterator[str]:
+    if first:
+        yield first + handle.readline()
+    yield from handle
+
+
+def load_documents(paths: list[str] | None, fmt: str | None, data_args: DataArguments, streaming: bool = True):
+    """An iterable of documents: local files read lazily, or a hub dataset through `datasets`."""
+    if paths is not None:
+        return iter_local_documents(paths, fmt, data_args.text_column_name)
     import datasets
 
-    if paths is not None:
-        dataset = datasets.load_dataset(fmt, data_files={"train": paths}, split="train", streaming=streaming)
-    else:
-        dataset = datasets.load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split, streaming=streaming
-        )
+    dataset = datasets.load_dataset(
+        data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split, streaming=streaming
+    )
     columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset)).keys())
     if data_args.text_column_name not in columns:
         raise UsageError(
@@ -523,17 +586,22 @@ class StagePlan:
         return self.budget_tokens - self.tokens
 
 
-def plan_stages(total_tokens: int, patch_fraction: float, patch_size: int, block_size: int) -> list[StagePlan]:
+def plan_stages(
+    total_tokens: int, patch_fraction: float, patch_size: int, block_size: int, skip_fraction: float = 0.0
+) -> list[StagePlan]:
     """Split a budget of `total_tokens` stream tokens: the first floor(λ*total) to the patch stage (blocks of
-    K*T), the rest to the token stage (blocks of T). Only each stage's final partial block is dropped."""
+    K*T), the rest to the token stage (blocks of T). Only each stage's final partial block is dropped.
+    With `skip_fraction`, the first floor(skip*total) tokens are left out and the rest is split."""
+    skipped = math.floor(skip_fraction * total_tokens)
+    total_tokens -= skipped
     patch_tokens = math.floor(patch_fraction * total_tokens)
     plans = []
     if patch_fraction > 0:
         length = patch_size * block_size
-        plans.append(StagePlan("patch", patch_size, length, 0, patch_tokens, patch_tokens // length))
+        plans.append(StagePlan("patch", patch_size, length, skipped, patch_tokens, patch_tokens // length))
     if patch_fraction < 1:
         rest = total_tokens - patch_tokens
-        plans.append(StagePlan("token", 1, block_size, patch_tokens, rest, rest // block_size))
+        plans.append(StagePlan("token", 1, block_size, skipped + patch_tokens, rest, rest // block_size))
     return plans
 
 
@@ -639,6 +707,7 @@ def run_identity(model_args, data_args, patch_args, training_args) -> dict:
         "train_file": data_args.train_file,
         "dataset_name": data_args.dataset_name,
         "validation_file": data_args.validation_file,
+        "skip_data_fraction": data_args.skip_data_fraction,
         "block_size": data_args.block_size,
         "patch_size": patch_args.patch_size,
         "patch_data_fraction": patch_args.patch_data_fraction,
@@ -839,7 +908,7 @@ def main(argv: list[str] | None = None) -> dict:
             total_tokens = training_args.max_steps * token_batch * block_size
         else:
             total_tokens = math.floor(training_args.num_train_epochs * dataset_tokens)
-    plans = plan_stages(total_tokens, patch_args.patch_data_fraction, k, block_size)
+    plans = plan_stages(total_tokens, patch_args.patch_data_fraction, k, block_size, data_args.skip_data_fraction)
     for plan in plans:
         if plan.num_blocks == 0:
             raise UsageError(

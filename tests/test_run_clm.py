@@ -154,6 +154,14 @@ def test_multi_epoch_patch_stage_covers_first_lambda_epochs(workdir, tmp_path):
     assert wrap == tokens[995:].tolist() + tokens[:5].tolist()
 
 
+def test_skip_data_fraction_takes_the_tail():
+    """The ablation run (token level on the last 1/3 only) reads exactly the token stage's data of a λ=2/3 run."""
+    patch_run = run_clm.plan_stages(3000, 2 / 3, 4, 10)
+    tail_run = run_clm.plan_stages(3000, 0.0, 4, 10, skip_fraction=2 / 3)
+    assert len(tail_run) == 1 and tail_run[0].name == "token"
+    assert (tail_run[0].start_token, tail_run[0].num_blocks) == (patch_run[1].start_token, patch_run[1].num_blocks)
+
+
 def test_token_stage_starts_with_fresh_optimizer_and_schedule(finished_job):
     """The token stage's AdamW state counts only its own steps and its schedule restarts with warmup."""
     output_dir, results = finished_job
@@ -386,3 +394,36 @@ def test_second_run_does_not_tokenise_again(workdir, finished_job, monkeypatch):
     monkeypatch.setattr(run_clm, "tokenize_to_cache", fail)
     results = run_clm.main(job_args(workdir, workdir / "second", max_steps=4, save_steps=100))
     assert results["dataset_tokens"] == finished_job[1]["dataset_tokens"]
+
+
+def test_local_readers_match_datasets(tmp_path):
+    """Our lazy local reader yields the documents `datasets` reads from .jsonl, .json (a list), .txt and
+    compressed files."""
+    import datasets
+    import lzma
+
+    records = [{"text": f"document {i} " * (i + 1), "source": "x"} for i in range(5)]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    as_list = tmp_path / "b.json"
+    as_list.write_text(json.dumps(records))
+    compressed = tmp_path / "c.jsonl.xz"
+    with lzma.open(compressed, "wt") as handle:
+        handle.write(jsonl.read_text())
+    text = tmp_path / "d.txt"
+    text.write_text("first line\n\nsecond line\n")
+    for path, fmt in [(jsonl, "json"), (as_list, "json"), (compressed, "json"), (text, "text")]:
+        ours = [d["text"] for d in run_clm.iter_local_documents([str(path)], fmt, "text")]
+        theirs = [d["text"] for d in datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))]
+        assert ours == [t for t in theirs if t.strip()], path
+
+
+def test_bad_records_are_named(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(UsageError, match=r"bad.jsonl, line 2: not valid JSON"):
+        list(run_clm.iter_local_documents([str(bad_json)], "json", "text"))
+    no_column = tmp_path / "nocol.jsonl"
+    no_column.write_text('{"content": "ok"}\n')
+    with pytest.raises(UsageError, match=r"nocol.jsonl, record 1: no 'text' field \(found \['content'\]\); set --text_column_name"):
+        list(run_clm.iter_local_documents([str(no_column)], "json", "text"))

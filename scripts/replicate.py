@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Small-scale replication of the paper's claim: patch-level training halves the cost at equal quality.
+
+Trains one Llama three ways on the same token budget N (one pass over the training files), through
+run_clm.py, and compares WikiText-103 perplexity, cost and wall time:
+
+  1. token      token-level baseline on all N tokens                      (cost 1.0)
+  2. patch      patch level K=4 on the first 2/3 of N, token level on the last 1/3   (cost 2/3/4 + 1/3 = 0.5)
+  3. tail       token level from scratch on the last 1/3 only              (cost 0.33: what patch init is worth)
+
+    python scripts/replicate.py --preset gpu   # one GPU: 58M model, the offline corpus (../shared/data/corpus)
+    python scripts/replicate.py --preset cpu   # minutes on a CPU: tiny model, the bundled sample
+
+Writes <output_root>/replication.json, replication.md (the table) and curves.png / offsets.png
+(scripts/plot_curves.py). Extra arguments after `--` go to every run_clm.py call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRESETS = {
+    # One GPU, each run well under ten minutes: 58M-parameter Llama, T=1024, 64K tokens per step.
+    "gpu": {
+        "config_name": "configs/model/llama-50m.json",
+        "train_file": ",".join(sorted(glob.glob(os.path.join(REPO_ROOT, "..", "shared", "data", "corpus", "train-*.jsonl.xz")))),
+        "block_size": 1024,
+        "per_device_train_batch_size": 64,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1.5e-3,
+        "warmup_steps": 0.03,
+        "eval_steps": 200,
+        "logging_steps": 10,
+        "bf16": True,
+        "dataloader_num_workers": 4,
+        "max_eval_blocks": None,
+    },
+    # A CPU in minutes: the tiny model on the bundled public-domain sample.
+    "cpu": {
+        "config_name": "configs/model/llama-tiny.json",
+        "train_file": os.path.join(REPO_ROOT, "data", "sample_train.jsonl"),
+        "block_size": 128,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 3e-3,
+        "warmup_steps": 0.05,
+        "eval_steps": 100,
+        "logging_steps": 10,
+        "bf16": False,
+        "dataloader_num_workers": 0,
+        "max_eval_blocks": 100,
+    },
+}
+
+RUNS = [
+    # name, λ, K, skip_data_fraction
+    ("token", 0.0, 4, 0.0),
+    ("patch", 2 / 3, 4, 0.0),
+    ("tail", 0.0, 4, 2 / 3),
+]
+
+
+def run_clm_command(settings: dict, name: str, fraction: float, patch_size: int, skip: float, args, extra) -> list[str]:
+    values = {
+        **{k: v for k, v in settings.items() if k != "eval_steps"},
+        "tokenizer_name": os.path.join(REPO_ROOT, "data", "llama2_tokenizer"),
+        "validation_file": args.validation_file,
+        "output_dir": os.path.join(args.output_root, name),
+        "patch_size": patch_size if fraction > 0 else 1,
+        "patch_data_fraction": fraction,
+        "skip_data_fraction": skip,
+        "num_train_epochs": args.epochs,
+        "lr_scheduler_type": "cosine",
+        "weight_decay": 0.1,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "eval_strategy": "steps",
+        "eval_steps": settings["eval_steps"],
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": args.seed,
+    }
+    if args.data_cache_dir:
+        values["data_cache_dir"] = args.data_cache_dir
+    command = [sys.executable, os.path.join(REPO_ROOT, "run_clm.py")]
+    for key, value in values.items():
+        if value is None:
+            continue
+        command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return command + list(extra)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| run | λ | K | training tokens | positions | relative cost (positions / baseline tokens) | wall time (s) | WikiText-103 perplexity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['patch_data_fraction']:.3f} | {row['patch_size']} | {row['tokens']:,} | {row['positions']:,} | "
+            f"{row['relative_cost']:.3f} | {row['wall_time_s']:.0f} | {row['perplexity']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--train_file", default=None, help="override the preset's training files (comma-separated)")
+    parser.add_argument("--validation_file", default=os.path.join(REPO_ROOT, "data", "wikitext-103-test.jsonl"))
+    parser.add_argument("--output_root", default=None, help="default runs/replication-<preset>")
+    parser.add_argument("--data_cache_dir", default=None)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training files (the budget N)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--runs", default="token,patch,tail", help="which of token,patch,tail to run")
+    args = parser.parse_args(argv)
+    settings = dict(PRESETS[args.preset])
+    if args.train_file:
+        settings["train_file"] = args.train_file
+    if not settings["train_file"]:
+        parser.error("no training files: the gpu preset reads ../shared/data/corpus/train-*.jsonl.xz; pass --train_file")
+    args.output_root = args.output_root or os.path.join(REPO_ROOT, "runs", f"replication-{args.preset}")
+    os.makedirs(args.output_root, exist_ok=True)
+
+    wanted = args.runs.split(",")
+    rows = []
+    for name, fraction, patch_size, skip in RUNS:
+        if name not in wanted:
+            continue
+        command = run_clm_command(settings, name, fraction, patch_size, skip, args, extra)
+        print("[replicate]", " ".join(command), flush=True)
+        start = time.time()
+        subprocess.run(command, check=True, cwd=REPO_ROOT)
+        wall = time.time() - start
+        with open(os.path.join(args.output_root, name, "all_results.json"), encoding="utf-8") as handle:
+            results = json.load(handle)
+        stage_time = sum(results[s]["train_runtime_s"] for s in ("patch_stage", "token_stage") if s in results)
+        rows.append({"name": name, "patch_data_fraction": fraction, "patch_size": patch_size if fraction else 1,
+                     "skip_data_fraction": skip, "tokens": results["tokens"], "positions": results["positions"],
+                     "wall_time_s": wall, "train_time_s": stage_time, "perplexity": results["perplexity"],
+                     "budget_tokens": results["budget_tokens"]})
+    baseline_tokens = max(row["budget_tokens"] for row in rows)
+    for row in rows:
+        row["relative_cost"] = row["positions"] / baseline_tokens
+
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    report = {"preset": args.preset, "settings": settings, "device": device,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "command": "python scripts/replicate.py " + " ".join(sys.argv[1:] if argv is None else argv), "runs": rows}
+    table = markdown_table(rows)
+    with open(os.path.join(args.output_root, "replication.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    with open(os.path.join(args.output_root, "replication.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"Device: {device}; torch {torch.__version__}, transformers {transformers.__version__}\n\n{table}\n")
+    print(table)
+    plotter = os.path.join(REPO_ROOT, "scripts", "plot_curves.py")
+    if os.path.isfile(plotter):
+        plot = [sys.executable, plotter, "--output", os.path.join(args.output_root, "curves.png"),
+                "--offsets_output", os.path.join(args.output_root, "offsets.png")]
+        for row in rows:
+            plot += ["--run", f"{row['name']}={os.path.join(args.output_root, row['name'])}"]
+        subprocess.run(plot, check=False, cwd=REPO_ROOT)
+    return report
+
+
+if __name__ == "__main__":
+    main()

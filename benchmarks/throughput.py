@@ -112,7 +112,8 @@ def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
     if args.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        apply_liger_kernel_to_llama(model=model, fused_linear_cross_entropy=True, cross_entropy=False)
+        # Fused linear cross-entropy replaces the forward: only for the token stage (K = 1), whose loss it is.
+        apply_liger_kernel_to_llama(model=model, fused_linear_cross_entropy=patch_size == 1, cross_entropy=False)
     use_cuda = torch.cuda.is_available()
     training_args = run_clm.RunTrainingArguments(
         output_dir=os.path.join(output_dir, name),

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Training curves of run_clm.py runs, as in the paper's Figure 2, and the patch stage's per-offset losses.
+
+    python scripts/plot_curves.py --run baseline=runs/tiny-token --run patch=runs/tiny-patch \
+        --output curves.png --offsets_output offsets.png
+
+curves.png, left: training loss against training tokens; right: against compute, counted in token-level
+equivalents (a patch-stage token costs 1/K of a token-stage one, so the patch stage of λ of the data costs
+λ/K). Token-stage loss is solid. Patch-stage loss is dashed and lighter and labelled "patch loss": it is the
+K-way next-patch loss, not comparable with token-level loss. A dotted vertical line marks the switch from
+patch to token level. Circles are validation loss (ln perplexity), which is token-level in both stages.
+offsets.png: the patch stage's loss at each offset k = 1..K of the next patch (`offset_k_loss`) by step.
+
+What a run directory must hold (all written by run_clm.py):
+- `all_results.json`: per stage (`patch_stage`, `token_stage`) its tokens, steps, batch and block tokens;
+- the Trainer's `log_history` of each stage: `<stage dir>/trainer_state.json` if present, otherwise that of
+  the stage's last `checkpoint-*` (stage dirs: `<run>/patch_stage` and `<run>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+STAGES = (("patch_stage", "patch_stage"), ("token_stage", "."))  # (all_results key, folder in the run)
+RESULTS_FILE = "all_results.json"
+STATE_FILE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_log_history(stage_dir: Path) -> list[dict]:
+    """The Trainer's log_history of one stage: `<stage_dir>/trainer_state.json`, else the last checkpoint's."""
+    final = stage_dir / STATE_FILE
+    if final.is_file():
+        return json.loads(final.read_text())["log_history"]
+    checkpoints = [p for p in stage_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    checkpoints = [p for p in checkpoints if (p / STATE_FILE).is_file()]
+    if not checkpoints:
+        return []
+    last = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
+    return json.loads((last / STATE_FILE).read_text())["log_history"]
+
+
+def tokens_per_step(stage: dict) -> int:
+    """Training tokens per optimizer step of a stage (an all_results.json entry): micro-batch x accumulation
+    x world size x block tokens. The world size is read if recorded, else recovered from the tokens seen
+    (tokens = min(blocks, steps x global batch) x block tokens, the last step possibly partial)."""
+    if stage.get("tokens_per_step"):
+        return int(stage["tokens_per_step"])
+    per_rank = stage["per_device_train_batch_size"] * stage["gradient_accumulation_steps"] * stage["block_tokens"]
+    world_size = stage.get("world_size")
+    if not world_size:
+        steps = max(int(stage["steps"]), 1)
+        world_size = max(1, math.ceil(stage["tokens"] / (steps * per_rank) - 1e-9))
+    return per_rank * int(world_size)
+
+
+@dataclass
+class RunCurve:
+    """A run's curves on a common axis. Arrays are parallel; `stage` is "patch" or "token".
+
+    tokens: training tokens read so far (patch stage first); cost: compute in token-level equivalents
+    (patch-stage tokens count 1/K)."""
+
+    label: str
+    patch_size: int  # K of the patch stage; 1 for a token-level baseline
+    train: dict[str, np.ndarray] = field(default_factory=dict)  # stage, step, tokens, cost, loss
+    eval: dict[str, np.ndarray] = field(default_factory=dict)  # stage, step, tokens, cost, loss, perplexity
+    offsets: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # k -> (steps, losses)
+    patch_loss: tuple[np.ndarray, np.ndarray] | None = None  # (steps, losses) of the patch stage
+    switch_tokens: float | None = None  # where the token stage starts (None: no patch stage or no token stage)
+    switch_cost: float | None = None
+    total_tokens: int = 0
+    total_cost: float = 0.0
+    final_perplexity: float | None = None
+
+
+def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
+    """Training and validation curves of a run directory of run_clm.py (see the module docstring)."""
+    run_dir = Path(run_dir)
+    results_path = run_dir / RESULTS_FILE
+    if not results_path.is_file():
+        raise FileNotFoundError(f"{results_path} not found: plot a finished run of run_clm.py")
+    results = json.loads(results_path.read_text())
+    curve = RunCurve(label=label or run_dir.name, patch_size=1)
+    train_rows, eval_rows = [], []
+    tokens_before = cost_before = 0.0
+    for key, folder in STAGES:
+        stage = results.get(key)
+        if stage is None:
+            continue
+        name = key.split("_")[0]
+        k = int(stage.get("patch_size", 1))
+        if name == "patch":
+            curve.patch_size = k
+        if name == "token" and "patch_stage" in results:
+            curve.switch_tokens, curve.switch_cost = tokens_before, cost_before
+        per_step, stage_tokens = tokens_per_step(stage), int(stage["tokens"])
+
+        def position(step, per_step=per_step, stage_tokens=stage_tokens, k=k, base=(tokens_before, cost_before)):
+            seen = min(step * per_step, stage_tokens)
+            return base[0] + seen, base[1] + seen / k
+
+        history = read_log_history(run_dir / folder)
+        loss_key = "patch_loss" if name == "patch" else "loss"
+        evals: dict[int, float] = {}
+        offsets: dict[int, list[tuple[int, float]]] = {}
+        for entry in history:
+            step = entry.get("step")
+            if step is None:
+                continue
+            if loss_key in entry:
+                train_rows.append((name, step, *position(step), entry[loss_key]))
+            if "eval_loss" in entry:
+                evals[step] = entry["eval_loss"]
+            elif "eval_perplexity" in entry and step not in evals:
+                evals[step] = math.log(entry["eval_perplexity"])
+            for entry_key, value in entry.items():
+                match = re.fullmatch(r"offset_(\d+)_loss", entry_key)
+                if match:
+                    offsets.setdefault(int(match.group(1)), []).append((step, value))
+        if stage.get("eval_loss") is not None:  # the evaluation at the end of the stage
+            evals.setdefault(int(stage["steps"]), stage["eval_loss"])
+        for step, loss in sorted(evals.items()):
+            eval_rows.append((name, step, *position(step), loss))
+        if name == "patch":
+            curve.offsets = {o: tuple(np.array(v) for v in zip(*sorted(rows))) for o, rows in sorted(offsets.items())}
+            patch_rows = sorted((r[1], r[4]) for r in train_rows if r[0] == "patch")
+            curve.patch_loss = tuple(np.array(v) for v in zip(*patch_rows)) if patch_rows else None
+        tokens_before += stage_tokens
+        cost_before += stage_tokens / k
+
+    columns = ("stage", "step", "tokens", "cost", "loss")
+    curve.train = {c: np.array([r[i] for r in train_rows]) for i, c in enumerate(columns)}
+    curve.eval = {c: np.array([r[i] for r in eval_rows]) for i, c in enumerate(columns)}
+    curve.eval["perplexity"] = np.exp(curve.eval["loss"]) if len(eval_rows) else np.array([])
+    curve.total_tokens, curve.total_cost = int(tokens_before), cost_before
+    final = results.get("perplexity")
+    curve.final_perplexity = float(final) if final is not None else None
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _format_count(value: float, _position=None) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def plot_curves(curves: list[RunCurve], output: str | Path, dpi: int = 120) -> None:
+    """Figure 2: training loss against tokens (left) and against compute (right), one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, axis, xlabel in (
+        (axes[0], "tokens", "training tokens"),
+        (axes[1], "cost", "compute (token-level equivalent tokens; a patch-stage token costs 1/K)"),
+    ):
+        switch_labelled = False
+        for index, curve in enumerate(curves):
+            color = colors[index % len(colors)]
+            stage, x, loss = curve.train.get("stage", []), curve.train.get(axis), curve.train.get("loss")
+            if x is not None and len(x):
+                patch, token = stage == "patch", stage == "token"
+                if patch.any():
+                    ax.plot(x[patch], loss[patch], "--", color=color, alpha=0.5, linewidth=1.5,
+                            label=f"{curve.label}: patch loss (K={curve.patch_size}, not token-level)")
+                if token.any():
+                    ax.plot(x[token], loss[token], "-", color=color, linewidth=2, label=f"{curve.label}: loss")
+            ex = curve.eval.get(axis)
+            if ex is not None and len(ex):
+                ppl = f", final ppl {curve.final_perplexity:.4g}" if curve.final_perplexity else ""
+                ax.plot(ex, curve.eval["loss"], "o", color=color, markersize=6, markeredgecolor="black",
+                        markeredgewidth=0.6, label=f"{curve.label}: validation ln(ppl){ppl}")
+            switch = curve.switch_tokens if axis == "tokens" else curve.switch_cost
+            if switch is not None:
+                ax.axvline(switch, color=color, linestyle=":", linewidth=1.5,
+                           label=None if switch_labelled else "switch: patch → token level")
+                switch_labelled = True
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_formatter(FuncFormatter(_format_count))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats per token)")
+    axes[0].set_title("loss vs training tokens")
+    axes[1].set_title("loss vs training compute")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+
+
+def plot_offsets(curves: list[RunCurve], output: str | Path, dpi: int = 120) -> bool:
+    """The patch stage's per-offset losses by step, one panel per patch run. False if no run has any."""
+    runs = [c for c in curves if c.offsets]
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, curve in zip(axes[0], runs):
+        k = max(curve.offsets)
+        for offset, (steps, losses) in curve.offsets.items():
+            ax.plot(steps, losses, "-", color=cmap((offset - 1) / max(k - 1, 1)), linewidth=1.5,
+                    label=f"offset {offset} (token {offset} of the next patch)")
+        if curve.patch_loss is not None:
+            ax.plot(*curve.patch_loss, "--", color="black", linewidth=1, label="patch loss (mean)")
+        ax.set_title(f"{curve.label}: patch-stage loss per offset (K={curve.patch_size})")
+        ax.set_xlabel("patch-stage optimizer step")
+        ax.set_ylabel("loss (nats per token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_run(spec: str) -> tuple[str, str]:
+    """'label=dir' -> (label, dir); a bare 'dir' is labelled by its folder name."""
+    label, sep, path = spec.partition("=")
+    if not sep:
+        return Path(spec).name, spec
+    if not label or not path:
+        raise argparse.ArgumentTypeError(f"--run wants LABEL=DIR, got {spec!r}")
+    return label, path
+
+
+def main(argv=None) -> list[RunCurve]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", type=parse_run, required=True, metavar="LABEL=DIR",
+                        help="A run directory of run_clm.py and its label (repeat for several runs).")
+    parser.add_argument("--output", default="curves.png", help="The loss-curves PNG (Figure 2).")
+    parser.add_argument("--offsets_output", default=None, help="The per-offset patch-loss PNG (optional).")
+    parser.add_argument("--dpi", type=int, default=120)
+    args = parser.parse_args(argv)
+
+    try:
+        curves = [extract_curve(path, label) for label, path in args.run]
+    except FileNotFoundError as error:
+        parser.exit(2, f"plot_curves.py: error: {error}\n")
+    for curve in curves:
+        ppl = f"{curve.final_perplexity:.4g}" if curve.final_perplexity is not None else "n/a"
+        relative = curve.total_cost / curve.total_tokens if curve.total_tokens else float("nan")
+        print(f"[plot_curves] {curve.label}: K={curve.patch_size}, {_format_count(curve.total_tokens)} tokens, "
+              f"compute {_format_count(curve.total_cost)} token-equivalents (relative {relative:.3f}), "
+              f"{len(curve.train.get('loss', []))} loss points, validation perplexity {ppl}")
+    plot_curves(curves, args.output, args.dpi)
+    print(f"[plot_curves] wrote {args.output}")
+    if args.offsets_output:
+        if plot_offsets(curves, args.offsets_output, args.dpi):
+            print(f"[plot_curves] wrote {args.offsets_output}")
+        else:
+            print("[plot_curves] no run has a patch stage with per-offset losses: no offsets plot", file=sys.stderr)
+    return curves
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""scripts/plot_curves.py on two real tiny runs of run_clm.py (a token-level baseline and a patch run):
+the curve extracted from the logs, and the PNGs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DATA_DIR, REPO_ROOT, TOKENIZER_DIR
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import plot_curves  # noqa: E402
+from plot_curves import extract_curve, tokens_per_step  # noqa: E402
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{label: run dir}: 10 optimizer steps each, batch 4 x 32 tokens; the patch run has λ = 0.5, K = 4 and
+    evaluates (5 validation blocks) every 2 steps as well as at the end of each stage."""
+    import run_clm
+
+    root = tmp_path_factory.mktemp("plot_runs")
+    common = [
+        "--config_name", str(REPO_ROOT / "configs" / "model" / "llama-tiny.json"),
+        "--tokenizer_name", str(TOKENIZER_DIR),
+        "--train_file", str(DATA_DIR / "sample_train.jsonl"),
+        "--validation_file", str(DATA_DIR / "wikitext-103-test.jsonl"),
+        "--block_size", "32", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+        "--max_steps", "10", "--max_eval_blocks", "5", "--logging_steps", "1", "--save_steps", "1000",
+        "--data_cache_dir", str(root / "cache"), "--report_to", "none",
+    ]
+    dirs = {"baseline": root / "baseline", "patch": root / "patch"}
+    run_clm.main(common + ["--output_dir", str(dirs["baseline"])])
+    run_clm.main(common + [
+        "--output_dir", str(dirs["patch"]), "--patch_size", str(K), "--patch_data_fraction", "0.5",
+        "--eval_strategy", "steps", "--eval_steps", "2",
+    ])
+    return dirs
+
+
+def test_tokens_per_step_recovers_the_world_size():
+    stage = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3, "block_tokens": 256}
+    # one pass over 53 blocks with a global batch of 12 (2 ranks): 5 steps, the last one partial
+    assert tokens_per_step({**stage, "steps": 5, "tokens": 53 * 256}) == 12 * 256
+    assert tokens_per_step({**stage, "steps": 5, "tokens": 60 * 256}) == 12 * 256  # max_steps reached first
+    assert tokens_per_step({**stage, "steps": 5, "tokens": 53 * 256, "world_size": 4}) == 24 * 256
+    assert tokens_per_step({**stage, "tokens_per_step": 1000}) == 1000
+
+
+def test_baseline_curve(runs):
+    results = json.loads((runs["baseline"] / "all_results.json").read_text())
+    curve = extract_curve(runs["baseline"])
+    train = curve.train
+    assert curve.patch_size == 1 and curve.switch_tokens is None
+    assert set(train["stage"]) == {"token"} and len(train["loss"]) == results["token_stage"]["steps"]
+    assert np.all(np.diff(train["tokens"]) > 0)
+    np.testing.assert_allclose(train["cost"], train["tokens"])  # token level: one token costs one token
+    np.testing.assert_allclose(train["tokens"], train["step"] * 4 * 32)
+    assert curve.total_tokens == results["tokens"]
+    assert curve.eval["loss"][-1] == pytest.approx(results["eval_loss"])
+
+
+def test_patch_curve_cost_is_one_kth_in_the_patch_stage(runs):
+    results = json.loads((runs["patch"] / "all_results.json").read_text())
+    patch_tokens = results["patch_stage"]["tokens"]
+    curve = extract_curve(runs["patch"], label="patch")
+    train = curve.train
+    patch, token = train["stage"] == "patch", train["stage"] == "token"
+    assert curve.patch_size == K and patch.any() and token.any()
+    assert np.all(np.diff(train["tokens"]) > 0), "tokens must grow across the stage switch"
+    assert np.all(np.diff(train["cost"]) > 0)
+    assert curve.switch_tokens == patch_tokens and curve.switch_cost == pytest.approx(patch_tokens / K)
+    assert train["tokens"][patch].max() <= patch_tokens < train["tokens"][token].min()
+
+    # the cost of a token: 1/K in the patch stage, 1 in the token stage
+    np.testing.assert_allclose(train["cost"][patch], train["tokens"][patch] / K)
+    np.testing.assert_allclose(train["cost"][token] - curve.switch_cost, train["tokens"][token] - patch_tokens)
+    patch_slope = np.diff(train["cost"][patch]) / np.diff(train["tokens"][patch])
+    token_slope = np.diff(train["cost"][token]) / np.diff(train["tokens"][token])
+    np.testing.assert_allclose(patch_slope, 1 / K)
+    np.testing.assert_allclose(token_slope, 1.0)
+    assert curve.total_cost / curve.total_tokens == pytest.approx(results["relative_cost_measured"])
+
+    # validation points: every 2 steps and at the end of each stage, token-level in both stages
+    assert {"patch", "token"} <= set(curve.eval["stage"])
+    assert len(curve.eval["loss"]) >= 4 and np.all(np.isfinite(curve.eval["loss"]))
+    assert curve.eval["loss"][-1] == pytest.approx(results["eval_loss"])
+    # per-offset losses: K of them, logged at each patch-stage step
+    assert sorted(curve.offsets) == list(range(1, K + 1))
+    steps, _ = curve.offsets[1]
+    np.testing.assert_array_equal(steps, train["step"][patch])
+
+
+def test_log_history_falls_back_to_the_last_checkpoint(runs, tmp_path):
+    """A run without the per-stage trainer_state.json (older run_clm.py): the last checkpoint's is read."""
+    import shutil
+
+    copy = tmp_path / "patch"
+    shutil.copytree(runs["patch"], copy, ignore=shutil.ignore_patterns("*.safetensors", "*.pt", "*.pth", "*.bin"))
+    removed = [copy / "trainer_state.json", copy / "patch_stage" / "trainer_state.json"]
+    for path in removed:
+        path.unlink()
+    assert list(copy.glob("checkpoint-*/trainer_state.json")) and list(copy.glob("patch_stage/checkpoint-*/trainer_state.json"))
+    full, fallback = extract_curve(runs["patch"]), extract_curve(copy)
+    for column in ("step", "tokens", "cost", "loss"):
+        np.testing.assert_allclose(fallback.train[column], full.train[column])
+    assert fallback.eval["loss"][-1] == pytest.approx(full.eval["loss"][-1])  # the end-of-stage evaluation, from all_results.json
+
+
+def test_plots_are_written(runs, tmp_path):
+    curves_png, offsets_png = tmp_path / "curves.png", tmp_path / "offsets.png"
+    curves = plot_curves.main([
+        "--run", f"baseline={runs['baseline']}", "--run", f"patch={runs['patch']}",
+        "--output", str(curves_png), "--offsets_output", str(offsets_png),
+    ])
+    assert [c.label for c in curves] == ["baseline", "patch"]
+    for png in (curves_png, offsets_png):
+        assert png.stat().st_size > 10_000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_results_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="all_results.json"):
+        extract_curve(tmp_path)
+    with pytest.raises(SystemExit):
+        plot_curves.main(["--run", f"x={tmp_path}", "--output", str(tmp_path / "c.png")])

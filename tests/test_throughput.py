@@ -1,0 +1,60 @@
+"""Cost regression checks for CI (no GPU): a patch-level training step costs at most 1/K of the token-level
+model FLOPs per token, counted by torch.utils.flop_counter; and the throughput benchmark runs end to end."""
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from modeling_llama_patch import PatchLlamaForCausalLM
+
+
+def training_step_flops(model, input_ids) -> int:
+    """FLOPs of one forward + backward with labels, as torch's FLOP counter sees them."""
+    model.zero_grad()
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_patch_step_costs_at_most_one_kth_per_token(patch_size):
+    """Same positions per step (B x T), K times more tokens in the patch step: FLOPs per token <= 1/K."""
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    model = PatchLlamaForCausalLM(config)
+    batch, context = 2, 32
+    token_ids = torch.randint(0, config.vocab_size, (batch, context))
+    patch_ids = torch.randint(0, config.vocab_size, (batch, patch_size * context))
+
+    token_flops = training_step_flops(model, token_ids)
+    model.config.patch_size = patch_size
+    patch_flops = training_step_flops(model, patch_ids)
+
+    token_per_token = token_flops / token_ids.numel()
+    patch_per_token = patch_flops / patch_ids.numel()
+    assert token_flops > 0 and patch_flops > 0
+    assert patch_per_token <= token_per_token / patch_size, (token_per_token, patch_per_token)
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/throughput.py runs the real training path for both stages and reports the ratio."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import throughput
+
+    output = tmp_path / "bench.json"
+    report = throughput.main([
+        "--block_size", "32", "--micro_batch", "2", "--steps", "2", "--warmup", "1",
+        "--dataloader_num_workers", "0", "--data_cache_dir", str(tmp_path / "cache"),
+        "--output_json", str(output),
+    ])
+    assert json.loads(output.read_text())["patch_token_tokens_per_s_ratio"] == report["patch_token_tokens_per_s_ratio"]
+    token, patch = report["stages"]
+    assert token["sequence_tokens"] == 32 and patch["sequence_tokens"] == 128
+    assert patch["tokens_per_s"] == pytest.approx(4 * patch["positions_per_s"])
+    assert report["patch_token_tokens_per_s_ratio"] > 1.0  # same positions per step, 4x the tokens
+    assert 0 <= token["data_wait_share"] < 1 and 0 <= patch["data_wait_share"] < 1

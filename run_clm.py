@@ -971,6 +971,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dropped_tokens": plan.dropped_tokens, "start_token": plan.start_token, "patch_size": plan.patch_size,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
+            "world_size": args.world_size, "tokens_per_step": global_batch * plan.block_len,
             **metrics,
         }
         model.config.patch_size = 1 if plan.name == "token" else plan.patch_size

@@ -104,6 +104,7 @@ def test_two_stages_train_and_split_is_exact(workdir, finished_job):
     # Same tokens per optimizer step in both stages: K times fewer sequences of K*T tokens.
     assert patch["per_device_train_batch_size"] == 1 and token["per_device_train_batch_size"] == 4
     assert patch["steps"] == 6 and token["steps"] == 6
+    assert patch["tokens_per_step"] == token["tokens_per_step"] == 4 * 32 and patch["world_size"] == 1
     assert patch["positions"] == patch["tokens"] // 4 and token["positions"] == token["tokens"]
     assert results["relative_cost_nominal"] == pytest.approx(0.5 / 4 + 0.5)
     assert results["relative_cost_measured"] == pytest.approx(0.625)

@@ -1,0 +1,456 @@
+"""Every file in configs/ and scripts/ is accepted by what reads it, and says what the paper says.
+
+Model configs by LlamaConfig (and their sizes), training configs by run_clm.parse_arguments, DeepSpeed
+configs by DeepSpeed's own config class once the Trainer has filled their "auto" values, accelerate configs
+by `accelerate launch`'s own parsing, shell scripts by `bash -n` and shellcheck. Nothing here trains.
+"""
+
+import gzip
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from conftest import REPO_ROOT
+
+CONFIGS = REPO_ROOT / "configs"
+SCRIPTS = REPO_ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import config_args  # noqa: E402
+import prepare_pile  # noqa: E402
+
+MODEL_SIZES = {"370m": 370e6, "780m": 780e6, "1.3b": 1.3e9, "2.7b": 2.7e9}
+# Table 1 of the paper: the token-level baseline of each size, and K = 4 with these λ.
+PAPER_RUNS = {"370m": (0.5, 2 / 3, 0.8), "780m": (2 / 3,), "1.3b": (2 / 3,), "2.7b": (2 / 3,)}
+PAPER_GPUS = 8
+PAPER_TOKENS_PER_STEP = 2048 * 1024  # 2M tokens per optimizer step
+TRAIN_CONFIGS = sorted((CONFIGS / "train").glob("*.json"))
+PAPER_CONFIGS = [path for path in TRAIN_CONFIGS if path.name.startswith("llama-")]
+
+
+def paper_config_name(size: str, fraction: float | None) -> str:
+    return f"llama-{size}-token.json" if fraction is None else f"llama-{size}-patch-k4-lambda{fraction:.2g}.json"
+
+
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """Parse the paper's configs (bf16: true) as on the A100s they are for: TrainingArguments refuses bf16
+    where no bf16 GPU is found."""
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda *args, **kwargs: True)
+
+
+def parse(argv):
+    import run_clm
+
+    return run_clm.parse_arguments(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configs/model
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "model").glob("*.json")), ids=lambda p: p.name)
+def test_model_config_is_a_stock_llama_config(path):
+    from transformers import LlamaConfig
+
+    raw = json.loads(path.read_text())
+    config = LlamaConfig.from_pretrained(str(path))
+    assert raw["model_type"] == "llama" and raw["architectures"] == ["LlamaForCausalLM"]
+    assert config.vocab_size == 32000, "the LLaMA-2 tokenizer's vocabulary"
+    assert (config.bos_token_id, config.eos_token_id) == (1, 2)
+    assert config.tie_word_embeddings is False
+    assert config.hidden_size % config.num_attention_heads == 0
+    assert "patch_size" not in raw, "K belongs to the training config, not to the model"
+
+
+@pytest.mark.parametrize("size", MODEL_SIZES)
+def test_model_sizes_match_the_paper(size):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(str(CONFIGS / "model" / f"llama-{size}.json"))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert abs(parameters / MODEL_SIZES[size] - 1) < 0.10, f"{size}: {parameters / 1e6:.0f}M parameters"
+    assert config.max_position_embeddings == 2048
+    assert config.num_key_value_heads == config.num_attention_heads, "the paper's models use full multi-head attention"
+    sizes = [json.loads((CONFIGS / "model" / f"llama-{s}.json").read_text())["rms_norm_eps"] for s in MODEL_SIZES]
+    assert len(set(sizes)) == 1, "one rms_norm_eps for all sizes"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configs/train
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_paper_runs_all_have_a_config():
+    expected = {paper_config_name(size, None) for size in PAPER_RUNS}
+    expected |= {paper_config_name(size, f) for size, fractions in PAPER_RUNS.items() for f in fractions}
+    assert expected <= {path.name for path in PAPER_CONFIGS}
+    assert {"tiny-patch.json", "tiny-token.json"} <= {path.name for path in TRAIN_CONFIGS}
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_train_config_is_accepted_by_run_clm(path, bf16_gpu, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # the configs' paths are relative to the repository root
+    model_args, data_args, patch_args, training_args = parse([str(path.relative_to(REPO_ROOT))])
+    for existing in (model_args.config_name, model_args.tokenizer_name, data_args.validation_file):
+        assert (REPO_ROOT / existing).exists(), f"{path.name}: {existing} does not exist"
+    assert training_args.output_dir.startswith("runs/"), "runs/ is ignored by git"
+    assert training_args.output_dir == f"runs/{path.stem}", "one output folder per config, named after it"
+    if path.name.startswith("tiny-"):
+        assert (REPO_ROOT / data_args.train_file).is_file()
+        assert data_args.block_size == 128 and not training_args.bf16
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_config_has_the_paper_settings(path, bf16_gpu, monkeypatch):
+    import run_clm
+
+    monkeypatch.chdir(REPO_ROOT)
+    model_args, data_args, patch_args, args = parse([str(path.relative_to(REPO_ROOT))])
+    assert data_args.block_size == 2048
+    assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps) == (3e-4, "cosine", 2000)
+    assert (args.weight_decay, args.max_grad_norm) == (0.1, 1.0)
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.95, 1e-8)
+    assert args.bf16 and args.eval_strategy.value == "steps" and args.save_total_limit
+    assert data_args.validation_file == "data/wikitext-103-test.jsonl", "the paper's perplexity set"
+    # The data that scripts/prepare_pile.py writes and tokenises into this very cache.
+    shards = [prepare_pile.shard_path("data/pile", index) for index in range(prepare_pile.HUB_SHARDS)]
+    assert data_args.train_file == ",".join(shards)
+    assert data_args.data_cache_dir == "data/pile/tokens"
+
+    size = path.stem.split("-")[1]
+    assert model_args.config_name == f"configs/model/llama-{size}.json"
+    fraction, k = patch_args.patch_data_fraction, patch_args.patch_size
+    if fraction == 0:
+        assert path.name == paper_config_name(size, None)
+    else:
+        assert k == 4 and path.name == paper_config_name(size, fraction)
+        assert any(abs(fraction - f) < 1e-12 for f in PAPER_RUNS[size]), "λ = 2/3 is 0.666..., not 0.67"
+
+    # 2M tokens per step on 8 GPUs, in both stages (the patch stage: K*T-token sequences, K times fewer).
+    token_tokens = args.per_device_train_batch_size * args.gradient_accumulation_steps * PAPER_GPUS * 2048
+    assert token_tokens == PAPER_TOKENS_PER_STEP
+    if fraction > 0:
+        batch, accumulation = run_clm.stage_batch_settings(patch_args, args)
+        assert batch * accumulation * PAPER_GPUS * k * 2048 == PAPER_TOKENS_PER_STEP
+
+    # max_steps is the whole token-level budget; λ of it goes to the patch stage at 1/K of the cost.
+    total = args.max_steps * PAPER_TOKENS_PER_STEP
+    plans = run_clm.plan_stages(total, fraction, k, 2048)
+    steps = {plan.name: plan.num_blocks * plan.block_len / PAPER_TOKENS_PER_STEP for plan in plans}
+    assert steps.get("patch", 0) == pytest.approx(fraction * args.max_steps, abs=1)
+    assert steps["token"] == pytest.approx((1 - fraction) * args.max_steps, abs=1)
+    cost = sum(plan.positions for plan in plans) / sum(plan.tokens for plan in plans)
+    assert cost == pytest.approx(fraction / k + 1 - fraction if fraction else 1.0, abs=1e-6)
+
+
+def test_paper_configs_differ_only_in_model_batch_patch_and_output():
+    """One recipe: the runs of Table 1 differ only where the paper's runs do."""
+    allowed = {"config_name", "per_device_train_batch_size", "gradient_accumulation_steps", "patch_size",
+               "patch_data_fraction", "output_dir"}
+    reference = json.loads(PAPER_CONFIGS[0].read_text())
+    for path in PAPER_CONFIGS[1:]:
+        values = json.loads(path.read_text())
+        assert set(values) == set(reference), path.name
+        assert {key for key in values if values[key] != reference[key]} <= allowed, path.name
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_config_as_flags_parses_to_the_same_arguments(path, bf16_gpu, monkeypatch):
+    """The launchers pass a config as flags (scripts/config_args.py): the same arguments as the file."""
+    monkeypatch.chdir(REPO_ROOT)
+    relative = str(path.relative_to(REPO_ROOT))
+    from_file = parse([relative])
+    from_flags = parse(config_args.run_clm_args([relative]))
+    for a, b in zip(from_file[:3], from_flags[:3]):
+        assert a == b
+    assert from_file[3].to_dict() == from_flags[3].to_dict()
+
+
+def test_flags_after_the_config_override_it(bf16_gpu, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    argv = config_args.run_clm_args(
+        ["configs/train/llama-370m-token.json", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "32"]
+    )
+    args = parse(argv)[3]
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 32)
+    assert config_args.flag_value(argv, "output_dir") == "runs/llama-370m-token"
+    assert config_args.flag_value(argv + ["--output_dir=elsewhere"], "output_dir") == "elsewhere"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configs/deepspeed
+# ---------------------------------------------------------------------------------------------------------
+
+DS_STAGES = {"zero1.json": 1, "zero2.json": 2, "zero3.json": 3, "zero3_offload.json": 3}
+
+
+def test_every_deepspeed_config_is_known():
+    assert {path.name for path in (CONFIGS / "deepspeed").glob("*.json")} == set(DS_STAGES)
+
+
+@pytest.mark.parametrize("name", DS_STAGES)
+def test_deepspeed_config_is_accepted_by_deepspeed(name, bf16_gpu, monkeypatch):
+    """Fill the "auto" values as the Trainer does (from the 370M baseline's arguments), then DeepSpeed's own
+    config class checks every key and the batch arithmetic."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    monkeypatch.chdir(REPO_ROOT)
+    raw = json.loads((CONFIGS / "deepspeed" / name).read_text())
+    assert "scheduler" not in raw, "no DeepSpeed scheduler: the Trainer's (lr_scheduler_type cosine) is used"
+    argv = config_args.run_clm_args(["configs/train/llama-370m-token.json", "--deepspeed", f"configs/deepspeed/{name}"])
+    args = parse(argv)[3]
+    try:
+        hf_config = args.hf_deepspeed_config
+        model_config = LlamaConfig.from_pretrained("configs/model/llama-370m.json")
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_config)
+        hf_config.trainer_config_finalize(args, model, num_training_steps=args.max_steps)
+        filled = hf_config.config
+        assert "auto" not in json.dumps(filled), "every auto value is filled"
+        checked = DeepSpeedConfig(filled)
+    finally:
+        unset_hf_deepspeed_config()  # or later tests in this process would build models as ZeRO-3 would
+    assert checked.zero_optimization_stage == DS_STAGES[name]
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["train_micro_batch_size_per_gpu"] == args.per_device_train_batch_size
+    assert filled["gradient_accumulation_steps"] == args.gradient_accumulation_steps
+    assert filled["gradient_clipping"] == 1.0
+    params = dict(filled["optimizer"]["params"])
+    # torch's AdamW (no kernel to compile at start-up), except with offload: DeepSpeed's CPU Adam.
+    assert params.pop("torch_adam", False) is (name != "zero3_offload.json")
+    assert params == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    if DS_STAGES[name] == 3:
+        assert checked.zero_config.gather_16bit_weights_on_model_save, "save_model must write the full model"
+    offload = name == "zero3_offload.json"
+    assert (checked.zero_config.offload_optimizer is not None) == offload
+    assert (checked.zero_config.offload_param is not None) == offload
+    del deepspeed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configs/accelerate
+# ---------------------------------------------------------------------------------------------------------
+
+ACCELERATE_CONFIGS = ["ddp_8gpu", "deepspeed_zero2", "fsdp_8gpu", "multinode_template", "cpu_ddp_2proc"]
+
+
+def accelerate_launch_args(name):
+    """What `accelerate launch --config_file configs/accelerate/<name>.yaml run_clm.py` makes of the file."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(CONFIGS / "accelerate" / f"{name}.yaml"), "run_clm.py", "x.json"])
+    return _validate_launch_command(args)
+
+
+def test_every_accelerate_config_is_known():
+    assert {path.stem for path in (CONFIGS / "accelerate").glob("*.yaml")} == set(ACCELERATE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", ACCELERATE_CONFIGS)
+def test_accelerate_config_is_accepted_by_accelerate(name, monkeypatch):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    monkeypatch.chdir(REPO_ROOT)
+    config = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
+    assert isinstance(config, ClusterConfig)
+    args, _, _ = accelerate_launch_args(name)
+    assert args.num_processes == config.num_processes
+    if name == "cpu_ddp_2proc":
+        # MULTI_GPU is what starts 2 processes (torchrun); use_cpu puts them on the CPU (with gloo).
+        assert (args.num_processes, args.multi_gpu, args.use_cpu) == (2, True, True)
+    elif name == "multinode_template":
+        assert args.num_machines > 1 and args.num_processes == 8 * args.num_machines
+        assert args.main_process_ip and args.main_process_port
+    else:
+        assert (args.num_processes, args.num_machines, args.use_cpu) == (8, 1, False)
+    if name != "cpu_ddp_2proc":
+        assert args.mixed_precision == "no", "precision comes from the training config's bf16"
+
+
+def test_accelerate_deepspeed_config_points_at_zero2(monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    monkeypatch.chdir(REPO_ROOT)
+    args, defaults, mixed_precision_from_config = accelerate_launch_args("deepspeed_zero2")
+    assert args.use_deepspeed and args.deepspeed_config_file == "configs/deepspeed/zero2.json"
+    # As `accelerate launch` does before starting the processes, then the plugin each process builds.
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+    with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
+        _, env = prepare_deepspeed_cmd_env(args)
+    with mock.patch.dict(os.environ, env, clear=True):
+        plugin = DeepSpeedPlugin()  # raises if the yaml sets what the DeepSpeed file owns
+    assert plugin.zero_stage == 2
+
+
+def test_accelerate_fsdp_config_shards_llama_layers_and_saves_full_weights(monkeypatch):
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from torch.distributed.fsdp import ShardingStrategy, StateDictType
+
+    args, _, _ = accelerate_launch_args("fsdp_8gpu")
+    assert args.use_fsdp
+    with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
+        env = prepare_multi_gpu_env(args)
+    # The plugin each process builds from that environment (sync_module_states asks for a GPU: pretend one).
+    with mock.patch.dict(os.environ, env, clear=True), \
+            mock.patch("accelerate.utils.dataclasses.is_cuda_available", return_value=True), \
+            mock.patch.object(torch.cuda, "current_device", return_value=0):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert plugin.state_dict_type == StateDictType.FULL_STATE_DICT
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # the class it names exists
+
+    assert LlamaDecoderLayer.__name__ == "LlamaDecoderLayer"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scripts/
+# ---------------------------------------------------------------------------------------------------------
+
+# Every shell script of the repository: CI's entry point, and *.sh at the top or one folder down.
+SHELL_SCRIPTS = [REPO_ROOT / ".ci" / "run"] + sorted(
+    path for path in [*REPO_ROOT.glob("*.sh"), *REPO_ROOT.glob("*/*.sh")]
+    if not path.relative_to(REPO_ROOT).parts[0].startswith(".")
+)
+
+
+def script_id(path):
+    return str(path.relative_to(REPO_ROOT))
+
+
+@pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=script_id)
+def test_shell_script_parses(path):
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    assert "NCCL_" not in text, "no cluster-specific NCCL settings"
+    if path.name != "common.sh":  # common.sh is sourced, not run
+        assert os.access(path, os.X_OK), f"{path.name} is not executable"
+        assert text.splitlines()[0] == "#!/usr/bin/env bash"
+        assert "set -euo pipefail" in text
+
+
+@pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=script_id)
+def test_shell_script_passes_shellcheck(path):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", "-x", str(path)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_launchers_are_checked():
+    names = {path.name for path in SHELL_SCRIPTS}
+    assert {"common.sh", "launch_accelerate.sh", "launch_deepspeed.sh", "launch_torchrun.sh", "run_paper.sh"} <= names
+
+
+def dry_run(script, *args, **env):
+    values = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env}
+    result = subprocess.run([str(SCRIPTS / script), *args], capture_output=True, text=True, env=values, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_launchers_build_the_commands_for_several_nodes():
+    node = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29600"}
+    config = "configs/train/llama-370m-patch-k4-lambda0.67.json"
+    line = dry_run("launch_accelerate.sh", config, "--seed", "7", **node)
+    assert line.startswith("accelerate launch --config_file configs/accelerate/ddp_8gpu.yaml --num_processes 16 ")
+    assert "--num_machines 2 --machine_rank 1 --main_process_ip 10.1.2.3 --main_process_port 29600 run_clm.py " in line
+    assert line.rstrip().endswith("--output_dir runs/llama-370m-patch-k4-lambda0.67 --seed 7")
+    line = dry_run("launch_torchrun.sh", config, **node)
+    assert line.startswith("torchrun --nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.1.2.3 --master_port 29600 ")
+    line = dry_run("launch_deepspeed.sh", config, HOSTFILE="/etc/hostfile", DS_CONFIG="configs/deepspeed/zero3.json", **node)
+    assert "--hostfile /etc/hostfile --num_nodes 2 --node_rank 1 --no_ssh run_clm.py" in line
+    assert line.rstrip().endswith("--deepspeed configs/deepspeed/zero3.json")
+    line = dry_run("launch_deepspeed.sh", config)
+    assert line.startswith("deepspeed --num_gpus 8 ") and "--hostfile" not in line and "zero2.json" in line
+
+
+def test_run_paper_runs_the_baseline_then_the_patch_runs_of_a_size():
+    lines = dry_run("run_paper.sh", "370m", "--seed", "3").splitlines()
+    names = [line.split("--output_dir ")[1].split()[0] for line in lines]
+    assert names == ["runs/llama-370m-token"] + [f"runs/llama-370m-patch-k4-lambda{f}" for f in ("0.5", "0.67", "0.8")]
+    assert all(line.rstrip().endswith("--seed 3") for line in lines)
+    assert dry_run("run_paper.sh", "2.7b", BACKEND="deepspeed").startswith("deepspeed ")
+    bad = subprocess.run([str(SCRIPTS / "run_paper.sh"), "370m"], capture_output=True, text=True,
+                         env={**os.environ, "BACKEND": "slurm"})
+    assert bad.returncode == 2 and "BACKEND" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scripts/prepare_pile.py, offline (--input_files)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_split_words_keeps_the_text():
+    text = "a b  c\nd " * 7
+    pieces = prepare_pile.split_words(text, 4)
+    assert " ".join(pieces) == text
+    assert all(len(piece.split(" ")) <= 4 for piece in pieces)
+    assert prepare_pile.split_words("short text", 10000) == ["short text"]
+    assert prepare_pile.parse_shards("0-2,5") == [0, 1, 2, 5]
+
+
+def test_prepare_then_run_clm_reads_the_cache_without_tokenising(tmp_path, monkeypatch):
+    """Offline prepare of two local shards (one xz-compressed), then run_clm.py (the patch run of the tiny
+    config, two steps) finds both token streams in the cache: it never tokenises."""
+    import run_clm
+
+    documents = [json.loads(line) for line in (REPO_ROOT / "data" / "sample_train.jsonl").read_text().splitlines()]
+    first, second = tmp_path / "a.jsonl.xz", tmp_path / "b.jsonl"
+    with lzma.open(first, "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": d["text"], "meta": {"source": d["source"]}}) + "\n" for d in documents[:25])
+    second.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in documents[25:]))
+    out, cache = tmp_path / "prepared", tmp_path / "cache"
+    argv = ["--input_files", str(first), str(second), "--output_dir", str(out), "--data_cache_dir", str(cache),
+            "--max_words", "2000", "--num_workers", "2"]
+    summary = prepare_pile.main(argv)
+
+    assert summary["shards"] == [prepare_pile.shard_path(str(out), 0), prepare_pile.shard_path(str(out), 1)]
+    pieces = [json.loads(line) for shard in summary["shards"] for line in gzip.open(shard, "rt", encoding="utf-8")]
+    assert all(set(piece) == {"text"} for piece in pieces), "only the text is kept"
+    assert max(len(piece["text"].split(" ")) for piece in pieces) <= 2000
+    assert len(pieces) > len(documents), "long documents were split"
+    assert " ".join(piece["text"] for piece in pieces) == " ".join(d["text"] for d in documents)
+    meta = json.loads((Path(summary["train_cache"]) / "meta.json").read_text())
+    assert meta["num_tokens"] == summary["train_tokens"] > 100_000
+
+    # Preparing again changes nothing (the shards keep their mtime, part of the cache key).
+    mtimes = [os.stat(shard).st_mtime_ns for shard in summary["shards"]]
+    assert prepare_pile.main(argv)["train_cache"] == summary["train_cache"]
+    assert [os.stat(shard).st_mtime_ns for shard in summary["shards"]] == mtimes
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("run_clm.py tokenised again instead of reading the prepared cache")
+
+    monkeypatch.setattr(run_clm, "tokenize_to_cache", no_tokenising)
+    monkeypatch.chdir(REPO_ROOT)
+    results = run_clm.main([
+        "--config_name", "configs/model/llama-tiny.json",
+        "--train_file", ",".join(summary["shards"]), "--validation_file", "data/wikitext-103-test.jsonl",
+        "--data_cache_dir", str(cache), "--block_size", "32", "--patch_size", "4", "--patch_data_fraction", "0.5",
+        "--per_device_train_batch_size", "4", "--max_steps", "2", "--max_eval_blocks", "2", "--report_to", "none",
+        "--save_strategy", "no", "--use_cpu", "true", "--output_dir", str(tmp_path / "run"),
+    ])
+    assert results["dataset_tokens"] == summary["train_tokens"]
+    assert results["perplexity"] is not None

@@ -1,0 +1,156 @@
+"""Two processes on CPU through the launchers in scripts/: the tiny two-stage job under DDP (accelerate,
+gloo), DeepSpeed ZeRO-2 and DeepSpeed ZeRO-3 (the `deepspeed` launcher).
+
+Each run trains K = 4, λ = 2/3 for 6 steps of budget (4 patch steps, then 2 token steps) and must:
+finish; train with exactly 2 ranks; change the weights in the patch stage and again in the token stage,
+which starts from the patch stage's saved model; save a final model that stock transformers loads and
+generates with. The patch stage learns at 3e-3 and the token stage at 1e-5, so "the token stage starts from
+the patch-stage model" shows as: final weights within 1e-3 of the patch stage's, yet not equal to them.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+STEPS, BATCH, WORLD, BLOCK, K = 6, 4, 2, 32, 4
+TINY_RUN = [
+    "configs/train/tiny-patch.json",
+    "--block_size", str(BLOCK), "--max_steps", str(STEPS), "--per_device_train_batch_size", str(BATCH),
+    "--max_eval_blocks", "4", "--eval_strategy", "no", "--save_steps", "2", "--logging_steps", "1",
+    "--warmup_steps", "0", "--patch_learning_rate", "3e-3", "--learning_rate", "1e-5",
+    "--dataloader_num_workers", "0",
+]
+SHIM = REPO_ROOT / "tests" / "deepspeed_on_cpu"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """One token cache for the module's runs (the first run tokenises, the others read it)."""
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def launch(script: str, out: Path, cache: Path, *flags: str, **env: str) -> dict:
+    """Run scripts/<script> with 2 processes; return all_results.json (the log is in the failure message)."""
+    values = {
+        **os.environ, "NGPU": str(WORLD), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env,
+    }
+    values["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{values.get('PATH', '')}"  # accelerate, deepspeed
+    command = [str(REPO_ROOT / "scripts" / script), *TINY_RUN, "--output_dir", str(out), "--data_cache_dir", str(cache), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, env=values, cwd=REPO_ROOT, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    logs = list(Path(f"{out}.logs").glob("node0-*.log"))
+    assert len(logs) == 1 and "[run_clm] done" in logs[0].read_text(), "the launcher keeps the log beside the run"
+    return json.loads((out / "all_results.json").read_text())
+
+
+def check_two_ranks_and_both_stages(results: dict, out: Path) -> None:
+    assert results["budget_tokens"] == STEPS * BATCH * WORLD * BLOCK, "run_clm.py saw a world size of 2"
+    assert (results["patch_stage"]["steps"], results["token_stage"]["steps"]) == (4, 2)
+    for stage in ("patch_stage", "token_stage"):
+        assert results[stage]["world_size"] == WORLD
+        assert results[stage]["tokens_per_step"] == BATCH * WORLD * BLOCK, "the same tokens per step in both stages"
+    for stage in (out / "patch_stage", out):
+        checkpoints = sorted(stage.glob("checkpoint-*"))
+        assert checkpoints, f"no checkpoint in {stage}"
+        rng_states = sorted(path.name for path in checkpoints[-1].glob("rng_state*.pth"))
+        assert rng_states == ["rng_state_0.pth", "rng_state_1.pth"], "exactly 2 processes saved their state"
+
+
+def check_weights(out: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    config = LlamaConfig.from_pretrained(str(REPO_ROOT / "configs" / "model" / "llama-tiny.json"))
+    patch = load_file(str(out / "patch_stage" / "model.safetensors"))
+    final = load_file(str(out / "model.safetensors"))
+    assert set(patch) == set(final)
+    # Full, consolidated tensors (ZeRO-3 keeps only a shard per rank: a partitioned save would show it).
+    assert patch["model.embed_tokens.weight"].shape == (config.vocab_size, config.hidden_size)
+    assert patch["lm_head.weight"].shape == (config.vocab_size, config.hidden_size)
+    assert patch["model.layers.1.mlp.down_proj.weight"].shape == (config.hidden_size, config.intermediate_size)
+    assert sum(1 for name in patch if name.startswith("model.layers.")) == 9 * config.num_hidden_layers
+    # The patch stage trained: RMSNorm weights start at exactly 1.
+    norms = [name for name in patch if name.endswith("norm.weight")]
+    assert all(not torch.equal(patch[name], torch.ones_like(patch[name])) for name in norms)
+    # The token stage trained, from the patch-stage model.
+    changed = [name for name in patch if not torch.equal(patch[name], final[name])]
+    assert len(changed) > len(patch) // 2, f"the token stage changed only {changed}"
+    largest = max((patch[name].float() - final[name].float()).abs().max().item() for name in patch)
+    assert largest < 1e-3, f"the token stage did not start from the patch-stage model (max change {largest})"
+
+
+def check_stock_model(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, pipeline
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config.get("patch_size", 1) == 1
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(model) is LlamaForCausalLM
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("The meaning of life is", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The meaning of life is") and len(text) > len("The meaning of life is")
+
+
+def test_ddp_two_processes_with_accelerate(tmp_path, data_cache):
+    # cpu_ddp_2proc.yaml starts 2 processes; --use_cpu makes them one gloo group (see the yaml).
+    out = tmp_path / "ddp"
+    results = launch(
+        "launch_accelerate.sh", out, data_cache, "--use_cpu", "true",
+        ACCELERATE_CONFIG="configs/accelerate/cpu_ddp_2proc.yaml",
+    )
+    check_two_ranks_and_both_stages(results, out)
+    check_weights(out)
+    check_stock_model(out)
+
+
+def deepspeed_config(name: str) -> str:
+    pytest.importorskip("deepspeed")
+    return f"configs/deepspeed/{name}"
+
+
+def test_deepspeed_zero2_two_processes(tmp_path, data_cache):
+    out = tmp_path / "zero2"
+    results = launch(
+        "launch_deepspeed.sh", out, data_cache,
+        DS_CONFIG=deepspeed_config("zero2.json"), PYTHONPATH=str(SHIM),
+    )
+    check_two_ranks_and_both_stages(results, out)
+    step = next((out / "checkpoint-2").glob("global_step*"))
+    names = sorted(path.name for path in step.iterdir())
+    assert names == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"], "ZeRO-2: the optimizer state sharded over 2 ranks"
+    check_weights(out)
+    check_stock_model(out)
+
+
+def test_deepspeed_zero3_saves_a_consolidated_patch_model(tmp_path, data_cache):
+    out = tmp_path / "zero3"
+    results = launch(
+        "launch_deepspeed.sh", out, data_cache,
+        DS_CONFIG=deepspeed_config("zero3.json"), PYTHONPATH=str(SHIM),
+    )
+    check_two_ranks_and_both_stages(results, out)
+    step = next((out / "patch_stage" / "checkpoint-4").glob("global_step*"))
+    names = {path.name for path in step.iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= names, (
+        "ZeRO-3: the parameters themselves sharded over 2 ranks"
+    )
+    check_weights(out)  # yet patch_stage/model.safetensors holds every tensor whole, and the token stage read it
+    check_stock_model(out)

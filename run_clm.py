@@ -260,28 +260,41 @@ def check_config_types(values: dict, source: str) -> None:
             raise UsageError(f"config file {source}: key {key!r} must be {names}, got {value!r}")
 
 
+def load_config_file(path: str) -> dict:
+    """The values of a JSON config file, checked: it exists, parses, has only known keys of the right types."""
+    if not Path(path).is_file():
+        raise UsageError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a JSON object of arguments")
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"config file {path} has unknown keys: {', '.join(unknown)}")
+    for key in ("train_file", "validation_file"):
+        if isinstance(values.get(key), list):
+            values[key] = ",".join(values[key])
+    check_config_types(values, path)
+    return values
+
+
 def parse_arguments(argv: list[str] | None = None):
-    """Parse the command line, or a lone `*.json` config (unknown keys are an error)."""
+    """Parse the command line: flags, a lone `*.json` config file, or a config file followed by flags that
+    override its values (`run_clm.py configs/train/x.json --output_dir runs/y`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        config_path = Path(argv[0])
-        if not config_path.is_file():
-            raise UsageError(f"config file {argv[0]} does not exist")
-        with open(config_path, encoding="utf-8") as handle:
-            try:
-                values = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"config file {argv[0]} is not valid JSON: {error}") from None
-        known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"config file {argv[0]} has unknown keys: {', '.join(unknown)}")
-        if isinstance(values.get("train_file"), list):
-            values["train_file"] = ",".join(values["train_file"])
-        check_config_types(values, argv[0])
-        return parser.parse_dict(values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
+        values = load_config_file(argv[0])
+        if len(argv) == 1:
+            return parser.parse_dict(values)
+        parser.set_defaults(**values)  # the flags after the file override it
+    else:
+        argv = [""] + argv
+    return parser.parse_args_into_dataclasses(args=argv[1:])
 
 
 # ---------------------------------------------------------------------------------------------------------

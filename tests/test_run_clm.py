@@ -298,7 +298,8 @@ def test_streaming_two_stage_job(workdir, tmp_path):
 
 
 def test_json_config_file(workdir, tmp_path):
-    """A lone *.json argument is a config file; a list of training files is accepted."""
+    """A *.json first argument is a config file (flags after it override it); a list of training files is
+    accepted; a wrongly typed value is refused with its key named."""
     values = {"config_name": "configs/model/llama-tiny.json", "output_dir": str(tmp_path / "job"),
               "train_file": [TRAIN_FILE, TRAIN_FILE], "block_size": 32, "patch_size": 4,
               "patch_data_fraction": 0.5, "learning_rate": 3e-4, "bf16": False, "max_eval_blocks": None}
@@ -308,6 +309,11 @@ def test_json_config_file(workdir, tmp_path):
     assert patch_args.patch_size == 4 and data_args.block_size == 32 and training_args.learning_rate == 3e-4
     paths, fmt = run_clm.check_data_files(data_args.train_file, "train_file")
     assert paths == [TRAIN_FILE, TRAIN_FILE] and fmt == "json"
+
+    overridden = run_clm.parse_arguments([str(config), "--block_size", "64", "--output_dir", str(tmp_path / "other")])
+    assert overridden[1].block_size == 64 and overridden[3].output_dir == str(tmp_path / "other")
+    assert overridden[2].patch_data_fraction == 0.5 and overridden[3].learning_rate == 3e-4
+    assert overridden[1].train_file == f"{TRAIN_FILE},{TRAIN_FILE}"
 
     config.write_text(json.dumps({**values, "block_size": "32"}))
     with pytest.raises(UsageError, match=r"key 'block_size' must be int, got '32'"):

@@ -140,6 +140,10 @@ class DataArguments:
         },
     )
     tokenize_batch_size: int = field(default=1000, metadata={"help": "Documents per tokenizer call."})
+    preprocessing_num_workers: int = field(
+        default=1,
+        metadata={"help": "Processes that tokenise several training files in parallel, one file each (same cache)."},
+    )
     max_eval_blocks: int | None = field(
         default=None, metadata={"help": "Evaluate on at most this many validation blocks (quick runs)."}
     )
@@ -458,26 +462,57 @@ def default_cache_dir() -> str:
     return os.path.join(home, "patch_level_tokens")
 
 
-def tokenize_to_cache(documents, tokenizer, text_column: str, batch_size: int, folder: str) -> dict:
-    """Tokenise every document once into `<folder>/tokens.bin` (flat uint16/uint32 stream) + `meta.json`.
-
-    Written to a temporary folder and renamed, so an interrupted run never leaves a half-written cache.
-    """
+def write_token_file(documents, tokenizer, text_column: str, batch_size: int, path: str) -> tuple[int, int]:
+    """Append the token ids of `documents` to the flat binary file `path`. Returns (tokens, documents)."""
     dtype = token_dtype(len(tokenizer))
-    tmp_folder = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_folder, ignore_errors=True)
-    os.makedirs(tmp_folder)
     num_tokens = num_documents = 0
-    start = time.time()
-    with open(os.path.join(tmp_folder, "tokens.bin"), "wb") as out:
+    with open(path, "wb") as out:
         for ids in iter_document_tokens(documents, tokenizer, text_column, batch_size):
             out.write(np.asarray(ids, dtype=dtype).tobytes())
             num_tokens += len(ids)
             num_documents += 1
+    return num_tokens, num_documents
+
+
+def _tokenize_one_file(job: tuple) -> tuple[int, int]:
+    """Worker of the parallel tokenisation: one local file into one part file."""
+    path, fmt, tokenizer, text_column, batch_size, part = job
+    return write_token_file(iter_local_documents([path], fmt, text_column), tokenizer, text_column, batch_size, part)
+
+
+def tokenize_to_cache(
+    documents, tokenizer, text_column: str, batch_size: int, folder: str,
+    paths: list[str] | None = None, fmt: str | None = None, num_workers: int = 1,
+) -> dict:
+    """Tokenise every document once into `<folder>/tokens.bin` (flat uint16/uint32 stream) + `meta.json`.
+
+    With several local `paths` and `num_workers` > 1, the files are tokenised in parallel processes, one file
+    each, and their streams concatenated in order: the same bytes as one process. Written to a temporary
+    folder and renamed, so an interrupted run never leaves a half-written cache.
+    """
+    tmp_folder = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_folder, ignore_errors=True)
+    os.makedirs(tmp_folder)
+    tokens_file = os.path.join(tmp_folder, "tokens.bin")
+    start = time.time()
+    if paths is not None and num_workers > 1 and len(paths) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        parts = [os.path.join(tmp_folder, f"part-{i:05d}.bin") for i in range(len(paths))]
+        jobs = [(path, fmt, tokenizer, text_column, batch_size, part) for path, part in zip(paths, parts)]
+        with ProcessPoolExecutor(max_workers=min(num_workers, len(paths))) as pool:
+            counts = list(pool.map(_tokenize_one_file, jobs))
+        with open(tokens_file, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 64 * 1024 * 1024)
+                os.remove(part)
+    else:
+        counts = [write_token_file(documents, tokenizer, text_column, batch_size, tokens_file)]
     meta = {
-        "num_tokens": num_tokens,
-        "num_documents": num_documents,
-        "dtype": np.dtype(dtype).name,
+        "num_tokens": sum(c[0] for c in counts),
+        "num_documents": sum(c[1] for c in counts),
+        "dtype": np.dtype(token_dtype(len(tokenizer))).name,
         "tokenize_seconds": round(time.time() - start, 2),
     }
     with open(os.path.join(tmp_folder, "meta.json"), "w", encoding="utf-8") as handle:
@@ -508,7 +543,8 @@ def cached_token_stream(paths, fmt, data_args: DataArguments, tokenizer, trainin
             os.makedirs(cache_root, exist_ok=True)
             documents = load_documents(paths, fmt, data_args, streaming=True)
             meta = tokenize_to_cache(
-                documents, tokenizer, data_args.text_column_name, data_args.tokenize_batch_size, folder
+                documents, tokenizer, data_args.text_column_name, data_args.tokenize_batch_size, folder,
+                paths=paths, fmt=fmt, num_workers=data_args.preprocessing_num_workers,
             )
             logger.info("Tokenised %d documents into %d tokens in %.1fs", meta["num_documents"], meta["num_tokens"], meta["tokenize_seconds"])
         else:

@@ -123,6 +123,7 @@ def tokenize(shards: list[str], validation_file: str | None, args) -> dict:
         data_cache_dir=args.data_cache_dir,
         text_column_name="text",
         tokenize_batch_size=args.tokenize_batch_size,
+        preprocessing_num_workers=max(1, args.num_workers),
     )
     training_args = TrainingArguments(output_dir=args.output_dir, use_cpu=True, report_to="none")
     paths, fmt = run_clm.check_data_files(data_args.train_file, "train_file")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--validation_file", default="data/wikitext-103-test.jsonl", help="also cached; 'none' to skip")
     parser.add_argument("--text_column", default="text", help="the JSON key of the text in --input_files")
     parser.add_argument("--max_words", type=int, default=10000, help="split longer documents (default: 10000, as the authors)")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="shards prepared at once")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="shards prepared (and tokenised) at once")
     parser.add_argument("--tokenize_batch_size", type=int, default=1000, help="documents per tokenizer call")
     parser.add_argument("--keep_raw", action="store_true", help="keep the downloaded .zst shards (in <output_dir>/raw)")
     parser.add_argument("--no_tokenize", action="store_true", help="only write the shards")

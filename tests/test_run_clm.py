@@ -434,3 +434,24 @@ def test_bad_records_are_named(tmp_path):
     no_column.write_text('{"content": "ok"}\n')
     with pytest.raises(UsageError, match=r"nocol.jsonl, record 1: no 'text' field \(found \['content'\]\); set --text_column_name"):
         list(run_clm.iter_local_documents([str(no_column)], "json", "text"))
+
+
+def test_parallel_tokenisation_gives_the_same_stream(tmp_path):
+    """Several files tokenised by 2 processes give byte for byte the stream of one process."""
+    from transformers import AutoTokenizer
+
+    lines = open(TRAIN_FILE, encoding="utf-8").read().splitlines()[:12]
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"part{i}.jsonl"
+        path.write_text("\n".join(lines[4 * i : 4 * i + 4]) + "\n")
+        paths.append(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    sequential = run_clm.tokenize_to_cache(
+        run_clm.iter_local_documents(paths, "json", "text"), tokenizer, "text", 5, str(tmp_path / "one"))
+    parallel = run_clm.tokenize_to_cache(
+        None, tokenizer, "text", 5, str(tmp_path / "two"), paths=paths, fmt="json", num_workers=2)
+    assert (sequential["num_tokens"], sequential["num_documents"]) == (parallel["num_tokens"], parallel["num_documents"])
+    assert sequential["num_documents"] == 12
+    assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
+    assert not list((tmp_path / "two").glob("part-*"))

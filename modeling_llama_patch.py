@@ -44,6 +44,7 @@ __all__ = [
     "patchify_attention_mask",
     "next_patch_targets",
     "count_loss_targets",
+    "loss_target_labels",
     "kway_cross_entropy",
 ]
 
@@ -116,13 +117,18 @@ def next_patch_targets(labels: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.pad(patches[:, 1:], (0, 0, 0, 1), value=IGNORE_INDEX)  # (B, n, K)
 
 
+def loss_target_labels(labels: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
+    """The labels that are loss targets: all but the first patch's (B, L - K), -100 still to be ignored."""
+    return labels[..., patch_size:]
+
+
 def count_loss_targets(labels: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
     """Number of (position, target) pairs the loss averages over: labels after the first patch != -100.
 
     This is the `num_items_in_batch` of one micro-batch; for K = 1 it is transformers' own count
     (`labels[..., 1:] != -100`), for K > 1 the first patch is never a target.
     """
-    return labels[..., patch_size:].ne(IGNORE_INDEX).sum()
+    return loss_target_labels(labels, patch_size).ne(IGNORE_INDEX).sum()
 
 
 class _KWayCrossEntropy(torch.autograd.Function):

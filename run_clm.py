@@ -46,7 +46,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_llama_patch import PatchLlamaForCausalLM, count_loss_targets, get_patch_size, validate_patch_size
+from modeling_llama_patch import PatchLlamaForCausalLM, get_patch_size, loss_target_labels, validate_patch_size
 
 logger = logging.getLogger("run_clm")
 
@@ -690,7 +690,7 @@ class PatchTrainer(Trainer):
         patch_size = self.stage_patch_size
         if patch_size > 1:  # the first patch is never a target: count labels[..., K:], not labels[..., 1:]
             batch_samples = [
-                {**batch, "shift_labels": batch["labels"][..., patch_size:]} if "labels" in batch else batch
+                {**batch, "shift_labels": loss_target_labels(batch["labels"], patch_size)} if "labels" in batch else batch
                 for batch in batch_samples
             ]
         return super()._get_num_items_in_batch(batch_samples, device)

@@ -839,9 +839,9 @@ def stage_training_args(training_args: RunTrainingArguments, patch_args: PatchAr
     return RunTrainingArguments(**fields)
 
 
-def steps_for(num_blocks: int, args: TrainingArguments) -> int:
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return max(1, num_blocks // global_batch)
+def global_batch_size(args: TrainingArguments) -> int:
+    """Sequences per optimizer step over all ranks."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def build_model(model_args: ModelArguments, init_from: str | None, patch_size: int, attn_implementation: str):
@@ -857,7 +857,7 @@ def build_model(model_args: ModelArguments, init_from: str | None, patch_size: i
     return model
 
 
-def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, resume: bool):
+def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer):
     """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it."""
     token_eval, patch_eval = eval_datasets
     trainer = PatchTrainer(
@@ -869,7 +869,7 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
-    checkpoint = get_last_checkpoint(stage_args.output_dir) if resume and os.path.isdir(stage_args.output_dir) else None
+    checkpoint = get_last_checkpoint(stage_args.output_dir) if os.path.isdir(stage_args.output_dir) else None
     if checkpoint:
         logger.info("Resuming the %s stage from %s", plan.name, checkpoint)
     start = time.time()
@@ -944,7 +944,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data: tokenise once into the on-disk cache; blocks for each stage.
     block_size, k = data_args.block_size, patch_args.patch_size
-    token_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    token_batch = global_batch_size(training_args)
     if data_args.streaming:
         dataset_tokens = None
         total_tokens = training_args.max_steps * token_batch * block_size
@@ -1011,8 +1011,8 @@ def main(argv: list[str] | None = None) -> dict:
             stage_dir = output_dir
         args = stage_training_args(training_args, patch_args, plan, stage_dir, patch_args.patch_max_steps if plan.name == "patch" and patch_args.patch_max_steps else -1)
         model = build_model(model_args, init_from, plan.patch_size, attn_implementation)
-        trainer, metrics = run_stage(plan, args, model, make_train_dataset(plan), eval_datasets, tokenizer, resume=True)
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        trainer, metrics = run_stage(plan, args, model, make_train_dataset(plan), eval_datasets, tokenizer)
+        global_batch = global_batch_size(args)
         blocks_seen = min(plan.num_blocks, metrics["steps"] * global_batch)
         stage_results = {
             "blocks": plan.num_blocks, "block_tokens": plan.block_len, "tokens": blocks_seen * plan.block_len,

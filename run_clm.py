@@ -225,12 +225,33 @@ class PatchArguments:
 
 @dataclass
 class RunTrainingArguments(TrainingArguments):
-    """transformers' TrainingArguments plus the job-level flag transformers 5 dropped."""
+    """transformers' TrainingArguments plus the job-level flag transformers 5 dropped, with two defaults
+    changed so that the training step never waits on the host (see README, "Throughput"):
+
+    - `logging_nan_inf_filter` is False: transformers' filter reads every micro-batch's loss on the host
+      (`torch.isnan(loss)` in an `if`), a device synchronisation per micro-batch that stalls the GPU while
+      the CPU runs the optimizer step and fetches the next batch. Without it a NaN or inf loss shows in
+      the logged loss instead of being hidden, which is what a pre-training run wants to see anyway.
+    - on a CUDA machine with pinned memory, `accelerator_config` defaults to {"non_blocking": true}: the
+      host-to-device copy of a batch overlaps the step instead of waiting for it.
+    """
 
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Delete what --output_dir holds and start again (otherwise a re-run resumes)."},
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace NaN/inf losses by the running mean when logging (transformers' default True). False "
+            "here: the filter syncs the device every micro-batch, and a pre-training run should see a NaN."
+        },
+    )
+
+    def __post_init__(self):
+        if self.accelerator_config is None and self.dataloader_pin_memory and not self.use_cpu and torch.cuda.is_available():
+            self.accelerator_config = {"non_blocking": True}
+        super().__post_init__()
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PatchArguments, RunTrainingArguments)
@@ -582,7 +603,10 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 class StreamingTokenBlocks(torch.utils.data.IterableDataset):
     """Blocks of `block_len` tokens from documents tokenised on the fly: skips the first `skip_tokens` of
-    the stream, then yields `num_blocks` blocks, re-reading the data if it runs out (next epoch)."""
+    the stream, then yields `num_blocks` blocks, re-reading the data if it runs out (next epoch).
+
+    One stream: read by at most one data-loader worker (several would each yield every block; `main`
+    refuses that, and `__iter__` raises if it happens anyway)."""
 
     def __init__(self, make_documents, tokenizer, data_args: DataArguments, skip_tokens: int, num_blocks: int, block_len: int):
         self.make_documents, self.tokenizer, self.data_args = make_documents, tokenizer, data_args
@@ -603,6 +627,9 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                 raise UsageError("the streamed training data holds no text")
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.num_workers > 1:
+            raise UsageError(f"streamed blocks read by {worker.num_workers} data-loader workers would repeat: use at most 1")
         stream = self._stream()
         for _ in range(self.skip_tokens):
             next(stream)
@@ -922,6 +949,12 @@ def main(argv: list[str] | None = None) -> dict:
         eval_paths, eval_format = check_data_files(data_args.validation_file, "validation_file")
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: it fixes the token budget that --patch_data_fraction splits")
+    if data_args.streaming and training_args.dataloader_num_workers > 1:
+        raise UsageError(
+            f"--streaming tokenises one stream of blocks, which --dataloader_num_workers "
+            f"{training_args.dataloader_num_workers} would read that many times over (every block repeated): use "
+            "--dataloader_num_workers 1 (tokenise in a background process) or 0, or drop --streaming to use the cache"
+        )
     config_source = model_args.model_name_or_path or model_args.config_name
     if not os.path.exists(config_source) and os.path.sep in config_source:
         raise UsageError(f"model config {config_source} does not exist")

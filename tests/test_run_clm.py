@@ -290,6 +290,28 @@ def test_streaming_matches_cached_blocks(workdir, tmp_path):
     assert [b["input_ids"].tolist() for b in streamed] == [cached[i]["input_ids"].tolist() for i in range(3)]
 
 
+def test_streaming_data_loader_workers(tmp_path):
+    """Regression: several loader workers each read the whole stream, so every streamed block came back
+    once per worker. One background worker yields the main process's batches; two are refused."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    data_args = run_clm.DataArguments(train_file=TRAIN_FILE, streaming=True)
+    dataset = run_clm.StreamingTokenBlocks(
+        lambda: run_clm.load_documents([TRAIN_FILE], "json", data_args), tokenizer, data_args, 0, 8, 64)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
+                                             collate_fn=run_clm.default_data_collator)
+        return [batch["input_ids"].tolist() for batch in loader]
+
+    in_process = batches(0)
+    assert len(in_process) == 4
+    assert batches(1) == in_process
+    with pytest.raises(Exception, match="would repeat: use at most 1"):
+        batches(2)
+
+
 def test_streaming_two_stage_job(workdir, tmp_path):
     """A streaming two-stage job runs to the end (the reference code crashes on len() of the stream)."""
     results = run_clm.main(job_args(workdir, tmp_path / "job", streaming=True, max_steps=4, save_steps=100))
@@ -339,6 +361,7 @@ def test_json_config_file(workdir, tmp_path):
         ({"max_steps": 1, "per_device_train_batch_size": 4, "patch_data_fraction": 0.5}, r"the patch stage gets 64 training tokens, fewer than one block of 128"),
         ({"per_device_train_batch_size": 3}, r"divisible by --patch_size K=4"),
         ({"streaming": True, "max_steps": -1}, r"--streaming needs --max_steps"),
+        ({"streaming": True, "dataloader_num_workers": 2}, r"--streaming .* --dataloader_num_workers 2 would read"),
     ],
 )
 def test_bad_input_is_refused(workdir, tmp_path, overrides, message):

@@ -9,6 +9,16 @@ memory, model FLOPs utilisation (GPU), the share of step time spent waiting for 
 tokens-per-second ratio (the physical limit is K). A second table compares the peak memory of the loss
 alone: stock transformers' causal-LM loss against our K-way loss at the same (positions x vocab).
 
+Timing: the device is synchronised only at the start and the end of the timed window, never inside it, so
+the CPU queues work ahead exactly as in a real run (a sync per step would add a bubble per step that real
+training does not have). Step time = window / steps; data wait = time the main process spends fetching
+batches (loader, collation, host-to-device copy) / window.
+
+Two references make the numbers honest: `--data synthetic` feeds one batch already on the device through
+the same Trainer step (what the loader costs = 1 - real/synthetic tokens/s), and `--reference_loop` adds a
+bare PyTorch loop (autocast, fused AdamW, clipping, no Trainer) over stock `LlamaForCausalLM` for the token
+stage and our model for the patch stage: the setup of the issue's reference numbers.
+
     python benchmarks/throughput.py                              # CPU: tiny model, a few steps
     python benchmarks/throughput.py --model_config configs/model/llama-370m.json --block_size 2048 \
         --micro_batch 4 --bf16 --steps 30                        # one GPU: the paper's 370M model
@@ -29,6 +39,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import run_clm  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
 from modeling_llama_patch import PatchLlamaForCausalLM, kway_cross_entropy  # noqa: E402
 
 # Dense bf16 peak of the accelerator, for MFU (FLOP/s).
@@ -54,65 +66,98 @@ def training_flops_per_position(config, context: int) -> float:
     return 6 * matmul_weights + 12 * layers * hidden * context
 
 
-class TimedTrainer(run_clm.PatchTrainer):
-    """PatchTrainer that records, per optimizer step, the wall time and the time spent fetching batches."""
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
-    def __init__(self, *args, **kwargs):
+
+class TimedTrainer(run_clm.PatchTrainer):
+    """PatchTrainer that times a window of optimizer steps and the time spent fetching their batches.
+
+    With `synthetic_batch` (a micro-batch already on the device) it skips the data loader: every
+    micro-batch is that batch, and the rest of the step (counting targets, forward, loss, backward,
+    clipping, optimizer, scheduler) is unchanged.
+    """
+
+    def __init__(self, *args, window: tuple[int, int], synthetic_batch: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.step_times: list[float] = []
-        self.data_times: list[float] = []
-        self._data_time = 0.0
-        self._step_start = None
+        self.window = window  # (first, last) global step: the clock runs from the end of `first` to the end of `last`
+        self.synthetic_batch = synthetic_batch
+        self.data_time = 0.0
+        self.window_start = self.window_time = None
+        self.add_callback(WindowTimer(self))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         start = time.perf_counter()
-        result = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._data_time += time.perf_counter() - start
+        if self.synthetic_batch is None:
+            result = super().get_batch_samples(epoch_iterator, num_batches, device)
+        else:
+            batches = [self.synthetic_batch] * num_batches
+            result = batches, self._get_num_items_in_batch(batches, device)
+        self.data_time += time.perf_counter() - start
         return result
 
 
-class StepTimer(run_clm.transformers.TrainerCallback):
-    """Synchronises the device at step boundaries so that each step's time is the real time."""
+class WindowTimer(run_clm.transformers.TrainerCallback):
+    """Synchronises the device only at the two ends of the timed window."""
 
-    def __init__(self, trainer_ref):
-        self.trainer_ref = trainer_ref
-
-    @staticmethod
-    def _sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer_ref[0]
-        self._sync()
-        if trainer._step_start is None:  # the first batch was fetched before this point
-            trainer._step_start = time.perf_counter() - trainer._data_time
+    def __init__(self, trainer: TimedTrainer):
+        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer_ref[0]
-        self._sync()
-        now = time.perf_counter()
-        trainer.step_times.append(now - trainer._step_start)
-        trainer.data_times.append(trainer._data_time)
-        trainer._data_time = 0.0
-        trainer._step_start = now
+        trainer, (first, last) = self.trainer, self.trainer.window
+        if state.global_step == first:
+            synchronize()
+            trainer.window_start, trainer.data_time = time.perf_counter(), 0.0
+        elif state.global_step == last:
+            synchronize()
+            trainer.window_time = time.perf_counter() - trainer.window_start
 
 
-def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
-    """Train `warmup + steps` optimizer steps of one stage; statistics over the last `steps`."""
-    block_len = patch_size * args.block_size
-    total_blocks = (args.warmup + args.steps) * args.micro_batch
-    dataset = run_clm.TokenBlocks(stream, 0, total_blocks, block_len)
+def stage_model(config, patch_size: int, args, stock: bool = False):
+    """The model of one stage, seeded: ours at `patch_size`, or stock `LlamaForCausalLM` (token stage)."""
     torch.manual_seed(0)
     model_config = config.__class__.from_dict(config.to_dict())
-    model_config.patch_size = patch_size
+    model_config.patch_size = None if stock else patch_size
     model_config._attn_implementation = args.attn_implementation
-    model = PatchLlamaForCausalLM(model_config)
+    model = LlamaForCausalLM(model_config) if stock else PatchLlamaForCausalLM(model_config)
     if args.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         # Fused linear cross-entropy replaces the forward: only for the token stage (K = 1), whose loss it is.
         apply_liger_kernel_to_llama(model=model, fused_linear_cross_entropy=patch_size == 1, cross_entropy=False)
+    return model
+
+
+def stage_result(name: str, patch_size: int, args, model_config, step_time: float, data_time: float | None,
+                 final_loss: float | None) -> dict:
+    """The row of one measured stage. `step_time` is the mean wall time of one optimizer step."""
+    positions = args.micro_batch * args.block_size
+    tokens = positions * patch_size
+    flops = training_flops_per_position(model_config, args.block_size) * positions / step_time
+    peak = peak_flops()
+    return {
+        "stage": name,
+        "patch_size": patch_size,
+        "data": args.data,
+        "sequence_tokens": patch_size * args.block_size,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens / step_time,
+        "positions_per_s": positions / step_time,
+        "model_tflops_per_s": flops / 1e12,
+        "mfu": flops / peak if peak else None,
+        "data_wait_share": None if data_time is None else data_time / (step_time * args.steps),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "final_loss": final_loss,
+    }
+
+
+def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
+    """Train `warmup + steps` optimizer steps of one stage through PatchTrainer; time the last `steps`."""
+    block_len = patch_size * args.block_size
+    total_blocks = (args.warmup + args.steps) * args.micro_batch
+    dataset = run_clm.TokenBlocks(stream, 0, total_blocks, block_len)
+    model = stage_model(config, patch_size, args)
     use_cuda = torch.cuda.is_available()
     training_args = run_clm.RunTrainingArguments(
         output_dir=os.path.join(output_dir, name),
@@ -127,6 +172,7 @@ def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
         bf16=args.bf16,
         optim="adamw_torch_fused" if use_cuda else "adamw_torch",
         torch_compile=args.torch_compile,
+        torch_compile_mode=args.compile_mode if args.torch_compile else None,
         save_strategy="no",
         logging_steps=10_000,
         report_to="none",
@@ -135,38 +181,72 @@ def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
         dataloader_pin_memory=use_cuda,
         seed=0,
     )
-    trainer_ref = []
+    synthetic_batch = None
+    if args.data == "synthetic":
+        device = training_args.device
+        batch = run_clm.default_data_collator([dataset[i] for i in range(args.micro_batch)])
+        synthetic_batch = {key: value.to(device) for key, value in batch.items()}
     trainer = TimedTrainer(model=model, args=training_args, train_dataset=dataset,
-                           data_collator=run_clm.default_data_collator, callbacks=[StepTimer(trainer_ref)])
-    trainer_ref.append(trainer)
+                           data_collator=run_clm.default_data_collator,
+                           window=(args.warmup, args.warmup + args.steps), synthetic_batch=synthetic_batch)
     if use_cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    step_times = trainer.step_times[args.warmup:]
-    data_times = trainer.data_times[args.warmup:]
-    step_time = sum(step_times) / len(step_times)
-    positions = args.micro_batch * args.block_size
-    tokens = positions * patch_size
-    flops = training_flops_per_position(model_config, args.block_size) * positions / step_time
-    peak = peak_flops()
-    result = {
-        "stage": name,
-        "patch_size": patch_size,
-        "sequence_tokens": block_len,
-        "step_time_s": step_time,
-        "tokens_per_s": tokens / step_time,
-        "positions_per_s": positions / step_time,
-        "model_tflops_per_s": flops / 1e12,
-        "mfu": flops / peak if peak else None,
-        "data_wait_share": sum(data_times) / sum(step_times),
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if use_cuda else None,
-        "final_loss": trainer.state.log_history[-1].get("train_loss"),
-    }
+    result = stage_result(name, patch_size, args, model.config, trainer.window_time / args.steps, trainer.data_time,
+                          trainer.state.log_history[-1].get("train_loss"))
     del trainer, model
     if use_cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def reference_loop(name, patch_size, args, config, stream) -> dict:
+    """The same stage in a bare PyTorch loop on one batch already on the device: bf16 autocast, fused
+    AdamW (0.9, 0.95), clipping at 1.0, torch.compile as asked; stock `LlamaForCausalLM` for the token
+    stage. What the Trainer, the loader and our model add is the difference to `run_stage`."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = stage_model(config, patch_size, args, stock=patch_size == 1).to(device)
+    dataset = run_clm.TokenBlocks(stream, 0, args.micro_batch, patch_size * args.block_size)
+    batch = {key: value.to(device) for key, value in run_clm.default_data_collator(list(dataset)).items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                  fused=device == "cuda")
+    forward = torch.compile(model, mode=args.compile_mode) if args.torch_compile else model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            synchronize()
+            start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = forward(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize()
+    step_time = (time.perf_counter() - start) / args.steps
+    result = stage_result(name, patch_size, args, model.config, step_time, None, loss.item())
+    result["data"] = "synthetic"
+    del model, forward, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def choose_sdpa_backend(backend: str) -> None:
+    """Restrict torch's scaled_dot_product_attention to one CUDA backend (before compiling), or keep its own
+    choice ("default")."""
+    if backend == "default":
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--sdpa_backend {backend} needs a CUDA device")
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(backend == "flash")
+    cuda.enable_cudnn_sdp(backend == "cudnn")
+    cuda.enable_mem_efficient_sdp(backend == "efficient")
+    cuda.enable_math_sdp(False)
 
 
 def loss_memory(positions: int, vocab: int, patch_size: int, device: str, dtype) -> dict:
@@ -211,13 +291,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as --bf16 in run_clm.py)")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile_mode", default=None,
+                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
     parser.add_argument("--liger", action="store_true", help="Liger-Kernel RMSNorm/SwiGLU/RoPE + fused linear CE (K=1)")
     parser.add_argument("--attn_implementation", default="auto", help="auto, eager, sdpa or flash_attention_2")
-    parser.add_argument("--dataloader_num_workers", type=int, default=2)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="loader processes (0: in the main process, fastest for the memory-mapped cache)")
+    parser.add_argument("--data", choices=["cache", "synthetic"], default="cache",
+                        help="cache: the real loader over the token cache; synthetic: one batch already on the device")
+    parser.add_argument("--reference_loop", action="store_true",
+                        help="also time a bare PyTorch loop (stock Llama for the token stage), no Trainer, no loader")
+    parser.add_argument("--sdpa_backend", choices=["default", "flash", "cudnn", "efficient"], default="default",
+                        help="restrict SDPA to one CUDA backend")
     parser.add_argument("--skip_loss_memory", action="store_true")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     args.attn_implementation = run_clm.resolve_attn_implementation(args.attn_implementation)
+    choose_sdpa_backend(args.sdpa_backend)
 
     config = run_clm.LlamaConfig.from_pretrained(args.model_config)
     tokenizer = run_clm.AutoTokenizer.from_pretrained(args.tokenizer)
@@ -229,7 +319,10 @@ def main(argv=None) -> dict:
         )
         stages = [run_stage("token", 1, args, config, stream, output_dir),
                   run_stage("patch", args.patch_size, args, config, stream, output_dir)]
-    token, patch = stages
+        if args.reference_loop:
+            stages += [reference_loop("token-loop", 1, args, config, stream),
+                       reference_loop("patch-loop", args.patch_size, args, config, stream)]
+    token, patch = stages[:2]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {
         "device": device,
@@ -245,15 +338,18 @@ def main(argv=None) -> dict:
 
     print(f"\ndevice: {device}; torch {torch.__version__}, transformers {run_clm.transformers.__version__}")
     print(f"model {args.model_config}, T={args.block_size}, micro-batch {args.micro_batch}, K={args.patch_size}, "
-          f"bf16={args.bf16}, compile={args.torch_compile}, liger={args.liger}, attention={args.attn_implementation}\n")
-    header = f"{'stage':<6} {'tokens/s':>12} {'positions/s':>12} {'step ms':>9} {'peak GiB':>9} {'MFU':>6} {'data wait':>9}"
+          f"bf16={args.bf16}, compile={args.torch_compile}, liger={args.liger}, attention={args.attn_implementation} "
+          f"(SDPA backend {args.sdpa_backend}), compile mode={args.compile_mode}, data={args.data}, loader workers={args.dataloader_num_workers}\n")
+    header = (f"{'stage':<11} {'tokens/s':>12} {'positions/s':>12} {'step ms':>9} {'peak GiB':>9} {'MFU':>6} "
+              f"{'data wait':>9}")
     print(header)
     print("-" * len(header))
     for s in stages:
         peak = f"{s['peak_memory_gib']:.2f}" if s["peak_memory_gib"] is not None else "-"
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
-        print(f"{s['stage']:<6} {s['tokens_per_s']:>12,.0f} {s['positions_per_s']:>12,.0f} {1000 * s['step_time_s']:>9.1f} "
-              f"{peak:>9} {mfu:>6} {100 * s['data_wait_share']:>8.2f}%")
+        wait = f"{100 * s['data_wait_share']:.2f}%" if s["data_wait_share"] is not None else "-"
+        print(f"{s['stage']:<11} {s['tokens_per_s']:>12,.0f} {s['positions_per_s']:>12,.0f} "
+              f"{1000 * s['step_time_s']:>9.1f} {peak:>9} {mfu:>6} {wait:>9}")
     print(f"\npatch/token tokens-per-second ratio: {report['patch_token_tokens_per_s_ratio']:.3f} (limit K={args.patch_size})")
     if "loss_memory" in report and report["loss_memory"]["stock_causal_lm_loss_gib"] is not None:
         m = report["loss_memory"]

@@ -58,3 +58,25 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert patch["tokens_per_s"] == pytest.approx(4 * patch["positions_per_s"])
     assert report["patch_token_tokens_per_s_ratio"] > 1.0  # same positions per step, 4x the tokens
     assert 0 <= token["data_wait_share"] < 1 and 0 <= patch["data_wait_share"] < 1
+
+
+def test_benchmark_synthetic_data_and_reference_loop(tmp_path):
+    """--data synthetic skips the loader (the A/B for its cost); --reference_loop adds the bare PyTorch
+    loop rows (stock LlamaForCausalLM for the token stage) without touching the driver's ratio."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import throughput
+
+    report = throughput.main([
+        "--block_size", "32", "--micro_batch", "2", "--steps", "2", "--warmup", "1", "--data", "synthetic",
+        "--reference_loop", "--skip_loss_memory", "--data_cache_dir", str(tmp_path / "cache"),
+    ])
+    names = [stage["stage"] for stage in report["stages"]]
+    assert names == ["token", "patch", "token-loop", "patch-loop"]
+    assert all(stage["data"] == "synthetic" for stage in report["stages"])
+    token, patch, token_loop, patch_loop = report["stages"]
+    assert report["patch_token_tokens_per_s_ratio"] == pytest.approx(patch["tokens_per_s"] / token["tokens_per_s"])
+    assert token_loop["data_wait_share"] is None and patch_loop["sequence_tokens"] == 128
+    assert all(stage["final_loss"] > 0 for stage in report["stages"][2:])

@@ -233,6 +233,17 @@ def test_resume_after_interruption(workdir, finished_job, tmp_path, monkeypatch,
     assert results["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
 
 
+def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path):
+    """--torch_compile true runs both stages, the stage switch and evaluation, and ends where eager does."""
+    output_dir = tmp_path / "compiled"
+    results = run_clm.main(job_args(workdir, output_dir, torch_compile=True, save_steps=100))
+    reference_dir, reference = finished_job
+    assert results["patch_stage"]["steps"] == 6 and results["token_stage"]["steps"] == 6
+    assert max_abs_difference(weights(output_dir), weights(reference_dir)) < 1e-3
+    assert results["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-3)
+    assert not any(key.startswith("_orig_mod") for key in weights(output_dir))  # a stock checkpoint
+
+
 def test_half_written_patch_stage_is_not_used(workdir, finished_job, tmp_path):
     """Without its completion marker, the patch stage is resumed (from its last checkpoint), never skipped."""
     import shutil

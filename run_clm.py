@@ -40,6 +40,7 @@ from transformers import (
     HfArgumentParser,
     LlamaConfig,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -884,8 +885,74 @@ def build_model(model_args: ModelArguments, init_from: str | None, patch_size: i
     return model
 
 
-def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer):
-    """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it."""
+def save_stage_model(trainer: Trainer, folder: str) -> None:
+    """`trainer.save_model(folder)`, except after DeepSpeed training: then DeepSpeed's fp32 master weights.
+
+    With bf16 (or fp16), DeepSpeed trains a 16-bit copy of the weights and keeps the fp32 master weights in
+    its ZeRO optimizer; `trainer.save_model` would save the 16-bit copy. Here each parameter's master is
+    gathered whole (`deepspeed.utils.safe_get_full_fp32_param`, ZeRO-1/2/3: a collective, so every rank runs
+    this, parameter by parameter) and the main process saves them as float32: what DDP and FSDP save, and
+    what the token stage starts from (`MasterWeightsFrom`). Where DeepSpeed has no fp32 master (no ZeRO
+    optimizer, e.g. ZeRO-0 with fp16), the 16-bit save."""
+    engine = trainer.deepspeed  # the training engine after trainer.train() under DeepSpeed, else None
+    if engine is None or engine.optimizer is None:
+        trainer.save_model(folder)
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state_dict = {}
+    for name, param in trainer.model.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        if master is None:  # the same parameters on every rank: all of them fall back together
+            logger.warning("DeepSpeed keeps no fp32 master of %s: saving the %s module weights", name, param.dtype)
+            trainer.save_model(folder)
+            return
+        if trainer.args.should_save:
+            state_dict[name] = master.detach().to("cpu", torch.float32)
+    if trainer.args.should_save:
+        trainer.model.save_pretrained(folder, state_dict=state_dict)
+        trainer.model.config.dtype = "float32"  # save_pretrained recorded the module's 16-bit dtype
+        trainer.model.config.save_pretrained(folder)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(folder)
+    trainer.accelerator.wait_for_everyone()
+
+
+class MasterWeightsFrom(TrainerCallback):
+    """Under DeepSpeed, start the fp32 master weights from a saved float32 model, not from its 16-bit rounding.
+
+    With bf16 (or fp16), DeepSpeed casts the model to 16 bits when it builds its engine and builds the fp32
+    masters from that cast copy, so the fp32 weights that the patch stage handed over would be rounded. At
+    the start of a stage that is not resumed, this sets every parameter's master from `folder`
+    (`deepspeed.utils.safe_set_full_fp32_param`, ZeRO-1/2/3: each rank sets its own partition). The 16-bit
+    module weights are already those weights rounded. A resumed stage keeps its checkpoint's masters."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:
+            return
+        from deepspeed.utils import safe_set_full_fp32_param
+        from safetensors import safe_open
+
+        params = dict(model.named_parameters())
+        index = self.folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        missing = set(params)
+        for file in files:
+            with safe_open(self.folder / file, framework="pt") as weights:
+                for name in missing & set(weights.keys()):
+                    safe_set_full_fp32_param(params[name], weights.get_tensor(name).float())
+                    missing.discard(name)
+        if missing:
+            raise RuntimeError(f"{self.folder} has no weights for {sorted(missing)}")
+
+
+def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None):
+    """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it.
+    `master_weights_from`: the saved model that `model` was loaded from, whose float32 weights DeepSpeed's
+    fp32 master weights start from (see `MasterWeightsFrom`)."""
     token_eval, patch_eval = eval_datasets
     trainer = PatchTrainer(
         model=model,
@@ -896,6 +963,8 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer):
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
+    if master_weights_from is not None and trainer.is_deepspeed_enabled:
+        trainer.add_callback(MasterWeightsFrom(master_weights_from))
     checkpoint = get_last_checkpoint(stage_args.output_dir) if os.path.isdir(stage_args.output_dir) else None
     if checkpoint:
         logger.info("Resuming the %s stage from %s", plan.name, checkpoint)
@@ -1044,7 +1113,8 @@ def main(argv: list[str] | None = None) -> dict:
             stage_dir = output_dir
         args = stage_training_args(training_args, patch_args, plan, stage_dir, patch_args.patch_max_steps if plan.name == "patch" and patch_args.patch_max_steps else -1)
         model = build_model(model_args, init_from, plan.patch_size, attn_implementation)
-        trainer, metrics = run_stage(plan, args, model, make_train_dataset(plan), eval_datasets, tokenizer)
+        handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
+        trainer, metrics = run_stage(plan, args, model, make_train_dataset(plan), eval_datasets, tokenizer, handover)
         global_batch = global_batch_size(args)
         blocks_seen = min(plan.num_blocks, metrics["steps"] * global_batch)
         stage_results = {
@@ -1057,7 +1127,7 @@ def main(argv: list[str] | None = None) -> dict:
             **metrics,
         }
         model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
-        trainer.save_model(stage_dir)
+        save_stage_model(trainer, stage_dir)
         trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
         if plan.name == "patch":
             if trainer.args.should_save:
@@ -1075,7 +1145,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
                                    eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
         trainer.model.config.patch_size = 1
-        trainer.save_model(output_dir)
+        save_stage_model(trainer, output_dir)
         if eval_datasets[0] is not None:
             results["final_eval"] = trainer.evaluate()
     if trainer is not None and trainer.args.should_save:

@@ -234,7 +234,8 @@ class RunTrainingArguments(TrainingArguments):
       the CPU runs the optimizer step and fetches the next batch. Without it a NaN or inf loss shows in
       the logged loss instead of being hidden, which is what a pre-training run wants to see anyway.
     - on a CUDA machine with pinned memory, `accelerator_config` defaults to {"non_blocking": true}: the
-      host-to-device copy of a batch overlaps the step instead of waiting for it.
+      host-to-device copy of a batch overlaps the step instead of waiting for it. Without an accelerator,
+      memory is not pinned.
     """
 
     overwrite_output_dir: bool = field(
@@ -250,6 +251,8 @@ class RunTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for (torch would warn on every data loader)
         if self.accelerator_config is None and self.dataloader_pin_memory and not self.use_cpu and torch.cuda.is_available():
             self.accelerator_config = {"non_blocking": True}
         super().__post_init__()

@@ -94,5 +94,6 @@ def test_run_defaults_avoid_syncs_and_keep_user_choice():
     args = run_clm.RunTrainingArguments(output_dir="unused", report_to="none")
     assert args.logging_nan_inf_filter is False
     assert run_clm.RunTrainingArguments(output_dir="unused", report_to="none", logging_nan_inf_filter=True).logging_nan_inf_filter
-    if not torch.cuda.is_available():
+    if not torch.accelerator.is_available():
         assert args.accelerator_config.non_blocking is False  # nothing to overlap without a GPU
+        assert args.dataloader_pin_memory is False  # nor to pin for (torch warns on every loader otherwise)

@@ -288,7 +288,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--micro_batch", type=int, default=4, help="sequences per step in both stages")
     parser.add_argument("--patch_size", type=int, default=4, help="K")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per stage")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator); at least 1")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as --bf16 in run_clm.py)")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile_mode", default=None,
@@ -306,6 +306,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip_loss_memory", action="store_true")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error(f"--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up step), got "
+                     f"--warmup {args.warmup} --steps {args.steps}")
     args.attn_implementation = run_clm.resolve_attn_implementation(args.attn_implementation)
     choose_sdpa_backend(args.sdpa_backend)
 

@@ -152,11 +152,23 @@ def stage_result(name: str, patch_size: int, args, model_config, step_time: floa
     }
 
 
-def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
+def training_blocks(args, stream, tokenizer, block_len: int, num_blocks: int) -> torch.utils.data.Dataset:
+    """A stage's data: `TokenBlocks` of the token cache, or with `--data streaming` run_clm's
+    `StreamingTokenBlocks`, which tokenises `--train_file` on the fly."""
+    if args.data != "streaming":
+        return run_clm.TokenBlocks(stream, 0, num_blocks, block_len)
+    path = os.path.abspath(args.train_file)
+    data_args = run_clm.DataArguments(train_file=path, streaming=True)
+    return run_clm.StreamingTokenBlocks(
+        lambda: run_clm.load_documents([path], run_clm.file_format(path), data_args, streaming=True),
+        tokenizer, data_args, 0, num_blocks, block_len)
+
+
+def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> dict:
     """Train `warmup + steps` optimizer steps of one stage through PatchTrainer; time the last `steps`."""
     block_len = patch_size * args.block_size
     total_blocks = (args.warmup + args.steps) * args.micro_batch
-    dataset = run_clm.TokenBlocks(stream, 0, total_blocks, block_len)
+    dataset = training_blocks(args, stream, tokenizer, block_len, total_blocks)
     model = stage_model(config, patch_size, args)
     use_cuda = torch.cuda.is_available()
     training_args = run_clm.RunTrainingArguments(
@@ -184,7 +196,7 @@ def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
     synthetic_batch = None
     if args.data == "synthetic":
         device = training_args.device
-        batch = run_clm.default_data_collator([dataset[i] for i in range(args.micro_batch)])
+        batch = run_clm.default_data_collator([dataset[i] for i in range(args.micro_batch)])  # TokenBlocks
         synthetic_batch = {key: value.to(device) for key, value in batch.items()}
     trainer = TimedTrainer(model=model, args=training_args, train_dataset=dataset,
                            data_collator=run_clm.default_data_collator,
@@ -201,13 +213,13 @@ def run_stage(name, patch_size, args, config, stream, output_dir) -> dict:
     return result
 
 
-def reference_loop(name, patch_size, args, config, stream) -> dict:
+def reference_loop(name, patch_size, args, config, stream, tokenizer) -> dict:
     """The same stage in a bare PyTorch loop on one batch already on the device: bf16 autocast, fused
     AdamW (0.9, 0.95), clipping at 1.0, torch.compile as asked; stock `LlamaForCausalLM` for the token
     stage. What the Trainer, the loader and our model add is the difference to `run_stage`."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = stage_model(config, patch_size, args, stock=patch_size == 1).to(device)
-    dataset = run_clm.TokenBlocks(stream, 0, args.micro_batch, patch_size * args.block_size)
+    dataset = training_blocks(args, stream, tokenizer, patch_size * args.block_size, args.micro_batch)
     batch = {key: value.to(device) for key, value in run_clm.default_data_collator(list(dataset)).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=device == "cuda")
@@ -297,8 +309,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--attn_implementation", default="auto", help="auto, eager, sdpa or flash_attention_2")
     parser.add_argument("--dataloader_num_workers", type=int, default=0,
                         help="loader processes (0: in the main process, fastest for the memory-mapped cache)")
-    parser.add_argument("--data", choices=["cache", "synthetic"], default="cache",
-                        help="cache: the real loader over the token cache; synthetic: one batch already on the device")
+    parser.add_argument("--data", choices=["cache", "synthetic", "streaming"], default="cache",
+                        help="cache: the real loader over the token cache; synthetic: one batch already on the "
+                        "device; streaming: run_clm's --streaming loader, tokenising --train_file on the fly")
     parser.add_argument("--reference_loop", action="store_true",
                         help="also time a bare PyTorch loop (stock Llama for the token stage), no Trainer, no loader")
     parser.add_argument("--sdpa_backend", choices=["default", "flash", "cudnn", "efficient"], default="default",
@@ -309,6 +322,8 @@ def main(argv=None) -> dict:
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up step), got "
                      f"--warmup {args.warmup} --steps {args.steps}")
+    if args.data == "streaming" and args.dataloader_num_workers > 1:
+        parser.error("--data streaming reads one stream: --dataloader_num_workers must be 0 or 1")
     args.attn_implementation = run_clm.resolve_attn_implementation(args.attn_implementation)
     choose_sdpa_backend(args.sdpa_backend)
 
@@ -316,15 +331,17 @@ def main(argv=None) -> dict:
     tokenizer = run_clm.AutoTokenizer.from_pretrained(args.tokenizer)
     with tempfile.TemporaryDirectory() as output_dir:
         data_args = run_clm.DataArguments(train_file=args.train_file, data_cache_dir=args.data_cache_dir)
-        stream, _ = run_clm.cached_token_stream(
-            [os.path.abspath(args.train_file)], run_clm.file_format(args.train_file), data_args, tokenizer,
-            run_clm.RunTrainingArguments(output_dir=output_dir, report_to="none"),
-        )
-        stages = [run_stage("token", 1, args, config, stream, output_dir),
-                  run_stage("patch", args.patch_size, args, config, stream, output_dir)]
+        stream = None
+        if args.data != "streaming":
+            stream, _ = run_clm.cached_token_stream(
+                [os.path.abspath(args.train_file)], run_clm.file_format(args.train_file), data_args, tokenizer,
+                run_clm.RunTrainingArguments(output_dir=output_dir, report_to="none"),
+            )
+        stages = [run_stage("token", 1, args, config, stream, tokenizer, output_dir),
+                  run_stage("patch", args.patch_size, args, config, stream, tokenizer, output_dir)]
         if args.reference_loop:
-            stages += [reference_loop("token-loop", 1, args, config, stream),
-                       reference_loop("patch-loop", args.patch_size, args, config, stream)]
+            stages += [reference_loop("token-loop", 1, args, config, stream, tokenizer),
+                       reference_loop("patch-loop", args.patch_size, args, config, stream, tokenizer)]
     token, patch = stages[:2]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {

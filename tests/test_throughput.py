@@ -80,3 +80,22 @@ def test_benchmark_synthetic_data_and_reference_loop(tmp_path):
     assert report["patch_token_tokens_per_s_ratio"] == pytest.approx(patch["tokens_per_s"] / token["tokens_per_s"])
     assert token_loop["data_wait_share"] is None and patch_loop["sequence_tokens"] == 128
     assert all(stage["final_loss"] > 0 for stage in report["stages"][2:])
+
+
+def test_benchmark_streaming_loader(tmp_path):
+    """--data streaming times run_clm's --streaming loader (tokenising on the fly) in the same step."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import throughput
+
+    report = throughput.main([
+        "--block_size", "32", "--micro_batch", "2", "--steps", "2", "--warmup", "1", "--data", "streaming",
+        "--skip_loss_memory",
+    ])
+    token, patch = report["stages"]
+    assert token["data"] == patch["data"] == "streaming" and patch["sequence_tokens"] == 128
+    assert 0 < token["data_wait_share"] < 1 and report["patch_token_tokens_per_s_ratio"] > 1.0
+    with pytest.raises(SystemExit):
+        throughput.main(["--data", "streaming", "--dataloader_num_workers", "2"])

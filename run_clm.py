@@ -1151,8 +1151,6 @@ def main(argv: list[str] | None = None) -> dict:
         save_stage_model(trainer, output_dir)
         if eval_datasets[0] is not None:
             results["final_eval"] = trainer.evaluate()
-    if trainer is not None and trainer.args.should_save:
-        tokenizer.save_pretrained(output_dir)
 
     stages = [results[f"{p.name}_stage"] for p in plans]
     tokens = sum(s["tokens"] for s in stages)
@@ -1170,12 +1168,17 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def cli() -> None:
+def run_cli(entry_point, program: str) -> None:
+    """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code 2."""
     try:
-        main()
+        entry_point()
     except UsageError as error:
-        print(f"run_clm.py: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def cli() -> None:
+    run_cli(main, "run_clm.py")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,6 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=args.dataloader_num_workers,
-        dataloader_pin_memory=use_cuda,
         seed=0,
     )
     synthetic_batch = None

@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from run_clm import UsageError, check_data_files, iter_document_tokens, load_documents  # noqa: E402  (the same tokenisation)
+from run_clm import check_data_files, iter_document_tokens, load_documents, run_cli  # noqa: E402  (the same tokenisation)
 
 DEFAULT_DATA = REPO_ROOT / "data" / "wikitext-103-test.jsonl"
 MAX_DEFAULT_BLOCK_SIZE = 2048
@@ -296,11 +296,7 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
-    try:
-        main()
-    except UsageError as error:
-        print(f"eval_perplexity.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, "eval_perplexity.py")
 
 
 if __name__ == "__main__":

@@ -263,6 +263,9 @@ class PatchLlamaForCausalLM(LlamaForCausalLM):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        # transformers' Trainer asks for no logits when evaluating with --use_liger_kernel (Liger's forward
+        # then never computes them); ours needs them for the loss, but need not return them.
+        skip_logits = bool(kwargs.pop("skip_logits", False)) and labels is not None
 
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # (B, L, H)
@@ -299,7 +302,7 @@ class PatchLlamaForCausalLM(LlamaForCausalLM):
 
         return PatchCausalLMOutputWithPast(
             loss=loss,
-            logits=logits,
+            logits=None if skip_logits else logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             offset_losses=offset_losses,

@@ -46,6 +46,7 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_liger_kernel_available
 
 from modeling_llama_patch import PatchLlamaForCausalLM, get_patch_size, loss_target_labels, validate_patch_size
 
@@ -250,12 +251,76 @@ class RunTrainingArguments(TrainingArguments):
         },
     )
 
+    liger_kernel_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "With --use_liger_kernel: Liger-Kernel's switches for Llama as a JSON object, e.g. "
+            '\'{"fused_linear_cross_entropy": false}\' (keys: rope, rms_norm, swiglu, cross_entropy, '
+            "fused_linear_cross_entropy; liger's defaults when unset). The patch stage always turns the two loss "
+            "switches off and keeps its K-way loss."
+        },
+    )
+
     def __post_init__(self):
+        if isinstance(self.liger_kernel_config, str):
+            try:
+                self.liger_kernel_config = json.loads(self.liger_kernel_config)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"--liger_kernel_config is not valid JSON: {error}") from None
         if not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for (torch would warn on every data loader)
         if self.accelerator_config is None and self.dataloader_pin_memory and not self.use_cpu and torch.cuda.is_available():
             self.accelerator_config = {"non_blocking": True}
+        if self.use_liger_kernel:
+            check_liger_kernel_config(self.liger_kernel_config)
         super().__post_init__()
+
+
+# The switches of Liger-Kernel's `apply_liger_kernel_to_llama` (liger silently drops any other key).
+LIGER_LLAMA_SWITCHES = ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy")
+# The switches that replace the model's loss (`fused_linear_cross_entropy` replaces its whole forward):
+# token-level losses, so they are turned off in the patch stage, which keeps its K-way loss.
+LIGER_LOSS_SWITCHES = ("cross_entropy", "fused_linear_cross_entropy")
+
+
+def check_liger_kernel_config(liger_kernel_config: dict | None) -> None:
+    """Refuse a `--liger_kernel_config` that Liger-Kernel would silently ignore (unknown keys) or reject."""
+    config = liger_kernel_config or {}
+    if not isinstance(config, dict):
+        raise UsageError(f"--liger_kernel_config must be a JSON object of switches, got {config!r}")
+    unknown = sorted(set(config) - set(LIGER_LLAMA_SWITCHES))
+    if unknown:
+        raise UsageError(
+            f"--liger_kernel_config has unknown keys for Llama: {', '.join(unknown)} (known: {', '.join(LIGER_LLAMA_SWITCHES)})"
+        )
+    not_bool = sorted(key for key, value in config.items() if not isinstance(value, bool))
+    if not_bool:
+        raise UsageError(f"--liger_kernel_config: {', '.join(not_bool)} must be true or false")
+    if config.get("cross_entropy") and config.get("fused_linear_cross_entropy", True):
+        raise UsageError(
+            "--liger_kernel_config: cross_entropy and fused_linear_cross_entropy cannot both be true "
+            "(fused_linear_cross_entropy defaults to true: set it to false to use cross_entropy)"
+        )
+
+
+def check_liger_environment(use_cpu: bool) -> None:
+    """Refuse `--use_liger_kernel` where it cannot run: Liger-Kernel is Triton code for GPUs."""
+    if use_cpu or not torch.cuda.is_available():
+        raise UsageError(
+            "--use_liger_kernel needs a CUDA (or ROCm) GPU: Liger-Kernel's kernels are Triton GPU code, and "
+            + ("--use_cpu is set" if use_cpu else "torch sees no GPU on this machine")
+        )
+    if not is_liger_kernel_available():
+        raise UsageError("--use_liger_kernel: liger-kernel is not installed (pip install -r requirements-gpu.txt)")
+
+
+def liger_config_for_stage(liger_kernel_config: dict | None, patch_size: int) -> dict | None:
+    """The Liger-Kernel switches of a stage. Liger's loss kernels compute the token-level loss (the fused
+    one by replacing the model's forward, which would also skip the patching), so at K > 1 they are off:
+    the patch stage gets Liger's RoPE, RMSNorm and SwiGLU kernels and keeps the K-way loss."""
+    if patch_size == 1:
+        return liger_kernel_config
+    return {**(liger_kernel_config or {}), **{switch: False for switch in LIGER_LOSS_SWITCHES}}
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PatchArguments, RunTrainingArguments)
@@ -865,6 +930,8 @@ def stage_training_args(training_args: RunTrainingArguments, patch_args: PatchAr
             changes["learning_rate"] = patch_args.patch_learning_rate
         if patch_args.patch_warmup_steps is not None:
             changes["warmup_steps"] = patch_args.patch_warmup_steps
+    if training_args.use_liger_kernel:
+        changes["liger_kernel_config"] = liger_config_for_stage(training_args.liger_kernel_config, plan.patch_size)
     fields = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
     fields.update(changes)
     return RunTrainingArguments(**fields)
@@ -1019,6 +1086,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_paths = eval_format = None
     if data_args.validation_file is not None:
         eval_paths, eval_format = check_data_files(data_args.validation_file, "validation_file")
+    if training_args.use_liger_kernel:
+        check_liger_environment(training_args.use_cpu)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: it fixes the token budget that --patch_data_fraction splits")
     if data_args.streaming and training_args.dataloader_num_workers > 1:

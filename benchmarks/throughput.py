@@ -121,11 +121,10 @@ def stage_model(config, patch_size: int, args, stock: bool = False):
     model_config.patch_size = None if stock else patch_size
     model_config._attn_implementation = args.attn_implementation
     model = LlamaForCausalLM(model_config) if stock else PatchLlamaForCausalLM(model_config)
-    if args.liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    if args.liger:  # what `run_clm.py --use_liger_kernel` applies (Liger's loss kernels only at K = 1)
+        from transformers.integrations.liger import apply_liger_kernel
 
-        # Fused linear cross-entropy replaces the forward: only for the token stage (K = 1), whose loss it is.
-        apply_liger_kernel_to_llama(model=model, fused_linear_cross_entropy=patch_size == 1, cross_entropy=False)
+        apply_liger_kernel(model, run_clm.liger_config_for_stage(None, 1 if stock else patch_size))
     return model
 
 

@@ -249,6 +249,20 @@ def test_patch_forward_matches_naive_reference(patch_size):
     assert_grads_close(grads(patch), grads(stock), **GRAD_TOL)
 
 
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_skip_logits_keeps_the_loss(patch_size):
+    """`skip_logits=True` (what transformers' Trainer passes when evaluating under --use_liger_kernel) returns
+    the same loss without logits (before, it was passed on to the decoder and the logits returned anyway)."""
+    stock, patch = make_pair(patch_size)
+    ids = random_ids(2, 16)
+    full = patch(ids, labels=ids)
+    lean = patch(ids, labels=ids, skip_logits=True)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss, **SAME_TOL)
+    if patch_size == 1:
+        torch.testing.assert_close(lean.loss, stock(ids, labels=ids).loss, **SAME_TOL)
+
+
 def test_patch_embeddings_are_not_token_embeddings():
     """Sanity of the reference: K = 4 logits differ from stock logits on the first token of each patch,
     so the comparisons above would catch a model that skipped the averaging."""

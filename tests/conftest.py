@@ -49,3 +49,13 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with a tiny model config (hidden 32, 2 layers, vocab 32000, 256 positions) and a token cache
+    shared by the run_clm jobs of one test module (`test_run_clm.job_args`)."""
+    root = tmp_path_factory.mktemp("run_clm")
+    config = tiny_llama_config(max_position_embeddings=256)
+    config.save_pretrained(root / "model_config")
+    return root

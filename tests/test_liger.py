@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO_ROOT
-from test_run_clm import job_args, workdir  # noqa: F401  (workdir: the fixture)
+from test_run_clm import job_args
 
 import run_clm
 from run_clm import UsageError

@@ -20,15 +20,6 @@ TRAIN_FILE = str(DATA_DIR / "sample_train.jsonl")
 VALID_FILE = str(DATA_DIR / "wikitext-103-test.jsonl")
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A folder with a tiny model config (hidden 32, 2 layers, vocab 32000) and a shared token cache."""
-    root = tmp_path_factory.mktemp("run_clm")
-    config = tiny_llama_config(max_position_embeddings=256)
-    config.save_pretrained(root / "model_config")
-    return root
-
-
 def job_args(workdir, output_dir, **overrides):
     """Command-line arguments of a tiny two-stage job: T=32, K=4, λ=1/2, a budget of 12 token-level steps."""
     values = {

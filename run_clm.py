@@ -314,6 +314,18 @@ def check_liger_environment(use_cpu: bool) -> None:
         raise UsageError("--use_liger_kernel: liger-kernel is not installed (pip install -r requirements-gpu.txt)")
 
 
+def torch_compile_caveat(training_args: TrainingArguments) -> str | None:
+    """A warning for `--torch_compile` under DeepSpeed ZeRO-3, whose per-module parameter hooks dynamo traces
+    and recompiles for every module until its recompile limit, then runs eagerly (None otherwise)."""
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    stage = config.config.get("zero_optimization", {}).get("stage") if config is not None else None
+    if not training_args.torch_compile or stage != 3:
+        return None
+    return ("--torch_compile under DeepSpeed ZeRO-3: torch.compile traces ZeRO-3's per-module parameter hooks, "
+            "recompiles them module by module and, past its recompile limit (8), runs them eagerly: the job is "
+            "correct but only partly compiled (deepspeed 0.19.8, torch 2.13). ZeRO-2 or DDP compile fully.")
+
+
 def liger_config_for_stage(liger_kernel_config: dict | None, patch_size: int) -> dict | None:
     """The Liger-Kernel switches of a stage. Liger's loss kernels compute the token-level loss (the fused
     one by replacing the model's forward, which would also skip the patching), so at K > 1 they are off:
@@ -1088,6 +1100,9 @@ def main(argv: list[str] | None = None) -> dict:
         eval_paths, eval_format = check_data_files(data_args.validation_file, "validation_file")
     if training_args.use_liger_kernel:
         check_liger_environment(training_args.use_cpu)
+    caveat = torch_compile_caveat(training_args)
+    if caveat:
+        logger.warning(caveat)
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: it fixes the token budget that --patch_data_fraction splits")
     if data_args.streaming and training_args.dataloader_num_workers > 1:

@@ -1,5 +1,5 @@
 """Two processes on CPU through the launchers in scripts/: the tiny two-stage job under DDP (accelerate,
-gloo), DeepSpeed ZeRO-2 and DeepSpeed ZeRO-3 (the `deepspeed` launcher).
+gloo), DeepSpeed ZeRO-2 (eager and with --torch_compile) and DeepSpeed ZeRO-3 (the `deepspeed` launcher).
 
 Each run trains K = 4, λ = 2/3 for 6 steps of budget (4 patch steps, then 2 token steps) and must:
 finish; train with exactly 2 ranks; change the weights in the patch stage and again in the token stage,
@@ -136,6 +136,22 @@ def test_deepspeed_zero2_two_processes(tmp_path, data_cache):
     names = sorted(path.name for path in step.iterdir())
     assert names == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"], "ZeRO-2: the optimizer state sharded over 2 ranks"
+    check_weights(out)
+    check_stock_model(out)
+
+
+def test_deepspeed_zero2_with_torch_compile(tmp_path, data_cache):
+    """--torch_compile under DeepSpeed (accelerate hands the model to DeepSpeed's engine.compile): both stages
+    train, the handover and the stage saves see the compiled module's parameters, the model is stock."""
+    out = tmp_path / "zero2_compiled"
+    results = launch(
+        "launch_deepspeed.sh", out, data_cache, "--torch_compile", "true",
+        DS_CONFIG=deepspeed_config("zero2.json"), PYTHONPATH=str(SHIM), TORCH_LOGS="dynamo",
+    )
+    log = next(Path(f"{out}.logs").glob("node0-*.log")).read_text()
+    assert "torchdynamo start tracing forward" in log and "done compiler function inductor" in log, "nothing compiled"
+    assert "recompile_limit" not in log, "dynamo gave up and ran part of the model eagerly"
+    check_two_ranks_and_both_stages(results, out)
     check_weights(out)
     check_stock_model(out)
 

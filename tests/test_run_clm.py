@@ -235,6 +235,21 @@ def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path):
     assert not any(key.startswith("_orig_mod") for key in weights(output_dir))  # a stock checkpoint
 
 
+def test_torch_compile_under_zero3_is_flagged():
+    """ZeRO-3 + torch.compile runs partly eager (dynamo gives up on ZeRO-3's per-module hooks, seen in a
+    2-process CPU run); the job warns. ZeRO-2 compiles fully (tests/test_multiprocess.py) and is not flagged."""
+    configs = REPO_ROOT / "configs"
+
+    def caveat(*flags):
+        return run_clm.torch_compile_caveat(run_clm.parse_arguments([str(configs / "train" / "tiny-patch.json"), *flags])[3])
+
+    zero2, zero3 = str(configs / "deepspeed" / "zero2.json"), str(configs / "deepspeed" / "zero3.json")
+    assert "ZeRO-3" in caveat("--deepspeed", zero3, "--torch_compile", "true")
+    assert caveat("--deepspeed", zero3) is None
+    assert caveat("--deepspeed", zero2, "--torch_compile", "true") is None
+    assert caveat("--torch_compile", "true") is None
+
+
 def test_half_written_patch_stage_is_not_used(workdir, finished_job, tmp_path):
     """Without its completion marker, the patch stage is resumed (from its last checkpoint), never skipped."""
     import shutil

@@ -237,6 +237,9 @@ class RunTrainingArguments(TrainingArguments):
     - on a CUDA machine with pinned memory, `accelerator_config` defaults to {"non_blocking": true}: the
       host-to-device copy of a batch overlaps the step instead of waiting for it. Without an accelerator,
       memory is not pinned.
+
+    `liger_kernel_config` also takes a JSON string (transformers' parser takes no value for it on the command
+    line), and is checked against Liger's switches for Llama when `use_liger_kernel` is set.
     """
 
     overwrite_output_dir: bool = field(
@@ -314,6 +317,15 @@ def check_liger_environment(use_cpu: bool) -> None:
         raise UsageError("--use_liger_kernel: liger-kernel is not installed (pip install -r requirements-gpu.txt)")
 
 
+def liger_config_for_stage(liger_kernel_config: dict | None, patch_size: int) -> dict | None:
+    """The Liger-Kernel switches of a stage. Liger's loss kernels compute the token-level loss (the fused
+    one by replacing the model's forward, which would also skip the patching), so at K > 1 they are off:
+    the patch stage gets Liger's RoPE, RMSNorm and SwiGLU kernels and keeps the K-way loss."""
+    if patch_size == 1:
+        return liger_kernel_config
+    return {**(liger_kernel_config or {}), **{switch: False for switch in LIGER_LOSS_SWITCHES}}
+
+
 def torch_compile_caveat(training_args: TrainingArguments) -> str | None:
     """A warning for `--torch_compile` under DeepSpeed ZeRO-3, whose per-module parameter hooks dynamo traces
     and recompiles for every module until its recompile limit, then runs eagerly (None otherwise)."""
@@ -324,15 +336,6 @@ def torch_compile_caveat(training_args: TrainingArguments) -> str | None:
     return ("--torch_compile under DeepSpeed ZeRO-3: torch.compile traces ZeRO-3's per-module parameter hooks, "
             "recompiles them module by module and, past its recompile limit (8), runs them eagerly: the job is "
             "correct but only partly compiled (deepspeed 0.19.8, torch 2.13). ZeRO-2 or DDP compile fully.")
-
-
-def liger_config_for_stage(liger_kernel_config: dict | None, patch_size: int) -> dict | None:
-    """The Liger-Kernel switches of a stage. Liger's loss kernels compute the token-level loss (the fused
-    one by replacing the model's forward, which would also skip the patching), so at K > 1 they are off:
-    the patch stage gets Liger's RoPE, RMSNorm and SwiGLU kernels and keeps the K-way loss."""
-    if patch_size == 1:
-        return liger_kernel_config
-    return {**(liger_kernel_config or {}), **{switch: False for switch in LIGER_LOSS_SWITCHES}}
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PatchArguments, RunTrainingArguments)

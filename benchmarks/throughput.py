@@ -184,6 +184,7 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
         warmup_steps=2,
         lr_scheduler_type="cosine",
         bf16=args.bf16,
+        use_cpu=not use_cuda,  # transformers refuses --bf16 on CPU unless asked for the CPU explicitly
         optim="adamw_torch_fused" if use_cuda else "adamw_torch",
         torch_compile=args.torch_compile,
         torch_compile_mode=args.compile_mode if args.torch_compile else None,
@@ -357,6 +358,11 @@ def main(argv=None) -> dict:
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up step), got "
                      f"--warmup {args.warmup} --steps {args.steps}")
+    if args.liger:
+        try:
+            run_clm.check_liger_environment(use_cpu=False)
+        except run_clm.UsageError as error:
+            parser.error(str(error).replace("--use_liger_kernel", "--liger"))
     if args.data == "streaming" and args.dataloader_num_workers > 1:
         parser.error("--data streaming reads one stream: --dataloader_num_workers must be 0 or 1")
     args.attn_implementation = run_clm.resolve_attn_implementation(args.attn_implementation)

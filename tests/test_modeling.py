@@ -380,6 +380,36 @@ def test_count_loss_targets_matches_naive_count(patch_size):
 
 
 @pytest.mark.parametrize("patch_size", [1, 4])
+def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(patch_size):
+    """transformers' activation checkpointing (what --gradient_checkpointing enables) works on the patch
+    model: each decoder layer's input norm runs twice per step (forward, then again when backward recomputes
+    the layer), and the loss and every gradient are those of the same model without it, which at K = 1 are
+    stock Llama's."""
+    stock, patch = make_pair(patch_size)
+    stock.train(), patch.train()
+    ids = random_ids(2, 16, seed=3)
+    calls = []
+    # Inside the checkpointed forward (hooks on the layer itself stay outside); the first module of the layer,
+    # as the recomputation stops once it has the tensors backward needs.
+    for layer in patch.model.layers:
+        layer.input_layernorm.register_forward_hook(lambda module, args, output: calls.append(module))
+
+    reference = (stock if patch_size == 1 else patch)(ids, labels=ids)
+    reference.loss.backward()
+    reference_grads = grads(stock if patch_size == 1 else patch)
+    patch.zero_grad()
+    calls.clear()
+
+    # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns); 5.17 has only the old one.
+    (getattr(patch, "activation_checkpointing_enable", None) or patch.gradient_checkpointing_enable)()
+    out = patch(ids, labels=ids)
+    out.loss.backward()
+    assert len(calls) == 2 * len(patch.model.layers)
+    torch.testing.assert_close(out.loss, reference.loss, **SAME_TOL)
+    assert_grads_close(grads(patch), reference_grads, **SAME_TOL)
+
+
+@pytest.mark.parametrize("patch_size", [1, 4])
 def test_gradient_accumulation_is_exact(patch_size):
     """Two micro-batches of one sequence each (losses summed, one backward) with num_items_in_batch = the
     summed count_loss_targets give the same loss and gradients as one micro-batch of both sequences; the

@@ -235,6 +235,32 @@ def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path):
     assert not any(key.startswith("_orig_mod") for key in weights(output_dir))  # a stock checkpoint
 
 
+def test_activation_checkpointing_job_matches_plain(workdir, finished_job, tmp_path, monkeypatch):
+    """--gradient_checkpointing true (--activation_checkpointing in newer transformers) is on in both stages
+    and changes nothing but memory: the same weights and perplexity as the job without it."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    flag = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    checkpointing = []
+    train = run_clm.PatchTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        output = train(self, *args, **kwargs)
+        checkpointing.append((self.stage_patch_size, self.model.is_gradient_checkpointing))
+        return output
+
+    monkeypatch.setattr(run_clm.PatchTrainer, "train", recording_train)
+    output_dir = tmp_path / "checkpointed"
+    results = run_clm.main(job_args(workdir, output_dir, save_steps=100, **{flag: True}))
+    assert checkpointing == [(4, True), (1, True)]
+    reference_dir, reference = finished_job
+    assert max_abs_difference(weights(output_dir), weights(reference_dir)) < 1e-5
+    assert results["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
+
+
 def test_torch_compile_under_zero3_is_flagged():
     """ZeRO-3 + torch.compile runs partly eager (dynamo gives up on ZeRO-3's per-module hooks, seen in a
     2-process CPU run); the job warns. ZeRO-2 compiles fully (tests/test_multiprocess.py) and is not flagged."""

@@ -396,14 +396,19 @@ def parse_arguments(argv: list[str] | None = None):
     override its values (`run_clm.py configs/train/x.json --output_dir runs/y`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
-        values = load_config_file(argv[0])
-        if len(argv) == 1:
-            return parser.parse_dict(values)
-        parser.set_defaults(**values)  # the flags after the file override it
-    else:
-        argv = [""] + argv
-    return parser.parse_args_into_dataclasses(args=argv[1:])
+    try:
+        if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
+            values = load_config_file(argv[0])
+            if len(argv) == 1:
+                return parser.parse_dict(values)
+            parser.set_defaults(**values)  # the flags after the file override it
+        else:
+            argv = [""] + argv
+        return parser.parse_args_into_dataclasses(args=argv[1:])
+    except UsageError:
+        raise
+    except ValueError as error:  # transformers' own argument checks (e.g. --bf16 without a GPU): one line
+        raise UsageError(str(error).strip()) from error
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -414,6 +414,21 @@ def test_bad_input_is_refused(workdir, tmp_path, overrides, message):
     assert not (output_dir / "patch_stage").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_transformers_argument_errors_are_one_line(tmp_path):
+    """transformers' own checks in TrainingArguments (here: a paper config's bf16 on a CPU-only machine) come
+    out as one line and exit code 2, like ours, instead of a traceback from inside transformers."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_clm.py"), str(REPO_ROOT / "configs" / "train" / "llama-370m-token.json"),
+         "--output_dir", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert done.returncode == 2
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("run_clm.py: error: ") and "bf16" in message[0], done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_file_is_refused(workdir, tmp_path):
     path = tmp_path / "secret.jsonl"

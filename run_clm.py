@@ -215,6 +215,10 @@ class PatchArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name} must be >= 1, got {value}")
+        for name in ("patch_learning_rate", "patch_warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"--{name} must be >= 0, got {value}")
 
     @property
     def has_patch_stage(self) -> bool:
@@ -277,6 +281,31 @@ class RunTrainingArguments(TrainingArguments):
         if self.use_liger_kernel:
             check_liger_kernel_config(self.liger_kernel_config)
         super().__post_init__()
+        check_training_numbers(self)
+
+
+def check_training_numbers(args: TrainingArguments) -> None:
+    """Refuse the numbers that transformers lets through but that would fail deep inside torch once training
+    starts (a batch of 0, Adam's betas outside [0, 1)) or silently do something else than asked (a negative
+    weight decay grows the weights, a negative clipping norm turns clipping off, --save_steps 0 saves no
+    checkpoint until the end)."""
+    at_least_one = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "weight_decay", "adam_epsilon"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UsageError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        raise UsageError(f"--max_grad_norm must be >= 0 (0 turns gradient clipping off), got {args.max_grad_norm}")
+    if args.save_strategy == "steps" and args.save_steps <= 0:
+        raise UsageError(
+            f"--save_steps must be > 0 (steps, or a fraction of the run below 1), got {args.save_steps}: with "
+            "--save_strategy steps, 0 would save no checkpoint before the end of each stage"
+        )
 
 
 # The switches of Liger-Kernel's `apply_liger_kernel_to_llama` (liger silently drops any other key).

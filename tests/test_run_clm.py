@@ -405,6 +405,15 @@ def test_json_config_file(workdir, tmp_path):
         ({"per_device_train_batch_size": 3}, r"divisible by --patch_size K=4"),
         ({"streaming": True, "max_steps": -1}, r"--streaming needs --max_steps"),
         ({"streaming": True, "dataloader_num_workers": 2}, r"--streaming .* --dataloader_num_workers 2 would read"),
+        # transformers lets these through; torch would fail at the first step, or the run would silently differ.
+        ({"per_device_train_batch_size": 0}, r"--per_device_train_batch_size must be >= 1, got 0"),
+        ({"gradient_accumulation_steps": 0}, r"--gradient_accumulation_steps must be >= 1, got 0"),
+        ({"learning_rate": -1}, r"--learning_rate must be >= 0, got -1"),
+        ({"patch_learning_rate": -1}, r"--patch_learning_rate must be >= 0, got -1"),
+        ({"adam_beta2": 1.0}, r"--adam_beta2 must lie in \[0, 1\), got 1.0"),
+        ({"weight_decay": -0.1}, r"--weight_decay must be >= 0, got -0.1"),
+        ({"max_grad_norm": -1}, r"--max_grad_norm must be >= 0 \(0 turns gradient clipping off\)"),
+        ({"save_steps": 0}, r"--save_steps must be > 0 .* 0 would save no checkpoint"),
     ],
 )
 def test_bad_input_is_refused(workdir, tmp_path, overrides, message):

@@ -248,6 +248,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--stride needs --protocol sliding")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.block_size is not None and args.block_size < 2:
+        parser.error(f"--block_size must be >= 2 (a block of 1 token scores nothing), got {args.block_size}")
+    if args.stride is not None and args.stride < 1:
+        parser.error(f"--stride must be >= 1, got {args.stride}")
+    for name, folder in (("model", args.model), ("tokenizer", args.tokenizer)):
+        if folder is not None and not Path(folder).is_dir():
+            parser.error(f"--{name} {folder}: no such folder (a local folder: nothing is downloaded)")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json in it, so no model to load")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            parser.error(f"--device {args.device}: {error}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch sees no CUDA GPU here (use cpu or auto)")
     return args
 
 

@@ -117,6 +117,40 @@ def test_bad_arguments_are_refused(model, stream):
         plan_windows(T, T, "overlapping")
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "/nonexistent"], r"--model /nonexistent: no such folder \(a local folder: nothing is downloaded\)"),
+        (["--model", str(TOKENIZER_DIR)], r"no config.json in it"),
+        (["--model", "MODEL", "--tokenizer", "/nope"], r"--tokenizer /nope: no such folder"),
+        (["--model", "MODEL", "--block_size", "0"], r"--block_size must be >= 2"),
+        (["--model", "MODEL", "--protocol", "sliding", "--stride", "0"], r"--stride must be >= 1, got 0"),
+        (["--model", "MODEL", "--device", "bogus"], r"--device bogus: "),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--model", "MODEL", "--device", "cuda"], r"torch sees no CUDA GPU here")]),
+)
+def test_command_line_errors_are_one_line(tmp_path, capsys, flags, message):
+    """Exit code 2 and one line naming the flag; before, a 0 block size or stride silently fell back to the
+    default, and a missing folder or absent GPU ended in a library traceback."""
+    import re
+
+    (tmp_path / "config.json").write_text("{}")  # MODEL: a folder with a config, for the other flags' checks
+    with pytest.raises(SystemExit) as exit_info:
+        eval_perplexity.parse_args([str(tmp_path) if flag == "MODEL" else flag for flag in flags])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_command_line_error_from_the_shell():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "eval_perplexity.py"), "--model", "/nonexistent"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "eval_perplexity.py: error: --model /nonexistent: no such folder (a local folder: nothing is downloaded)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Against run_clm.py's own evaluation of a real run
 # ---------------------------------------------------------------------------------------------------------

@@ -134,10 +134,20 @@ def main(argv=None) -> dict:
         settings["train_file"] = args.train_file
     if not settings["train_file"]:
         parser.error("no training files: the gpu preset reads ../shared/data/corpus/train-*.jsonl.xz; pass --train_file")
+    for name, files in (("train_file", settings["train_file"]), ("validation_file", args.validation_file)):
+        missing = [path for path in files.split(",") if not os.path.isfile(os.path.join(REPO_ROOT, path))]
+        if missing:
+            parser.error(f"--{name}: no such file {', '.join(missing)}")
+    if not args.epochs > 0:
+        parser.error(f"--epochs must be > 0, got {args.epochs}")
+    known = [name for name, *_ in RUNS]
+    wanted = args.runs.split(",")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown or len(set(wanted)) != len(wanted):
+        parser.error(f"--runs takes distinct names among {','.join(known)}, got {args.runs!r}")
     args.output_root = args.output_root or os.path.join(REPO_ROOT, "runs", f"replication-{args.preset}")
     os.makedirs(args.output_root, exist_ok=True)
 
-    wanted = args.runs.split(",")
     rows = []
     for name, fraction, patch_size, skip in RUNS:
         if name not in wanted:
@@ -145,7 +155,10 @@ def main(argv=None) -> dict:
         command = run_clm_command(settings, name, fraction, patch_size, skip, args, extra)
         print("[replicate]", " ".join(command), flush=True)
         start = time.time()
-        subprocess.run(command, check=True, cwd=REPO_ROOT)
+        finished = subprocess.run(command, cwd=REPO_ROOT)
+        if finished.returncode != 0:  # run_clm.py has said why; the runs already finished stay as they are
+            sys.exit(f"replicate.py: error: the {name} run failed (run_clm.py exit code {finished.returncode}; its "
+                     "message is above). Runs already finished are kept: the same command goes on from there")
         wall = time.time() - start
         with open(os.path.join(args.output_root, name, "all_results.json"), encoding="utf-8") as handle:
             results = json.load(handle)

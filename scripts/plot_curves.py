@@ -263,6 +263,10 @@ def main(argv=None) -> list[RunCurve]:
     parser.add_argument("--offsets_output", default=None, help="The per-offset patch-loss PNG (optional).")
     parser.add_argument("--dpi", type=int, default=120)
     args = parser.parse_args(argv)
+    if args.dpi < 1:
+        parser.error(f"--dpi must be >= 1, got {args.dpi}")
+    for output in filter(None, (args.output, args.offsets_output)):
+        Path(output).parent.mkdir(parents=True, exist_ok=True)  # as run_clm.py makes its --output_dir
 
     try:
         curves = [extract_curve(path, label) for label, path in args.run]

@@ -41,13 +41,20 @@ TOKENS_PER_STEP = 2_097_152  # the training configs' global batch: 8 GPUs x 8 se
 
 
 def parse_shards(spec: str) -> list[int]:
-    """'0-29' or '0,3,5-7' -> shard numbers."""
+    """'0-29' or '0,3,5-7' -> shard numbers; ValueError for anything else (letters, an empty or reversed range,
+    a shard the hub does not have)."""
     numbers = []
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        numbers.extend(range(int(first), int(last or first) + 1))
+    try:
+        for part in spec.split(","):
+            first, _, last = part.partition("-")
+            span = range(int(first), int(last or first) + 1)
+            if not span:
+                raise ValueError
+            numbers.extend(span)
+    except ValueError:
+        numbers = []
     if not numbers or min(numbers) < 0 or max(numbers) >= HUB_SHARDS:
-        raise SystemExit(f"prepare_pile.py: --shards must name shards 0..{HUB_SHARDS - 1}, got {spec!r}")
+        raise ValueError(f"--shards must name shards 0..{HUB_SHARDS - 1} as in 0-29 or 0,3,5-7, got {spec!r}")
     return numbers
 
 
@@ -152,20 +159,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep_raw", action="store_true", help="keep the downloaded .zst shards (in <output_dir>/raw)")
     parser.add_argument("--no_tokenize", action="store_true", help="only write the shards")
     args = parser.parse_args(argv)
-    if args.max_words < 1:
-        parser.error("--max_words must be >= 1")
+    for name in ("max_words", "num_workers", "tokenize_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.input_files:  # relative to where the command runs; everything else to the repository root
         args.input_files = [os.path.abspath(path) for path in args.input_files]
+        missing = [path for path in args.input_files if not os.path.isfile(path)]
+        if missing:
+            parser.error(f"--input_files: no such file: {', '.join(missing)}")
+    else:
+        try:
+            parse_shards(args.shards)
+        except ValueError as error:
+            parser.error(str(error))
     os.chdir(REPO_ROOT)  # the configs' paths, and so the cache's key, are relative to the repository root
+    if not args.no_tokenize:
+        if not os.path.isdir(args.tokenizer_name):
+            parser.error(f"--tokenizer_name {args.tokenizer_name}: no such folder (relative paths start at the repository root)")
+        if args.validation_file.lower() != "none" and not os.path.isfile(args.validation_file):
+            parser.error(f"--validation_file {args.validation_file}: no such file ('none' to skip it)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # one process tokenises: let it use every core
     os.makedirs(args.output_dir, exist_ok=True)
 
     start = time.time()
     with ProcessPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
         if args.input_files:
-            missing = [path for path in args.input_files if not os.path.isfile(path)]
-            if missing:
-                raise SystemExit(f"prepare_pile.py: no such file: {', '.join(missing)}")
             jobs = [
                 pool.submit(write_shard, path, shard_path(args.output_dir, index), args.text_column, args.max_words)
                 for index, path in enumerate(args.input_files)

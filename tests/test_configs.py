@@ -411,6 +411,29 @@ def test_split_words_keeps_the_text():
     assert prepare_pile.parse_shards("0-2,5") == [0, 1, 2, 5]
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--shards", "abc"], "--shards must name shards 0..29 as in 0-29 or 0,3,5-7, got 'abc'"),
+        (["--shards", "5-2"], "--shards must name shards 0..29"),
+        (["--shards", "0-30"], "--shards must name shards 0..29"),
+        (["--input_files", "/nope.jsonl"], "--input_files: no such file: /nope.jsonl"),
+        (["--input_files", "data/sample_train.jsonl", "--tokenizer_name", "/nope"], "--tokenizer_name /nope: no such folder"),
+        (["--input_files", "data/sample_train.jsonl", "--validation_file", "/nope.jsonl"], "--validation_file /nope.jsonl: no such file"),
+        (["--input_files", "data/sample_train.jsonl", "--num_workers", "0"], "--num_workers must be >= 1, got 0"),
+        (["--input_files", "data/sample_train.jsonl", "--tokenize_batch_size", "0"], "--tokenize_batch_size must be >= 1, got 0"),
+    ],
+)
+def test_prepare_refuses_bad_input_before_writing(tmp_path, monkeypatch, capsys, flags, message):
+    """One line and exit code 2 before anything is written (before: a ValueError or OSError traceback for a
+    bad --shards or tokenizer, and a batch size or worker count of 0 accepted)."""
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_pile.main([*flags, "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_then_run_clm_reads_the_cache_without_tokenising(tmp_path, monkeypatch):
     """Offline prepare of two local shards (one xz-compressed), then run_clm.py (the patch run of the tiny
     config, two steps) finds both token streams in the cache: it never tokenises."""

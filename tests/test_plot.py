@@ -113,7 +113,8 @@ def test_log_history_falls_back_to_the_last_checkpoint(runs, tmp_path):
 
 
 def test_plots_are_written(runs, tmp_path):
-    curves_png, offsets_png = tmp_path / "curves.png", tmp_path / "offsets.png"
+    """Into folders that do not exist yet (before: a FileNotFoundError traceback from matplotlib)."""
+    curves_png, offsets_png = tmp_path / "new" / "curves.png", tmp_path / "other" / "deeper" / "offsets.png"
     curves = plot_curves.main([
         "--run", f"baseline={runs['baseline']}", "--run", f"patch={runs['patch']}",
         "--output", str(curves_png), "--offsets_output", str(offsets_png),
@@ -129,3 +130,9 @@ def test_missing_results_is_a_clear_error(tmp_path):
         extract_curve(tmp_path)
     with pytest.raises(SystemExit):
         plot_curves.main(["--run", f"x={tmp_path}", "--output", str(tmp_path / "c.png")])
+
+
+def test_bad_dpi_is_a_clear_error(runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curves.main(["--run", f"patch={runs['patch']}", "--output", str(tmp_path / "c.png"), "--dpi", "0"])
+    assert exit_info.value.code == 2 and "--dpi must be >= 1, got 0" in capsys.readouterr().err

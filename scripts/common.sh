@@ -13,6 +13,26 @@ MASTER_PORT=${MASTER_PORT:-29500}     # a free port there, the same on every nod
 PYTHON=${PYTHON:-python}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 
+# check_launch_env: refuse a launch layout that would fail late or hang (a rank that waits forever at the
+# rendezvous for a node that does not exist), naming the variable.
+check_launch_env() {
+  local name
+  for name in NGPU NNODES; do
+    if [[ ! ${!name} =~ ^[1-9][0-9]*$ ]]; then
+      echo "$(basename "$0"): error: $name must be a positive integer, got '${!name}'" >&2
+      exit 2
+    fi
+  done
+  if [[ ! $NODE_RANK =~ ^[0-9]+$ ]] || ((NODE_RANK >= NNODES)); then
+    echo "$(basename "$0"): error: NODE_RANK must lie in 0..$((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'" >&2
+    exit 2
+  fi
+  if [[ ! $MASTER_PORT =~ ^[0-9]+$ ]] || ((MASTER_PORT < 1 || MASTER_PORT > 65535)); then
+    echo "$(basename "$0"): error: MASTER_PORT must be a port number 1..65535, got '$MASTER_PORT'" >&2
+    exit 2
+  fi
+}
+
 # set_run_args [CONFIG.json] [--flag value ...]
 # Sets RUN_CLM_ARGS (the config's keys as flags, then the given flags, which override them), OUTPUT_DIR,
 # and LOG_FILE: LOG_DIR/node<rank>-<time>.log, LOG_DIR defaulting to <output_dir>.logs beside the run
@@ -22,7 +42,8 @@ set_run_args() {
     echo "usage: $(basename "$0") CONFIG.json [--flag value ...]   (or run_clm.py flags alone)" >&2
     exit 2
   fi
-  OUTPUT_DIR=$("$PYTHON" scripts/config_args.py --get output_dir "$@")
+  check_launch_env
+  OUTPUT_DIR=$("$PYTHON" scripts/config_args.py --get output_dir "$@") || exit 2
   local listing
   listing=$("$PYTHON" scripts/config_args.py "$@")
   # shellcheck disable=SC2034  # read by the launchers that source this file

@@ -21,8 +21,13 @@ FILE_LIST_KEYS = ("train_file", "validation_file")
 
 
 def config_to_flags(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        values = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except OSError as error:
+        raise SystemExit(f"config_args.py: error: config file {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"config_args.py: error: config file {path} is not valid JSON: {error}") from None
     if not isinstance(values, dict):
         raise SystemExit(f"config_args.py: {path} must hold a JSON object of run_clm.py arguments")
     flags = []

@@ -386,6 +386,28 @@ def test_launchers_build_the_commands_for_several_nodes():
     assert line.startswith("deepspeed --num_gpus 8 ") and "--hostfile" not in line and "zero2.json" in line
 
 
+@pytest.mark.parametrize("script", ["launch_accelerate.sh", "launch_torchrun.sh", "launch_deepspeed.sh"])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"NGPU": "0"}, "NGPU must be a positive integer, got '0'"),
+        ({"NNODES": "two"}, "NNODES must be a positive integer, got 'two'"),
+        ({"NNODES": "2", "NODE_RANK": "2", "HOSTFILE": "/etc/hostfile"}, "NODE_RANK must lie in 0..1 (NNODES=2), got '2'"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT must be a port number 1..65535, got '70000'"),
+        ({"CONFIG": "configs/train/nope.json"}, "config_args.py: error: config file configs/train/nope.json: No such file"),
+    ],
+)
+def test_launchers_refuse_a_bad_layout_before_starting(script, env, message):
+    """A rank number beyond the nodes would wait at the rendezvous for ever; the others fail late in torchrun
+    or deepspeed. Each is one line naming the variable, exit code 2, nothing started (not even in a dry run)."""
+    config = env.get("CONFIG", "configs/train/tiny-patch.json")
+    variables = {name: value for name, value in env.items() if name != "CONFIG"}
+    result = subprocess.run([str(SCRIPTS / script), config], capture_output=True, text=True, cwd="/",
+                            env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **variables})
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_run_paper_runs_the_baseline_then_the_patch_runs_of_a_size():
     lines = dry_run("run_paper.sh", "370m", "--seed", "3").splitlines()
     names = [line.split("--output_dir ")[1].split()[0] for line in lines]

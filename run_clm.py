@@ -991,6 +991,40 @@ def global_batch_size(args: TrainingArguments) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load_model_config(source: str) -> LlamaConfig:
+    """The LlamaConfig of --model_name_or_path or --config_name (a folder, a JSON file or a hub name). A
+    missing file, or a JSON that is not a Llama config, is refused: LlamaConfig would fill every missing key
+    with its defaults, a 7B model, from any JSON (a DeepSpeed config, say)."""
+    if not os.path.exists(source) and os.path.sep in source:
+        raise UsageError(f"model config {source} does not exist")
+    try:
+        values, _ = LlamaConfig.get_config_dict(source)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"model config {source}: {first_line(error)}") from None
+    if not values:  # transformers returns {} for a folder without config.json
+        raise UsageError(f"model config {source}: no config.json there")
+    if values.get("model_type") != LlamaConfig.model_type:
+        raise UsageError(
+            f"model config {source} is not a Llama config: its model_type is {values.get('model_type')!r}, not "
+            f"'llama' (the configs in configs/model/ are; a hand-written one needs \"model_type\": \"llama\")"
+        )
+    return LlamaConfig.from_pretrained(source)
+
+
+def load_tokenizer(name: str):
+    """AutoTokenizer.from_pretrained(name), with a one-line UsageError where there is none to load."""
+    if not os.path.exists(name) and os.path.sep in name:
+        raise UsageError(f"--tokenizer_name {name} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--tokenizer_name {name}: no tokenizer to load ({first_line(error)})") from None
+
+
 def build_model(model_args: ModelArguments, init_from: str | None, patch_size: int, attn_implementation: str):
     """A PatchLlamaForCausalLM at `patch_size`: from weights (`init_from`) or from the config, seeded."""
     if init_from is not None:
@@ -1148,11 +1182,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{training_args.dataloader_num_workers} would read that many times over (every block repeated): use "
             "--dataloader_num_workers 1 (tokenise in a background process) or 0, or drop --streaming to use the cache"
         )
-    config_source = model_args.model_name_or_path or model_args.config_name
-    if not os.path.exists(config_source) and os.path.sep in config_source:
-        raise UsageError(f"model config {config_source} does not exist")
-    config = LlamaConfig.from_pretrained(config_source)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+    config = load_model_config(model_args.model_name_or_path or model_args.config_name)
+    tokenizer = load_tokenizer(model_args.tokenizer_name)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
     if data_args.block_size > config.max_position_embeddings:

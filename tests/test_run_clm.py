@@ -398,6 +398,11 @@ def test_json_config_file(workdir, tmp_path):
         ({"patch_size": 0}, r"--patch_size.*K=0"),
         ({"patch_size": 1, "patch_data_fraction": 0.5}, r"--patch_data_fraction=0.5 needs --patch_size K > 1"),
         ({"train_file": "/nonexistent/train.jsonl"}, r"--train_file: file /nonexistent/train.jsonl does not exist"),
+        # LlamaConfig fills a JSON that is not a Llama config, or a folder without config.json, with its 7B defaults.
+        ({"config_name": str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json")}, r"zero2.json is not a Llama config: its model_type is None"),
+        ({"config_name": None, "model_name_or_path": str(TOKENIZER_DIR)}, r"llama2_tokenizer: no config.json there"),
+        ({"tokenizer_name": "/nonexistent/tokenizer"}, r"--tokenizer_name /nonexistent/tokenizer does not exist"),
+        ({"tokenizer_name": str(REPO_ROOT / "configs")}, r"--tokenizer_name .*configs: no tokenizer to load"),
         ({"validation_file": "/nonexistent/valid.jsonl"}, r"--validation_file: file /nonexistent/valid.jsonl does not exist"),
         ({"train_file": str(REPO_ROOT / "tests" / "conftest.py")}, r"unsupported extension for .*conftest.py"),
         ({"block_size": 100000}, r"--block_size 100000 exceeds the model's max_position_embeddings"),

@@ -45,7 +45,6 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_liger_kernel_available
 
 from modeling_llama_patch import PatchLlamaForCausalLM, get_patch_size, loss_target_labels, validate_patch_size
@@ -160,8 +159,8 @@ class DataArguments:
     def __post_init__(self):
         if self.train_file is None and self.dataset_name is None:
             raise UsageError("give --train_file (local text files) or --dataset_name (a hub dataset)")
-        if self.block_size < 1:
-            raise UsageError(f"--block_size must be >= 1, got {self.block_size}")
+        if self.block_size < 2:
+            raise UsageError(f"--block_size must be >= 2 (a block of one position has no next token to predict), got {self.block_size}")
         if not 0.0 <= self.skip_data_fraction < 1.0:
             raise UsageError(f"--skip_data_fraction must lie in [0, 1), got {self.skip_data_fraction}")
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
@@ -908,7 +907,38 @@ def run_identity(model_args, data_args, patch_args, training_args) -> dict:
         "max_steps": training_args.max_steps,
         "num_train_epochs": training_args.num_train_epochs,
         "seed": training_args.seed,
+        # What a resume would otherwise silently change: the budget and split (sequences per optimizer step,
+        # over all ranks: per-device batch, accumulation and world size may change if their product does not),
+        # the token stream, and the optimizer schedule that the checkpoint restores.
+        "tokenizer_name": model_args.tokenizer_name,
+        "sequences_per_step": global_batch_size(training_args),
+        "patch_sequences_per_step": (
+            math.prod(stage_batch_settings(patch_args, training_args)) * training_args.world_size
+            if patch_args.has_patch_stage else None
+        ),
+        "patch_max_steps": patch_args.patch_max_steps,
+        "learning_rate": training_args.learning_rate,
+        "patch_learning_rate": patch_args.patch_learning_rate,
+        "lr_scheduler_type": str(training_args.lr_scheduler_type),
+        "warmup_steps": training_args.warmup_steps,
+        "patch_warmup_steps": patch_args.patch_warmup_steps,
     }
+
+
+def check_same_run(output_dir: str, identity: dict) -> None:
+    """Refuse to resume or report a run recorded in `output_dir` with another identity. Keys the record does
+    not hold (a run from an earlier version of this script) are not compared."""
+    record = Path(output_dir) / RUN_ARGS_FILE
+    if not record.is_file():
+        return
+    previous = json.loads(record.read_text())
+    changed = {k: (previous[k], v) for k, v in identity.items() if k in previous and previous[k] != v}
+    if changed:
+        details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise UsageError(
+            f"--output_dir {output_dir} holds a different run ({details}): choose another directory "
+            "or pass --overwrite_output_dir"
+        )
 
 
 def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main: bool) -> None:
@@ -927,14 +957,7 @@ def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main
                 "choose another directory or pass --overwrite_output_dir"
             )
         else:
-            previous = json.loads(record.read_text())
-            changed = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
-            if changed:
-                details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-                raise UsageError(
-                    f"--output_dir {output_dir} holds a different run ({details}): choose another directory "
-                    "or pass --overwrite_output_dir"
-                )
+            check_same_run(output_dir, identity)
     if is_main:
         path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, identity)
@@ -984,6 +1007,59 @@ def stage_training_args(training_args: RunTrainingArguments, patch_args: PatchAr
     fields = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
     fields.update(changes)
     return RunTrainingArguments(**fields)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` (a checkpoint-N) cannot be resumed from, or None. transformers writes a checkpoint in
+    place and its trainer_state.json last, so a job killed while saving leaves one without it, or with
+    half-written files; the header of each safetensors file and the state are read to tell."""
+    from safetensors import safe_open
+
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except ValueError:
+        return "trainer_state.json is not valid JSON"
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error type for a damaged file
+            return f"{weights.name} is unreadable ({first_line(error)})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N of `output_dir` that a resume can load; newer damaged ones are skipped with a
+    warning (and left in place). None if there is none."""
+    if not os.path.isdir(output_dir):
+        return None
+    numbered = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    for candidate in sorted(numbered, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return str(candidate)
+        logger.warning("Not resuming from %s: %s (a save that did not finish?)", candidate, problem)
+    return None
+
+
+def stage_max_steps(plan: StagePlan, patch_args: PatchArguments, training_args: TrainingArguments) -> int:
+    """A stage's max_steps: -1 (one pass over its blocks), or --patch_max_steps for the patch stage when it
+    stops before the end of its blocks. Past them the Trainer would start over the same blocks, so a larger
+    --patch_max_steps stops at the end of the data instead (with a warning)."""
+    if plan.name != "patch" or not patch_args.patch_max_steps:
+        return -1
+    batch, accumulation = stage_batch_settings(patch_args, training_args)
+    sequences = patch_args.patch_max_steps * batch * accumulation * training_args.world_size
+    if sequences >= plan.num_blocks:
+        logger.warning(
+            "--patch_max_steps %d would take %d sequences, but the patch stage has %d: it stops after one pass over "
+            "them instead of repeating them", patch_args.patch_max_steps, sequences, plan.num_blocks,
+        )
+        return -1
+    return patch_args.patch_max_steps
 
 
 def global_batch_size(args: TrainingArguments) -> int:
@@ -1118,7 +1194,7 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
     )
     if master_weights_from is not None and trainer.is_deepspeed_enabled:
         trainer.add_callback(MasterWeightsFrom(master_weights_from))
-    checkpoint = get_last_checkpoint(stage_args.output_dir) if os.path.isdir(stage_args.output_dir) else None
+    checkpoint = last_complete_checkpoint(stage_args.output_dir)
     if checkpoint:
         logger.info("Resuming the %s stage from %s", plan.name, checkpoint)
     start = time.time()
@@ -1153,9 +1229,21 @@ def main(argv: list[str] | None = None) -> dict:
     if output_dir is None:
         raise UsageError("give --output_dir")
 
-    # A finished job: report and change nothing.
+    if training_args.resume_from_checkpoint is not None:
+        raise UsageError(
+            "--resume_from_checkpoint is not used: run_clm.py resumes by itself from the newest complete checkpoint "
+            "in --output_dir (and goes straight to the token stage once the patch stage is complete); re-run the "
+            "same command"
+        )
+    for name, folder in (("output_dir", output_dir), ("data_cache_dir", data_args.data_cache_dir)):
+        blocking = next((p for p in [Path(folder), *Path(folder).parents] if p.exists()), None) if folder else None
+        if blocking is not None and not blocking.is_dir():
+            raise UsageError(f"--{name} {folder}: {blocking} is a file, not a folder")
+
+    # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE
     if results_file.is_file() and not training_args.overwrite_output_dir:
+        check_same_run(output_dir, run_identity(model_args, data_args, patch_args, training_args))
         results = json.loads(results_file.read_text())
         if training_args.should_log:
             logger.info("%s already holds a finished run; nothing to do (use --overwrite_output_dir to redo it)", output_dir)
@@ -1169,6 +1257,10 @@ def main(argv: list[str] | None = None) -> dict:
     eval_paths = eval_format = None
     if data_args.validation_file is not None:
         eval_paths, eval_format = check_data_files(data_args.validation_file, "validation_file")
+    if data_args.validation_file is None and training_args.eval_strategy != "no":
+        raise UsageError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs a --validation_file (or set --eval_strategy no)"
+        )
     if training_args.use_liger_kernel:
         check_liger_environment(training_args.use_cpu)
     caveat = torch_compile_caveat(training_args)
@@ -1266,7 +1358,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
         else:
             stage_dir = output_dir
-        args = stage_training_args(training_args, patch_args, plan, stage_dir, patch_args.patch_max_steps if plan.name == "patch" and patch_args.patch_max_steps else -1)
+        args = stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
         model = build_model(model_args, init_from, plan.patch_size, attn_implementation)
         handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
         trainer, metrics = run_stage(plan, args, model, make_train_dataset(plan), eval_datasets, tokenizer, handover)

@@ -224,6 +224,54 @@ def test_resume_after_interruption(workdir, finished_job, tmp_path, monkeypatch,
     assert results["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
 
 
+@pytest.mark.parametrize("damage", ["state_missing", "weights_truncated"])
+def test_resume_skips_a_checkpoint_whose_save_did_not_finish(workdir, finished_job, tmp_path, monkeypatch, damage):
+    """A job killed while saving leaves its newest checkpoint without trainer_state.json (transformers writes it
+    last) or with a half-written file. Before, the re-run picked it and died in a traceback; now it resumes
+    from the newest complete one and ends where the uninterrupted job ends."""
+    output_dir = tmp_path / "job"
+    interrupt_at(monkeypatch, 1, step=5)  # in the token stage, with checkpoints at steps 2 and 4
+    with pytest.raises(Interrupt):
+        run_clm.main(job_args(workdir, output_dir, save_steps=2))
+    monkeypatch.undo()
+    newest = output_dir / "checkpoint-4"
+    if damage == "state_missing":
+        (newest / "trainer_state.json").unlink()
+    else:
+        weights_file = newest / "model.safetensors"
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+
+    results = run_clm.main(job_args(workdir, output_dir, save_steps=2))
+    assert results["token_stage"]["resumed_from"].endswith("checkpoint-2")
+    reference_dir, reference = finished_job
+    assert max_abs_difference(weights(output_dir), weights(reference_dir)) < 1e-5
+    assert results["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
+
+
+def test_changed_rerun_of_a_finished_job_is_refused(workdir, finished_job):
+    """Before, a finished job's folder re-run with other settings printed the old results as if they were the
+    new ones. Settings that a resume would silently ignore or mix (the batch, the schedule) count too."""
+    output_dir, _ = finished_job
+    with pytest.raises(UsageError, match=r"holds a different run \(max_steps: 12 -> 16\)"):
+        run_clm.main(job_args(workdir, output_dir, max_steps=16))
+    with pytest.raises(UsageError, match=r"sequences_per_step: 4 -> 8; patch_sequences_per_step: 1 -> 2"):
+        run_clm.main(job_args(workdir, output_dir, gradient_accumulation_steps=2))
+    with pytest.raises(UsageError, match=r"learning_rate: 0.003 -> 0.001"):
+        run_clm.main(job_args(workdir, output_dir, learning_rate=1e-3))
+    # The same sequences per step from another split of them between micro-batch and accumulation: the same run.
+    assert run_clm.main(job_args(workdir, output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                 patch_per_device_train_batch_size=1, patch_gradient_accumulation_steps=1)
+            )["perplexity"] == finished_job[1]["perplexity"]
+
+
+def test_patch_max_steps_beyond_the_data_stops_after_one_pass(workdir, finished_job, tmp_path):
+    """--patch_max_steps caps the patch stage; before, a cap above its data made the Trainer repeat the data."""
+    results = run_clm.main(job_args(workdir, tmp_path / "job", patch_max_steps=1000, save_steps=100))
+    assert results["patch_stage"]["steps"] == finished_job[1]["patch_stage"]["steps"] == 6
+    capped = run_clm.main(job_args(workdir, tmp_path / "capped", patch_max_steps=2, save_steps=100))
+    assert capped["patch_stage"]["steps"] == 2
+
+
 def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path):
     """--torch_compile true runs both stages, the stage switch and evaluation, and ends where eager does."""
     output_dir = tmp_path / "compiled"
@@ -401,6 +449,10 @@ def test_json_config_file(workdir, tmp_path):
         # LlamaConfig fills a JSON that is not a Llama config, or a folder without config.json, with its 7B defaults.
         ({"config_name": str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json")}, r"zero2.json is not a Llama config: its model_type is None"),
         ({"config_name": None, "model_name_or_path": str(TOKENIZER_DIR)}, r"llama2_tokenizer: no config.json there"),
+        ({"block_size": 1}, r"--block_size must be >= 2 \(a block of one position has no next token"),
+        ({"resume_from_checkpoint": "/some/checkpoint-10"}, r"--resume_from_checkpoint is not used: run_clm.py resumes by itself"),
+        ({"validation_file": None, "eval_strategy": "steps", "eval_steps": 2}, r"--eval_strategy steps needs a --validation_file"),
+        ({"data_cache_dir": str(REPO_ROOT / "README.md" / "cache")}, r"--data_cache_dir .*README.md is a file, not a folder"),
         ({"tokenizer_name": "/nonexistent/tokenizer"}, r"--tokenizer_name /nonexistent/tokenizer does not exist"),
         ({"tokenizer_name": str(REPO_ROOT / "configs")}, r"--tokenizer_name .*configs: no tokenizer to load"),
         ({"validation_file": "/nonexistent/valid.jsonl"}, r"--validation_file: file /nonexistent/valid.jsonl does not exist"),
@@ -441,6 +493,15 @@ def test_transformers_argument_errors_are_one_line(tmp_path):
     message = done.stderr.strip().splitlines()
     assert len(message) == 1 and message[0].startswith("run_clm.py: error: ") and "bf16" in message[0], done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused(workdir, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for output_dir in (a_file, a_file / "run"):
+        with pytest.raises(UsageError, match=r"--output_dir .*a_file(/run)?: .*a_file is a file, not a folder"):
+            run_clm.main(job_args(workdir, output_dir))
+    assert a_file.read_text() == "mine"
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")

@@ -64,6 +64,11 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one clear line and exit code 2, before any work is lost."""
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (library messages can run to many lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
@@ -165,6 +170,9 @@ class DataArguments:
             raise UsageError(f"--skip_data_fraction must lie in [0, 1), got {self.skip_data_fraction}")
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
             raise UsageError(f"--max_eval_blocks must be >= 1, got {self.max_eval_blocks}")
+        for name in ("preprocessing_num_workers", "tokenize_batch_size"):
+            if getattr(self, name, 1) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -448,7 +456,11 @@ def split_file_list(spec: str) -> list[str]:
     """'a.jsonl,b.jsonl' or a JSON list '["a.jsonl", "b.jsonl"]' -> list of paths."""
     spec = spec.strip()
     if spec.startswith("["):
-        return [str(p) for p in json.loads(spec)]
+        try:
+            paths = json.loads(spec)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"file list {spec!r} is not a valid JSON list ({error})") from None
+        return [str(p) for p in paths]
     return [part.strip() for part in spec.split(",") if part.strip()]
 
 
@@ -497,28 +509,47 @@ def open_text(path: str):
 
 def iter_local_documents(paths: list[str], fmt: str, text_column: str) -> Iterator[dict]:
     """Documents of local files, read lazily in order: a .txt line, or a JSON object of a .jsonl line (a .json
-    file may also hold one JSON list of objects). The text column must exist; errors name file and line."""
+    file may also hold one JSON list of objects). The text column must exist and hold text (or null: skipped);
+    errors name file and line, including a file that is not UTF-8 or a damaged compressed file."""
+    import lzma
+
     for path in paths:
-        with open_text(path) as handle:
-            if fmt == "text":
-                for line in handle:
-                    line = line.rstrip("\n")
-                    if line.strip():
-                        yield {text_column: line}
-                continue
+        try:
+            yield from _documents_of_file(path, fmt, text_column)
+        except UnicodeDecodeError as error:
+            raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of its text)") from None
+        except (EOFError, lzma.LZMAError, OSError) as error:  # a truncated .gz/.xz/.bz2, or plain text named .gz
+            raise UsageError(f"{path} cannot be read: {first_line(error)} (a damaged or mislabelled compressed file?)") from None
+
+
+def _documents_of_file(path: str, fmt: str, text_column: str) -> Iterator[dict]:
+    with open_text(path) as handle:
+        if fmt == "text":
+            for line in handle:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield {text_column: line}
+            return
+        first = handle.read(1)
+        while first and first.isspace():
             first = handle.read(1)
-            while first and first.isspace():
-                first = handle.read(1)
-            if first == "[":  # one JSON list
+        if first == "[":  # one JSON list
+            try:
                 records = json.loads(first + handle.read())
-                numbered = enumerate(records, start=1)
-            else:
-                numbered = _json_lines(first, handle)
-            for number, record in numbered:
-                if not isinstance(record, dict) or text_column not in record:
-                    keys = list(record) if isinstance(record, dict) else type(record).__name__
-                    raise UsageError(f"{path}, record {number}: no {text_column!r} field (found {keys}); set --text_column_name")
-                yield record
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{path}: not a valid JSON list ({error})") from None
+            numbered = enumerate(records, start=1)
+        else:
+            numbered = _json_lines(first, handle)
+        for number, record in numbered:
+            if not isinstance(record, dict) or text_column not in record:
+                keys = list(record) if isinstance(record, dict) else type(record).__name__
+                raise UsageError(f"{path}, record {number}: no {text_column!r} field (found {keys}); set --text_column_name")
+            if record[text_column] is not None and not isinstance(record[text_column], str):
+                raise UsageError(
+                    f"{path}, record {number}: its {text_column!r} is a {type(record[text_column]).__name__}, not text"
+                )
+            yield record
 
 
 def _json_lines(first: str, handle) -> Iterator[tuple[int, dict]]:
@@ -631,6 +662,20 @@ def tokenize_to_cache(
     tmp_folder = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_folder, ignore_errors=True)
     os.makedirs(tmp_folder)
+    try:
+        meta = _tokenize_into(tmp_folder, documents, tokenizer, text_column, batch_size, paths, fmt, num_workers)
+    except BaseException:  # bad data, Ctrl-C: no half-written temporary folder left behind
+        shutil.rmtree(tmp_folder, ignore_errors=True)
+        raise
+    if os.path.isdir(folder):  # another process finished first
+        shutil.rmtree(tmp_folder)
+    else:
+        os.replace(tmp_folder, folder)
+    return meta
+
+
+def _tokenize_into(tmp_folder, documents, tokenizer, text_column, batch_size, paths, fmt, num_workers) -> dict:
+    """The body of `tokenize_to_cache`: tokens.bin and meta.json in `tmp_folder`; returns the meta."""
     tokens_file = os.path.join(tmp_folder, "tokens.bin")
     start = time.time()
     if paths is not None and num_workers > 1 and len(paths) > 1:
@@ -655,10 +700,6 @@ def tokenize_to_cache(
     }
     with open(os.path.join(tmp_folder, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
-    if os.path.isdir(folder):  # another process finished first
-        shutil.rmtree(tmp_folder)
-    else:
-        os.replace(tmp_folder, folder)
     return meta
 
 
@@ -1065,10 +1106,6 @@ def stage_max_steps(plan: StagePlan, patch_args: PatchArguments, training_args: 
 def global_batch_size(args: TrainingArguments) -> int:
     """Sequences per optimizer step over all ranks."""
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_model_config(source: str) -> LlamaConfig:

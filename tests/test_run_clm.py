@@ -462,6 +462,8 @@ def test_json_config_file(workdir, tmp_path):
         ({"per_device_train_batch_size": 3}, r"divisible by --patch_size K=4"),
         ({"streaming": True, "max_steps": -1}, r"--streaming needs --max_steps"),
         ({"streaming": True, "dataloader_num_workers": 2}, r"--streaming .* --dataloader_num_workers 2 would read"),
+        ({"preprocessing_num_workers": -3}, r"--preprocessing_num_workers must be >= 1, got -3"),
+        ({"train_file": '["data/x.jsonl"'}, r"file list .* is not a valid JSON list"),
         # transformers lets these through; torch would fail at the first step, or the run would silently differ.
         ({"per_device_train_batch_size": 0}, r"--per_device_train_batch_size must be >= 1, got 0"),
         ({"gradient_accumulation_steps": 0}, r"--gradient_accumulation_steps must be >= 1, got 0"),
@@ -590,6 +592,47 @@ def test_bad_records_are_named(tmp_path):
     no_column.write_text('{"content": "ok"}\n')
     with pytest.raises(UsageError, match=r"nocol.jsonl, record 1: no 'text' field \(found \['content'\]\); set --text_column_name"):
         list(run_clm.iter_local_documents([str(no_column)], "json", "text"))
+
+
+def damaged_file(tmp_path, kind: str):
+    """A data file of each kind that used to end in a library traceback (or, for a list, train silently)."""
+    import gzip
+    import lzma
+
+    sample = (DATA_DIR / "sample_train.jsonl").read_bytes()
+    path = tmp_path / {"latin1": "a.jsonl", "gz": "a.jsonl.gz", "xz": "a.jsonl.xz", "not_gz": "a.jsonl.gz",
+                       "json_list": "a.json", "number": "a.jsonl", "list": "a.jsonl"}[kind]
+    contents = {
+        "latin1": b'{"text": "caf\xe9"}\n',  # "café" in Latin-1
+        "gz": gzip.compress(sample)[:2000],
+        "xz": lzma.compress(sample)[:2000],
+        "not_gz": sample[:2000],
+        "json_list": b'[{"text": "a"}, {"text"',
+        "number": b'{"text": 123}\n',
+        "list": b'{"text": ["a", "b"]}\n',
+    }[kind]
+    path.write_bytes(contents)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("latin1", r"a.jsonl is not UTF-8 text \(invalid continuation byte"),
+        ("gz", r"a.jsonl.gz cannot be read: Compressed file ended before the end-of-stream marker"),
+        ("xz", r"a.jsonl.xz cannot be read: Compressed file ended before the end-of-stream marker"),
+        ("not_gz", r"a.jsonl.gz cannot be read: Not a gzipped file"),
+        ("json_list", r"a.json: not a valid JSON list"),
+        ("number", r"a.jsonl, record 1: its 'text' is a int, not text"),
+        ("list", r"a.jsonl, record 1: its 'text' is a list, not text"),
+    ],
+)
+def test_damaged_data_is_named_and_leaves_no_partial_cache(workdir, tmp_path, kind, message):
+    path = damaged_file(tmp_path, kind)
+    cache = tmp_path / "cache"
+    with pytest.raises(UsageError, match=message):
+        run_clm.main(job_args(workdir, tmp_path / "job", train_file=str(path), data_cache_dir=str(cache)))
+    assert not any(cache.glob("*.tmp-*")), "a half-written token cache was left behind"
 
 
 def test_parallel_tokenisation_gives_the_same_stream(tmp_path):

@@ -575,9 +575,12 @@ def load_documents(paths: list[str] | None, fmt: str | None, data_args: DataArgu
         return iter_local_documents(paths, fmt, data_args.text_column_name)
     import datasets
 
-    dataset = datasets.load_dataset(
-        data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split, streaming=streaming
-    )
+    try:
+        dataset = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split, streaming=streaming
+        )
+    except (ConnectionError, OSError, ValueError) as error:  # not found, offline, a wrong split or config name
+        raise UsageError(f"--dataset_name {data_args.dataset_name}: {first_line(error)}") from None
     columns = dataset.column_names if dataset.column_names is not None else list(next(iter(dataset)).keys())
     if data_args.text_column_name not in columns:
         raise UsageError(

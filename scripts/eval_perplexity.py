@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from run_clm import check_data_files, iter_document_tokens, load_documents, run_cli  # noqa: E402  (the same tokenisation)
+from run_clm import UsageError, check_data_files, first_line, iter_document_tokens, load_documents, run_cli  # noqa: E402  (the same tokenisation)
 
 DEFAULT_DATA = REPO_ROOT / "data" / "wikitext-103-test.jsonl"
 MAX_DEFAULT_BLOCK_SIZE = 2048
@@ -228,7 +228,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="A model folder (this project's output or any HF causal LM).")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the model folder).")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="Documents (.jsonl/.json/.txt; default: WikiText-103 test).")
-    parser.add_argument("--text_column", default="text", help="The JSON key holding each document's text.")
+    parser.add_argument("--text_column", "--text_column_name", default="text", help="The JSON key holding each document's text.")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="blocks", help="blocks (run_clm's) or sliding.")
     parser.add_argument("--stride", type=int, default=None, help="Sliding-window stride S (default T/2).")
     parser.add_argument(
@@ -257,6 +257,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} {folder}: no such folder (a local folder: nothing is downloaded)")
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json in it, so no model to load")
+    if args.output_json is not None:
+        output = Path(args.output_json)
+        blocking = next((p for p in [output, *output.parents] if p.exists()), None)
+        if output.is_dir() or (blocking is not None and blocking != output and not blocking.is_dir()):
+            parser.error(f"--output_json {args.output_json}: " + ("a folder" if output.is_dir() else f"{blocking} is a file")
+                         + "; give a file path to write the result to")
     if args.device != "auto":
         try:
             device = torch.device(args.device)
@@ -282,14 +288,22 @@ def main(argv=None) -> dict:
         sys.exit(f"eval_perplexity.py: error: --stride must lie in [1, T={block_size}], got {stride}")
 
     tokenizer_path = args.tokenizer or args.model
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"no tokenizer in {tokenizer_path} ({first_line(error)}): give --tokenizer") from None
     if len(tokenizer) > config.vocab_size:
         sys.exit(f"eval_perplexity.py: error: the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {config.vocab_size}")
     stream, num_documents = read_token_stream(args.data, tokenizer, args.text_column)
+    if len(stream) < block_size:
+        raise UsageError(f"--data {args.data} holds {len(stream)} tokens, fewer than one block of T={block_size}")
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device))
+    except OSError as error:  # a config without weights, say
+        raise UsageError(f"--model {args.model}: {first_line(error)}") from None
     print(f"[eval_perplexity] model {args.model} ({type(model).__name__}, {args.dtype}, {device}); tokenizer {tokenizer_path}", flush=True)
 
     start = time.time()

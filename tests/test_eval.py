@@ -202,3 +202,31 @@ def test_sliding_on_the_trained_model(tiny_run):
     ])
     assert result["scored_tokens"] == RUN_EVAL_BLOCKS * RUN_BLOCK_SIZE - 1
     assert math.isfinite(result["perplexity"])
+
+
+def test_bad_model_data_or_output_is_one_line(tiny_run, tmp_path):
+    """Each used to end in a traceback (the last two after the whole evaluation had run)."""
+    import shutil
+
+    from run_clm import UsageError
+
+    run_dir, _ = tiny_run
+    no_tokenizer, no_weights = tmp_path / "no_tokenizer", tmp_path / "no_weights"
+    for folder, files in ((no_tokenizer, ("config.json", "model.safetensors")), (no_weights, ("config.json",))):
+        folder.mkdir()
+        for name in files:
+            shutil.copy(run_dir / name, folder / name)
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "hi"}\n')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (["--model", str(run_dir), "--data", str(small), "--block_size", "32"], UsageError, "holds 3 tokens, fewer than one block of T=32"),
+        (["--model", str(no_tokenizer)], UsageError, "no tokenizer in"),
+        (["--model", str(no_weights), "--tokenizer", str(TOKENIZER_DIR)], UsageError, "no file named model.safetensors"),
+        (["--model", str(run_dir), "--output_json", str(tmp_path)], SystemExit, None),
+        (["--model", str(run_dir), "--output_json", str(a_file / "r.json")], SystemExit, None),
+    ]
+    for flags, error, message in cases:
+        with pytest.raises(error, match=message):
+            eval_perplexity.main([*flags, "--no_progress"])

@@ -463,6 +463,7 @@ def test_json_config_file(workdir, tmp_path):
         ({"streaming": True, "max_steps": -1}, r"--streaming needs --max_steps"),
         ({"streaming": True, "dataloader_num_workers": 2}, r"--streaming .* --dataloader_num_workers 2 would read"),
         ({"preprocessing_num_workers": -3}, r"--preprocessing_num_workers must be >= 1, got -3"),
+        ({"train_file": None, "dataset_name": "nonexistent_xyz/abc"}, r"--dataset_name nonexistent_xyz/abc: Couldn't reach"),
         ({"train_file": '["data/x.jsonl"'}, r"file list .* is not a valid JSON list"),
         # transformers lets these through; torch would fail at the first step, or the run would silently differ.
         ({"per_device_train_batch_size": 0}, r"--per_device_train_batch_size must be >= 1, got 0"),

@@ -1457,8 +1457,18 @@ def run_cli(entry_point, program: str) -> None:
     try:
         entry_point()
     except UsageError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {usage_message(error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def usage_message(error: UsageError) -> str:
+    """The message of a UsageError; one raised in a data-loader worker (`--streaming` with a worker) arrives
+    re-raised by torch with the worker's whole traceback in its message: keep only the original message."""
+    message = str(error)
+    if "Original Traceback" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        message = last.split(f"{UsageError.__name__}: ", 1)[-1]
+    return message
 
 
 def cli() -> None:

@@ -403,6 +403,19 @@ def test_streaming_data_loader_workers(tmp_path):
         batches(2)
 
 
+def test_streaming_worker_error_is_one_line(workdir, tmp_path, capsys):
+    """A data error found in the loader's worker process (--streaming, 1 worker) reaches the shell as the
+    original one-line message; before, torch's re-raise carried the worker's whole traceback (24 lines)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    argv = job_args(workdir, tmp_path / "job", streaming=True, train_file=str(empty), dataloader_num_workers=1)
+    with pytest.raises(SystemExit) as exit_info:
+        run_clm.run_cli(lambda: run_clm.main(argv), "run_clm.py")
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["run_clm.py: error: the streamed training data holds no text"]
+
+
 def test_streaming_two_stage_job(workdir, tmp_path):
     """A streaming two-stage job runs to the end (the reference code crashes on len() of the stream)."""
     results = run_clm.main(job_args(workdir, tmp_path / "job", streaming=True, max_steps=4, save_steps=100))

@@ -171,7 +171,7 @@ class DataArguments:
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
             raise UsageError(f"--max_eval_blocks must be >= 1, got {self.max_eval_blocks}")
         for name in ("preprocessing_num_workers", "tokenize_batch_size"):
-            if getattr(self, name, 1) < 1:
+            if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 

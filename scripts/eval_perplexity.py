@@ -257,12 +257,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} {folder}: no such folder (a local folder: nothing is downloaded)")
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json in it, so no model to load")
-    if args.output_json is not None:
+    if args.output_json is not None:  # checked now: the evaluation can take a while
         output = Path(args.output_json)
-        blocking = next((p for p in [output, *output.parents] if p.exists()), None)
-        if output.is_dir() or (blocking is not None and blocking != output and not blocking.is_dir()):
-            parser.error(f"--output_json {args.output_json}: " + ("a folder" if output.is_dir() else f"{blocking} is a file")
-                         + "; give a file path to write the result to")
+        if output.is_dir():
+            parser.error(f"--output_json {args.output_json} is a folder; give a file path to write the result to")
+        existing_parent = next((p for p in output.parents if p.exists()), None)
+        if existing_parent is not None and not existing_parent.is_dir():
+            parser.error(f"--output_json {args.output_json}: {existing_parent} is a file, not a folder")
     if args.device != "auto":
         try:
             device = torch.device(args.device)

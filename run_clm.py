@@ -1007,6 +1007,14 @@ def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main
         write_json_atomic(record, identity)
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The file that stops `path` from being (or becoming) a folder: `path` itself or its nearest existing
+    ancestor, when that is not a folder; None otherwise."""
+    path = Path(path)
+    nearest = next((p for p in [path, *path.parents] if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
 def write_json_atomic(path, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -1276,14 +1284,16 @@ def main(argv: list[str] | None = None) -> dict:
             "same command"
         )
     for name, folder in (("output_dir", output_dir), ("data_cache_dir", data_args.data_cache_dir)):
-        blocking = next((p for p in [Path(folder), *Path(folder).parents] if p.exists()), None) if folder else None
-        if blocking is not None and not blocking.is_dir():
+        blocking = file_in_the_way(folder) if folder else None
+        if blocking is not None:
             raise UsageError(f"--{name} {folder}: {blocking} is a file, not a folder")
+    # Also checks the patch stage's batch settings (stage_batch_settings raises) before any data is read.
+    identity = run_identity(model_args, data_args, patch_args, training_args)
 
     # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE
     if results_file.is_file() and not training_args.overwrite_output_dir:
-        check_same_run(output_dir, run_identity(model_args, data_args, patch_args, training_args))
+        check_same_run(output_dir, identity)
         results = json.loads(results_file.read_text())
         if training_args.should_log:
             logger.info("%s already holds a finished run; nothing to do (use --overwrite_output_dir to redo it)", output_dir)
@@ -1322,12 +1332,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(
             f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings {config.max_position_embeddings}"
         )
-    if patch_args.has_patch_stage:
-        stage_batch_settings(patch_args, training_args)  # raises now rather than after the data is read
     if patch_args.patch_size > 1 and not patch_args.has_patch_stage:
         logger.warning("--patch_size %d is ignored: --patch_data_fraction is 0 (token-level baseline)", patch_args.patch_size)
     with training_args.main_process_first(desc="output directory"):
-        identity = run_identity(model_args, data_args, patch_args, training_args)
         prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save)
     set_seed(training_args.seed)
 

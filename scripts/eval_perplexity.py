@@ -51,7 +51,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from run_clm import UsageError, check_data_files, first_line, iter_document_tokens, load_documents, run_cli  # noqa: E402  (the same tokenisation)
+from run_clm import (  # noqa: E402  (the same tokenisation)
+    UsageError, check_data_files, file_in_the_way, first_line, iter_document_tokens, load_documents, run_cli,
+)
 
 DEFAULT_DATA = REPO_ROOT / "data" / "wikitext-103-test.jsonl"
 MAX_DEFAULT_BLOCK_SIZE = 2048
@@ -261,9 +263,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         output = Path(args.output_json)
         if output.is_dir():
             parser.error(f"--output_json {args.output_json} is a folder; give a file path to write the result to")
-        existing_parent = next((p for p in output.parents if p.exists()), None)
-        if existing_parent is not None and not existing_parent.is_dir():
-            parser.error(f"--output_json {args.output_json}: {existing_parent} is a file, not a folder")
+        blocking = file_in_the_way(output.parent)
+        if blocking is not None:
+            parser.error(f"--output_json {args.output_json}: {blocking} is a file, not a folder")
     if args.device != "auto":
         try:
             device = torch.device(args.device)

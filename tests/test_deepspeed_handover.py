@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from test_multiprocess import SHIM, deepspeed_config, launch
+from test_multiprocess import launch_deepspeed
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,7 @@ def test_bf16_handover_is_the_fp32_master_weights(tmp_path, data_cache, zero):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    results = launch(
-        "launch_deepspeed.sh", out, data_cache, "--bf16", "true", "--learning_rate", "0",
-        DS_CONFIG=deepspeed_config(zero), PYTHONPATH=str(SHIM),
-    )
+    results = launch_deepspeed(out, data_cache, zero, "--bf16", "true", "--learning_rate", "0")
     assert (results["patch_stage"]["steps"], results["token_stage"]["steps"]) == (4, 2)
     patch_step = out / "patch_stage" / "checkpoint-4" / "global_step4"
     assert (patch_step / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file(), "DeepSpeed trained in bf16"

@@ -53,9 +53,15 @@ def launch(script: str, out: Path, cache: Path, *flags: str, **env: str) -> dict
     result = subprocess.run(command, capture_output=True, text=True, env=values, cwd=REPO_ROOT, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
-    logs = list(Path(f"{out}.logs").glob("node0-*.log"))
-    assert len(logs) == 1 and "[run_clm] done" in logs[0].read_text(), "the launcher keeps the log beside the run"
+    assert "[run_clm] done" in launcher_log(out), "the launcher keeps the log beside the run"
     return json.loads((out / "all_results.json").read_text())
+
+
+def launcher_log(out: Path) -> str:
+    """The launcher's log of the run in `out`: exactly one, beside the run folder."""
+    logs = list(Path(f"{out}.logs").glob("node0-*.log"))
+    assert len(logs) == 1, logs
+    return logs[0].read_text()
 
 
 def check_two_ranks_and_both_stages(results: dict, out: Path) -> None:
@@ -120,17 +126,16 @@ def test_ddp_two_processes_with_accelerate(tmp_path, data_cache):
     check_stock_model(out)
 
 
-def deepspeed_config(name: str) -> str:
+def launch_deepspeed(out: Path, cache: Path, zero_config: str, *flags: str, **env: str) -> dict:
+    """launch() through launch_deepspeed.sh with configs/deepspeed/<zero_config>, on CPU (the shim)."""
     pytest.importorskip("deepspeed")
-    return f"configs/deepspeed/{name}"
+    return launch("launch_deepspeed.sh", out, cache, *flags,
+                  DS_CONFIG=f"configs/deepspeed/{zero_config}", PYTHONPATH=str(SHIM), **env)
 
 
 def test_deepspeed_zero2_two_processes(tmp_path, data_cache):
     out = tmp_path / "zero2"
-    results = launch(
-        "launch_deepspeed.sh", out, data_cache,
-        DS_CONFIG=deepspeed_config("zero2.json"), PYTHONPATH=str(SHIM),
-    )
+    results = launch_deepspeed(out, data_cache, "zero2.json")
     check_two_ranks_and_both_stages(results, out)
     step = next((out / "checkpoint-2").glob("global_step*"))
     names = sorted(path.name for path in step.iterdir())
@@ -144,11 +149,8 @@ def test_deepspeed_zero2_with_torch_compile(tmp_path, data_cache):
     """--torch_compile under DeepSpeed (accelerate hands the model to DeepSpeed's engine.compile): both stages
     train, the handover and the stage saves see the compiled module's parameters, the model is stock."""
     out = tmp_path / "zero2_compiled"
-    results = launch(
-        "launch_deepspeed.sh", out, data_cache, "--torch_compile", "true",
-        DS_CONFIG=deepspeed_config("zero2.json"), PYTHONPATH=str(SHIM), TORCH_LOGS="dynamo",
-    )
-    log = next(Path(f"{out}.logs").glob("node0-*.log")).read_text()
+    results = launch_deepspeed(out, data_cache, "zero2.json", "--torch_compile", "true", TORCH_LOGS="dynamo")
+    log = launcher_log(out)
     assert "torchdynamo start tracing forward" in log and "done compiler function inductor" in log, "nothing compiled"
     assert "recompile_limit" not in log, "dynamo gave up and ran part of the model eagerly"
     check_two_ranks_and_both_stages(results, out)
@@ -158,10 +160,7 @@ def test_deepspeed_zero2_with_torch_compile(tmp_path, data_cache):
 
 def test_deepspeed_zero3_saves_a_consolidated_patch_model(tmp_path, data_cache):
     out = tmp_path / "zero3"
-    results = launch(
-        "launch_deepspeed.sh", out, data_cache,
-        DS_CONFIG=deepspeed_config("zero3.json"), PYTHONPATH=str(SHIM),
-    )
+    results = launch_deepspeed(out, data_cache, "zero3.json")
     check_two_ranks_and_both_stages(results, out)
     step = next((out / "patch_stage" / "checkpoint-4").glob("global_step*"))
     names = {path.name for path in step.iterdir()}

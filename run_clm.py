@@ -64,6 +64,14 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one clear line and exit code 2, before any work is lost."""
 
 
+def refuse_below(arguments, names: tuple[str, ...], minimum: int) -> None:
+    """UsageError naming the first of the `arguments` fields `names` set below `minimum` (None: unset, fine)."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name} must be >= {minimum}, got {value}")
+
+
 def first_line(error: Exception) -> str:
     """The first line of an exception's message (library messages can run to many lines)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -168,11 +176,7 @@ class DataArguments:
             raise UsageError(f"--block_size must be >= 2 (a block of one position has no next token to predict), got {self.block_size}")
         if not 0.0 <= self.skip_data_fraction < 1.0:
             raise UsageError(f"--skip_data_fraction must lie in [0, 1), got {self.skip_data_fraction}")
-        if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
-            raise UsageError(f"--max_eval_blocks must be >= 1, got {self.max_eval_blocks}")
-        for name in ("preprocessing_num_workers", "tokenize_batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        refuse_below(self, ("max_eval_blocks", "preprocessing_num_workers", "tokenize_batch_size"), 1)
 
 
 @dataclass
@@ -218,14 +222,8 @@ class PatchArguments:
                 f"--patch_data_fraction={self.patch_data_fraction} needs --patch_size K > 1: "
                 "patch-level training with K = 1 is token-level training"
             )
-        for name in ("patch_per_device_train_batch_size", "patch_gradient_accumulation_steps", "patch_max_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name} must be >= 1, got {value}")
-        for name in ("patch_learning_rate", "patch_warmup_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UsageError(f"--{name} must be >= 0, got {value}")
+        refuse_below(self, ("patch_per_device_train_batch_size", "patch_gradient_accumulation_steps", "patch_max_steps"), 1)
+        refuse_below(self, ("patch_learning_rate", "patch_warmup_steps"), 0)
 
     @property
     def has_patch_stage(self) -> bool:
@@ -296,13 +294,8 @@ def check_training_numbers(args: TrainingArguments) -> None:
     starts (a batch of 0, Adam's betas outside [0, 1)) or silently do something else than asked (a negative
     weight decay grows the weights, a negative clipping norm turns clipping off, --save_steps 0 saves no
     checkpoint until the end)."""
-    at_least_one = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
-    for name in at_least_one:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("learning_rate", "weight_decay", "adam_epsilon"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    refuse_below(args, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"), 1)
+    refuse_below(args, ("learning_rate", "weight_decay", "adam_epsilon"), 0)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise UsageError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")

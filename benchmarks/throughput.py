@@ -41,8 +41,17 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import run_clm  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback, default_data_collator  # noqa: E402
+
+from patch_training.blocks import StreamingTokenBlocks, TokenBlocks  # noqa: E402
+from patch_training.cli import UsageError  # noqa: E402
+from patch_training.liger import check_liger_environment, liger_config_for_stage  # noqa: E402
+from patch_training.models import resolve_attn_implementation  # noqa: E402
+from patch_training.readers import DataSource  # noqa: E402
+from patch_training.token_cache import cached_token_stream  # noqa: E402
+from patch_training.trainer import PatchTrainer  # noqa: E402
+from patch_training.training_args import RunTrainingArguments  # noqa: E402
 
 from modeling_llama_patch import PatchLlamaForCausalLM, kway_cross_entropy  # noqa: E402
 
@@ -74,7 +83,7 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-class TimedTrainer(run_clm.PatchTrainer):
+class TimedTrainer(PatchTrainer):
     """PatchTrainer that times a window of optimizer steps and the time spent fetching their batches.
 
     With `synthetic_batch` (a micro-batch already on the device) it skips the data loader: every
@@ -101,7 +110,7 @@ class TimedTrainer(run_clm.PatchTrainer):
         return result
 
 
-class WindowTimer(run_clm.transformers.TrainerCallback):
+class WindowTimer(TrainerCallback):
     """Synchronises the device only at the two ends of the timed window."""
 
     def __init__(self, trainer: TimedTrainer):
@@ -127,7 +136,7 @@ def stage_model(config, patch_size: int, args, stock: bool = False):
     if args.liger:  # what `run_clm.py --use_liger_kernel` applies (Liger's loss kernels only at K = 1)
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(model, run_clm.liger_config_for_stage(None, 1 if stock else patch_size))
+        apply_liger_kernel(model, liger_config_for_stage(None, 1 if stock else patch_size))
     return model
 
 
@@ -158,12 +167,9 @@ def training_blocks(args, stream, tokenizer, block_len: int, num_blocks: int) ->
     """A stage's data: `TokenBlocks` of the token cache, or with `--data streaming` run_clm's
     `StreamingTokenBlocks`, which tokenises `--train_file` on the fly."""
     if args.data != "streaming":
-        return run_clm.TokenBlocks(stream, 0, num_blocks, block_len)
-    path = os.path.abspath(args.train_file)
-    data_args = run_clm.DataArguments(train_file=path, streaming=True)
-    return run_clm.StreamingTokenBlocks(
-        lambda: run_clm.load_documents([path], run_clm.file_format(path), data_args, streaming=True),
-        tokenizer, data_args, 0, num_blocks, block_len)
+        return TokenBlocks(stream, 0, num_blocks, block_len)
+    source = DataSource.from_files(args.train_file, "train_file")
+    return StreamingTokenBlocks(source.documents, tokenizer, source.text_column, 0, num_blocks, block_len)
 
 
 def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> dict:
@@ -173,7 +179,7 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
     dataset = training_blocks(args, stream, tokenizer, block_len, total_blocks)
     model = stage_model(config, patch_size, args)
     use_cuda = torch.cuda.is_available()
-    training_args = run_clm.RunTrainingArguments(
+    training_args = RunTrainingArguments(
         output_dir=os.path.join(output_dir, name),
         per_device_train_batch_size=args.micro_batch,
         max_steps=args.warmup + args.steps,
@@ -198,10 +204,10 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
     synthetic_batch = None
     if args.data == "synthetic":
         device = training_args.device
-        batch = run_clm.default_data_collator([dataset[i] for i in range(args.micro_batch)])  # TokenBlocks
+        batch = default_data_collator([dataset[i] for i in range(args.micro_batch)])  # TokenBlocks
         synthetic_batch = {key: value.to(device) for key, value in batch.items()}
     trainer = TimedTrainer(model=model, args=training_args, train_dataset=dataset,
-                           data_collator=run_clm.default_data_collator,
+                           data_collator=default_data_collator,
                            window=(args.warmup, args.warmup + args.steps), synthetic_batch=synthetic_batch)
     if use_cuda:
         torch.cuda.empty_cache()
@@ -222,7 +228,7 @@ def reference_loop(name, patch_size, args, config, stream, tokenizer) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = stage_model(config, patch_size, args, stock=patch_size == 1).to(device)
     dataset = training_blocks(args, stream, tokenizer, patch_size * args.block_size, args.micro_batch)
-    batch = {key: value.to(device) for key, value in run_clm.default_data_collator(list(dataset)).items()}
+    batch = {key: value.to(device) for key, value in default_data_collator(list(dataset)).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=device == "cuda")
     forward = torch.compile(model, mode=args.compile_mode) if args.torch_compile else model
@@ -360,23 +366,22 @@ def main(argv=None) -> dict:
                      f"--warmup {args.warmup} --steps {args.steps}")
     if args.liger:
         try:
-            run_clm.check_liger_environment(use_cpu=False)
-        except run_clm.UsageError as error:
+            check_liger_environment(use_cpu=False)
+        except UsageError as error:
             parser.error(str(error).replace("--use_liger_kernel", "--liger"))
     if args.data == "streaming" and args.dataloader_num_workers > 1:
         parser.error("--data streaming reads one stream: --dataloader_num_workers must be 0 or 1")
-    args.attn_implementation = run_clm.resolve_attn_implementation(args.attn_implementation)
+    args.attn_implementation = resolve_attn_implementation(args.attn_implementation)
     choose_sdpa_backend(args.sdpa_backend)
 
-    config = run_clm.LlamaConfig.from_pretrained(args.model_config)
-    tokenizer = run_clm.AutoTokenizer.from_pretrained(args.tokenizer)
+    config = LlamaConfig.from_pretrained(args.model_config)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     with tempfile.TemporaryDirectory() as output_dir:
-        data_args = run_clm.DataArguments(train_file=args.train_file, data_cache_dir=args.data_cache_dir)
         stream = None
         if args.data != "streaming":
-            stream, _ = run_clm.cached_token_stream(
-                [os.path.abspath(args.train_file)], run_clm.file_format(args.train_file), data_args, tokenizer,
-                run_clm.RunTrainingArguments(output_dir=output_dir, report_to="none"),
+            stream, _ = cached_token_stream(
+                DataSource.from_files(args.train_file, "train_file"), tokenizer,
+                RunTrainingArguments(output_dir=output_dir, report_to="none"), cache_dir=args.data_cache_dir,
             )
         stages = [run_stage("token", 1, args, config, stream, tokenizer, output_dir),
                   run_stage("patch", args.patch_size, args, config, stream, tokenizer, output_dir)]
@@ -387,7 +392,7 @@ def main(argv=None) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {
         "device": device,
-        "versions": {"torch": torch.__version__, "transformers": run_clm.transformers.__version__, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
         "stages": stages,
         "patch_token_tokens_per_s_ratio": patch["tokens_per_s"] / token["tokens_per_s"],
@@ -397,7 +402,7 @@ def main(argv=None) -> dict:
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         report["loss_memory"] = loss_memory(args.micro_batch * args.block_size, config.vocab_size, args.patch_size, device_name, dtype)
 
-    print(f"\ndevice: {device}; torch {torch.__version__}, transformers {run_clm.transformers.__version__}")
+    print(f"\ndevice: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"model {args.model_config}, T={args.block_size}, micro-batch {args.micro_batch}, K={args.patch_size}, "
           f"bf16={args.bf16}, compile={args.torch_compile}, liger={args.liger}, attention={args.attn_implementation} "
           f"(SDPA backend {args.sdpa_backend}), compile mode={args.compile_mode}, data={args.data}, loader workers={args.dataloader_num_workers}\n")

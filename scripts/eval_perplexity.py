@@ -6,7 +6,7 @@ Hugging Face causal LM folder: it loads `AutoModelForCausalLM` and `AutoTokenize
 of the project's model code. A `patch_size` in the config is ignored: the evaluation is token-level.
 
 The text is read exactly as `run_clm.py` reads its validation set, by the same function
-(`run_clm.iter_document_tokens`), so the two cannot drift apart:
+(`patch_training.token_cache.iter_document_tokens`), so the two cannot drift apart:
 
 1. each non-empty document is tokenised as `tokenizer(text, add_special_tokens=True) + [EOS]`
    (for LLaMA: BOS, the text, EOS);
@@ -41,7 +41,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -51,9 +50,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from run_clm import (  # noqa: E402  (the same tokenisation)
-    UsageError, check_data_files, file_in_the_way, first_line, iter_document_tokens, load_documents, run_cli,
-)
+from patch_training.cli import UsageError, first_line, run_cli  # noqa: E402
+from patch_training.readers import DataSource  # noqa: E402  (the same reading and tokenisation as run_clm.py)
+from patch_training.resume import file_in_the_way  # noqa: E402
+from patch_training.token_cache import iter_document_tokens  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT / "data" / "wikitext-103-test.jsonl"
 MAX_DEFAULT_BLOCK_SIZE = 2048
@@ -192,8 +192,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def read_token_stream(data: str, tokenizer, text_column: str = "text", batch_size: int = 1000) -> tuple[np.ndarray, int]:
     """(token stream, number of documents) of a .jsonl/.json/.txt file, read and tokenised as run_clm does."""
-    paths, fmt = check_data_files(data, "data")
-    documents = load_documents(paths, fmt, SimpleNamespace(text_column_name=text_column), streaming=True)
+    documents = DataSource.from_files(data, "data", text_column).documents()
     pieces = list(iter_document_tokens(documents, tokenizer, text_column, batch_size))
     stream = np.fromiter((t for piece in pieces for t in piece), dtype=np.int64)
     return stream, len(pieces)

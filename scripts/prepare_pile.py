@@ -71,9 +71,9 @@ def open_text(path: str):
         except ImportError:
             raise SystemExit(f"prepare_pile.py: reading {path} needs zstandard: pip install zstandard") from None
         return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    import run_clm
+    from patch_training.readers import open_text as open_plain_or_compressed
 
-    return run_clm.open_text(path)
+    return open_plain_or_compressed(path)
 
 
 def split_words(text: str, max_words: int) -> list[str]:
@@ -121,24 +121,18 @@ def tokenize(shards: list[str], validation_file: str | None, args) -> dict:
     with the same train_file, tokenizer and data_cache_dir finds the cache and reads it."""
     from transformers import AutoTokenizer, TrainingArguments
 
-    import run_clm
+    from patch_training.readers import DataSource
+    from patch_training.token_cache import cached_token_stream
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
-    data_args = run_clm.DataArguments(
-        train_file=",".join(shards),
-        validation_file=validation_file,
-        data_cache_dir=args.data_cache_dir,
-        text_column_name="text",
-        tokenize_batch_size=args.tokenize_batch_size,
-        preprocessing_num_workers=max(1, args.num_workers),
-    )
     training_args = TrainingArguments(output_dir=args.output_dir, use_cpu=True, report_to="none")
-    paths, fmt = run_clm.check_data_files(data_args.train_file, "train_file")
-    stream, folder = run_clm.cached_token_stream(paths, fmt, data_args, tokenizer, training_args)
+    cache = dict(cache_dir=args.data_cache_dir, batch_size=args.tokenize_batch_size)
+    train = DataSource.from_files(",".join(shards), "train_file", "text")
+    stream, folder = cached_token_stream(train, tokenizer, training_args, num_workers=max(1, args.num_workers), **cache)
     summary = {"train_tokens": len(stream), "train_cache": folder}
     if validation_file is not None:
-        paths, fmt = run_clm.check_data_files(validation_file, "validation_file")
-        stream, folder = run_clm.cached_token_stream(paths, fmt, data_args, tokenizer, training_args)
+        validation = DataSource.from_files(validation_file, "validation_file", "text")
+        stream, folder = cached_token_stream(validation, tokenizer, training_args, **cache)
         summary.update(validation_tokens=len(stream), validation_cache=folder)
     return summary
 

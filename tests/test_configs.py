@@ -114,7 +114,7 @@ def test_train_config_is_accepted_by_run_clm(path, bf16_gpu, monkeypatch):
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
 def test_paper_config_has_the_paper_settings(path, bf16_gpu, monkeypatch):
-    import run_clm
+    from patch_training.stages import plan_stages, stage_batch_settings
 
     monkeypatch.chdir(REPO_ROOT)
     model_args, data_args, patch_args, args = parse([str(path.relative_to(REPO_ROOT))])
@@ -142,12 +142,12 @@ def test_paper_config_has_the_paper_settings(path, bf16_gpu, monkeypatch):
     token_tokens = args.per_device_train_batch_size * args.gradient_accumulation_steps * PAPER_GPUS * 2048
     assert token_tokens == PAPER_TOKENS_PER_STEP
     if fraction > 0:
-        batch, accumulation = run_clm.stage_batch_settings(patch_args, args)
+        batch, accumulation = stage_batch_settings(patch_args, args)
         assert batch * accumulation * PAPER_GPUS * k * 2048 == PAPER_TOKENS_PER_STEP
 
     # max_steps is the whole token-level budget; λ of it goes to the patch stage at 1/K of the cost.
     total = args.max_steps * PAPER_TOKENS_PER_STEP
-    plans = run_clm.plan_stages(total, fraction, k, 2048)
+    plans = plan_stages(total, fraction, k, 2048)
     steps = {plan.name: plan.num_blocks * plan.block_len / PAPER_TOKENS_PER_STEP for plan in plans}
     assert steps.get("patch", 0) == pytest.approx(fraction * args.max_steps, abs=1)
     assert steps["token"] == pytest.approx((1 - fraction) * args.max_steps, abs=1)
@@ -460,6 +460,7 @@ def test_prepare_then_run_clm_reads_the_cache_without_tokenising(tmp_path, monke
     """Offline prepare of two local shards (one xz-compressed), then run_clm.py (the patch run of the tiny
     config, two steps) finds both token streams in the cache: it never tokenises."""
     import run_clm
+    from patch_training import token_cache
 
     documents = [json.loads(line) for line in (REPO_ROOT / "data" / "sample_train.jsonl").read_text().splitlines()]
     first, second = tmp_path / "a.jsonl.xz", tmp_path / "b.jsonl"
@@ -488,7 +489,7 @@ def test_prepare_then_run_clm_reads_the_cache_without_tokenising(tmp_path, monke
     def no_tokenising(*args, **kwargs):
         raise AssertionError("run_clm.py tokenised again instead of reading the prepared cache")
 
-    monkeypatch.setattr(run_clm, "tokenize_to_cache", no_tokenising)
+    monkeypatch.setattr(token_cache, "tokenize_to_cache", no_tokenising)
     monkeypatch.chdir(REPO_ROOT)
     results = run_clm.main([
         "--config_name", "configs/model/llama-tiny.json",

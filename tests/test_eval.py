@@ -208,7 +208,7 @@ def test_bad_model_data_or_output_is_one_line(tiny_run, tmp_path):
     """Each used to end in a traceback (the last two after the whole evaluation had run)."""
     import shutil
 
-    from run_clm import UsageError
+    from patch_training.cli import UsageError
 
     run_dir, _ = tiny_run
     no_tokenizer, no_weights = tmp_path / "no_tokenizer", tmp_path / "no_weights"

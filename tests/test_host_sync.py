@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import TrainerCallback
+from transformers import TrainerCallback, default_data_collator
 
-import run_clm
 from modeling_llama_patch import PatchLlamaForCausalLM
+from patch_training.blocks import TokenBlocks
+from patch_training.trainer import PatchTrainer
+from patch_training.training_args import RunTrainingArguments
 
 # aten ops that wait for the device: a scalar read into Python, or an output whose shape depends on values.
 SYNCING_OPS = frozenset({
@@ -60,14 +62,14 @@ def record_training_syncs(tmp_path, patch_size: int, **training_overrides) -> li
     config = tiny_llama_config()
     config.patch_size = patch_size
     tokens = np.random.RandomState(0).randint(3, config.vocab_size, 50_000).astype(np.uint16)
-    dataset = run_clm.TokenBlocks(tokens, 0, 16, 16 * patch_size)
+    dataset = TokenBlocks(tokens, 0, 16, 16 * patch_size)
     values = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                   max_steps=4, max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=1,
                   logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
     values.update(training_overrides)
     recorder = HostSyncRecorder()
-    trainer = run_clm.PatchTrainer(model=PatchLlamaForCausalLM(config), args=run_clm.RunTrainingArguments(**values),
-                                   train_dataset=dataset, data_collator=run_clm.default_data_collator,
+    trainer = PatchTrainer(model=PatchLlamaForCausalLM(config), args=RunTrainingArguments(**values),
+                                   train_dataset=dataset, data_collator=default_data_collator,
                                    callbacks=[recorder])
     with recorder:
         trainer.train()
@@ -91,9 +93,9 @@ def test_recorder_catches_transformers_nan_filter(tmp_path):
 
 
 def test_run_defaults_avoid_syncs_and_keep_user_choice():
-    args = run_clm.RunTrainingArguments(output_dir="unused", report_to="none")
+    args = RunTrainingArguments(output_dir="unused", report_to="none")
     assert args.logging_nan_inf_filter is False
-    assert run_clm.RunTrainingArguments(output_dir="unused", report_to="none", logging_nan_inf_filter=True).logging_nan_inf_filter
+    assert RunTrainingArguments(output_dir="unused", report_to="none", logging_nan_inf_filter=True).logging_nan_inf_filter
     if not torch.accelerator.is_available():
         assert args.accelerator_config.non_blocking is False  # nothing to overlap without a GPU
         assert args.dataloader_pin_memory is False  # nor to pin for (torch warns on every loader otherwise)

@@ -19,16 +19,17 @@ from conftest import REPO_ROOT
 from test_run_clm import job_args
 
 import run_clm
-from run_clm import UsageError
+from patch_training.cli import UsageError
+from patch_training.liger import liger_config_for_stage
 
 LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
 def test_liger_loss_kernels_are_off_in_the_patch_stage():
-    assert run_clm.liger_config_for_stage(None, 1) is None  # token stage: Liger's defaults, its fused loss included
-    assert run_clm.liger_config_for_stage({"rope": False}, 1) == {"rope": False}
-    assert run_clm.liger_config_for_stage(None, 4) == {"cross_entropy": False, "fused_linear_cross_entropy": False}
-    assert run_clm.liger_config_for_stage({"rope": False, "fused_linear_cross_entropy": True}, 2) == {
+    assert liger_config_for_stage(None, 1) is None  # token stage: Liger's defaults, its fused loss included
+    assert liger_config_for_stage({"rope": False}, 1) == {"rope": False}
+    assert liger_config_for_stage(None, 4) == {"cross_entropy": False, "fused_linear_cross_entropy": False}
+    assert liger_config_for_stage({"rope": False, "fused_linear_cross_entropy": True}, 2) == {
         "rope": False, "cross_entropy": False, "fused_linear_cross_entropy": False}
 
 
@@ -78,6 +79,7 @@ APPLY_LIGER_SCRIPT = textwrap.dedent("""
     from transformers.integrations.liger import apply_liger_kernel
     from conftest import tiny_llama_config
     import run_clm
+    from patch_training.stages import StagePlan, stage_training_args
     from modeling_llama_patch import PatchLlamaForCausalLM
 
     _, _, patch_args, training_args = run_clm.parse_arguments({argv!r})
@@ -93,8 +95,8 @@ APPLY_LIGER_SCRIPT = textwrap.dedent("""
 
     found = {{}}
     for name, patch_size in (("patch", 4), ("token", 1)):
-        plan = run_clm.StagePlan(name, patch_size, 32 * patch_size, 0, 0, 0)
-        args = run_clm.stage_training_args(training_args, patch_args, plan, "unused", -1)
+        plan = StagePlan(name, patch_size, 32 * patch_size, 0, 0, 0)
+        args = stage_training_args(training_args, patch_args, plan, "unused", -1)
         found[name] = patched(patch_size, args.liger_kernel_config)
     found["patch_stage_with_liger_defaults"] = patched(4, training_args.liger_kernel_config)
     print(json.dumps(found))

@@ -10,11 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_DIR, REPO_ROOT, TOKENIZER_DIR, tiny_llama_config
+from conftest import DATA_DIR, REPO_ROOT, TOKENIZER_DIR
 from safetensors.torch import load_file
 
 import run_clm
-from run_clm import UsageError
+from patch_training import token_cache
+from patch_training.cli import UsageError, run_cli
+from patch_training.readers import check_data_files
+from patch_training.trainer import PatchTrainer
+from patch_training.training_args import torch_compile_caveat
 
 TRAIN_FILE = str(DATA_DIR / "sample_train.jsonl")
 VALID_FILE = str(DATA_DIR / "wikitext-103-test.jsonl")
@@ -112,48 +116,6 @@ def test_two_stages_train_and_split_is_exact(workdir, finished_job):
     assert json.loads((output_dir / "patch_stage" / "config.json").read_text())["patch_size"] == 4
 
 
-def test_stage_blocks_cover_the_stream_without_overlap(workdir):
-    """The token stage's first block starts right after the patch stage's tokens; blocks are contiguous
-    slices of the cached token stream (checked against the tokenizer run by hand)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    with open(TRAIN_FILE, encoding="utf-8") as handle:
-        first_docs = [json.loads(line)["text"] for line, _ in zip(handle, range(3))]
-    expected = []
-    for text in first_docs:
-        expected += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    plans = run_clm.plan_stages(total_tokens=1000, patch_fraction=0.5, patch_size=4, block_size=32)
-    stream = np.asarray(expected[:1000])
-    patch_blocks = run_clm.TokenBlocks(stream, plans[0].start_token, plans[0].num_blocks, plans[0].block_len)
-    token_blocks = run_clm.TokenBlocks(stream, plans[1].start_token, plans[1].num_blocks, plans[1].block_len)
-    patch_tokens = torch.cat([patch_blocks[i]["input_ids"] for i in range(len(patch_blocks))])
-    token_tokens = torch.cat([token_blocks[i]["input_ids"] for i in range(len(token_blocks))])
-    assert len(patch_blocks) == 500 // 128 and len(token_blocks) == 500 // 32
-    assert patch_tokens.tolist() == expected[: len(patch_blocks) * 128]
-    assert token_tokens.tolist() == expected[500 : 500 + len(token_blocks) * 32]
-
-
-def test_multi_epoch_patch_stage_covers_first_lambda_epochs(workdir, tmp_path):
-    """num_train_epochs=3 with λ=1/3: the patch stage reads exactly the first epoch, the token stage the
-    other two (the stream is read as repeating)."""
-    tokens = np.arange(1000) % 97
-    plans = run_clm.plan_stages(total_tokens=3 * 1000, patch_fraction=1 / 3, patch_size=4, block_size=10)
-    assert plans[0].budget_tokens == 1000 and plans[1].start_token == 1000
-    second = run_clm.TokenBlocks(tokens, plans[1].start_token, plans[1].num_blocks, plans[1].block_len)
-    assert second[0]["input_ids"].tolist() == tokens[:10].tolist()  # the second epoch starts over
-    wrap = run_clm.TokenBlocks(tokens, 995, 1, 10)[0]["input_ids"].tolist()
-    assert wrap == tokens[995:].tolist() + tokens[:5].tolist()
-
-
-def test_skip_data_fraction_takes_the_tail():
-    """The ablation run (token level on the last 1/3 only) reads exactly the token stage's data of a λ=2/3 run."""
-    patch_run = run_clm.plan_stages(3000, 2 / 3, 4, 10)
-    tail_run = run_clm.plan_stages(3000, 0.0, 4, 10, skip_fraction=2 / 3)
-    assert len(tail_run) == 1 and tail_run[0].name == "token"
-    assert (tail_run[0].start_token, tail_run[0].num_blocks) == (patch_run[1].start_token, patch_run[1].num_blocks)
-
-
 def test_token_stage_starts_with_fresh_optimizer_and_schedule(finished_job):
     """The token stage's AdamW state counts only its own steps and its schedule restarts with warmup."""
     output_dir, results = finished_job
@@ -188,14 +150,14 @@ class Interrupt(Exception):
 
 def interrupt_at(monkeypatch, stage_patch_size, step):
     """Make the Trainer of the stage with this patch size raise at the given optimizer step."""
-    original = run_clm.PatchTrainer.training_step
+    original = PatchTrainer.training_step
 
     def training_step(self, *args, **kwargs):
         if self.stage_patch_size == stage_patch_size and self.state.global_step >= step:
             raise Interrupt(f"interrupted at step {step}")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(run_clm.PatchTrainer, "training_step", training_step)
+    monkeypatch.setattr(PatchTrainer, "training_step", training_step)
 
 
 @pytest.mark.parametrize("stage_patch_size", [4, 1], ids=["in_patch_stage", "in_token_stage"])
@@ -293,14 +255,14 @@ def test_activation_checkpointing_job_matches_plain(workdir, finished_job, tmp_p
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     flag = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     checkpointing = []
-    train = run_clm.PatchTrainer.train
+    train = PatchTrainer.train
 
     def recording_train(self, *args, **kwargs):
         output = train(self, *args, **kwargs)
         checkpointing.append((self.stage_patch_size, self.model.is_gradient_checkpointing))
         return output
 
-    monkeypatch.setattr(run_clm.PatchTrainer, "train", recording_train)
+    monkeypatch.setattr(PatchTrainer, "train", recording_train)
     output_dir = tmp_path / "checkpointed"
     results = run_clm.main(job_args(workdir, output_dir, save_steps=100, **{flag: True}))
     assert checkpointing == [(4, True), (1, True)]
@@ -315,7 +277,7 @@ def test_torch_compile_under_zero3_is_flagged():
     configs = REPO_ROOT / "configs"
 
     def caveat(*flags):
-        return run_clm.torch_compile_caveat(run_clm.parse_arguments([str(configs / "train" / "tiny-patch.json"), *flags])[3])
+        return torch_compile_caveat(run_clm.parse_arguments([str(configs / "train" / "tiny-patch.json"), *flags])[3])
 
     zero2, zero3 = str(configs / "deepspeed" / "zero2.json"), str(configs / "deepspeed" / "zero3.json")
     assert "ZeRO-3" in caveat("--deepspeed", zero3, "--torch_compile", "true")
@@ -359,50 +321,6 @@ def test_final_model_in_stock_pipeline(finished_job):
     assert "OK" in done.stdout
 
 
-def test_streaming_matches_cached_blocks(workdir, tmp_path):
-    """Streaming mode yields exactly the blocks of the cached mode for each stage, with no len() crash."""
-    import datasets
-
-    tokens, _ = run_clm.cached_token_stream(
-        [TRAIN_FILE], "json", run_clm.DataArguments(train_file=TRAIN_FILE, data_cache_dir=str(workdir / "token_cache")),
-        __import__("transformers").AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)),
-        run_clm.RunTrainingArguments(output_dir=str(tmp_path), report_to="none"),
-    )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    data_args = run_clm.DataArguments(train_file=TRAIN_FILE, streaming=True)
-
-    def documents():
-        return datasets.load_dataset("json", data_files=[TRAIN_FILE], split="train", streaming=True)
-
-    streamed = list(run_clm.StreamingTokenBlocks(documents, tokenizer, data_args, skip_tokens=100, num_blocks=3, block_len=64))
-    cached = run_clm.TokenBlocks(tokens, 100, 3, 64)
-    assert [b["input_ids"].tolist() for b in streamed] == [cached[i]["input_ids"].tolist() for i in range(3)]
-
-
-def test_streaming_data_loader_workers(tmp_path):
-    """Regression: several loader workers each read the whole stream, so every streamed block came back
-    once per worker. One background worker yields the main process's batches; two are refused."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    data_args = run_clm.DataArguments(train_file=TRAIN_FILE, streaming=True)
-    dataset = run_clm.StreamingTokenBlocks(
-        lambda: run_clm.load_documents([TRAIN_FILE], "json", data_args), tokenizer, data_args, 0, 8, 64)
-
-    def batches(workers):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
-                                             collate_fn=run_clm.default_data_collator)
-        return [batch["input_ids"].tolist() for batch in loader]
-
-    in_process = batches(0)
-    assert len(in_process) == 4
-    assert batches(1) == in_process
-    with pytest.raises(Exception, match="would repeat: use at most 1"):
-        batches(2)
-
-
 def test_streaming_worker_error_is_one_line(workdir, tmp_path, capsys):
     """A data error found in the loader's worker process (--streaming, 1 worker) reaches the shell as the
     original one-line message; before, torch's re-raise carried the worker's whole traceback (24 lines)."""
@@ -410,7 +328,7 @@ def test_streaming_worker_error_is_one_line(workdir, tmp_path, capsys):
     empty.write_text("\n")
     argv = job_args(workdir, tmp_path / "job", streaming=True, train_file=str(empty), dataloader_num_workers=1)
     with pytest.raises(SystemExit) as exit_info:
-        run_clm.run_cli(lambda: run_clm.main(argv), "run_clm.py")
+        run_cli(lambda: run_clm.main(argv), "run_clm.py")
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert errors == ["run_clm.py: error: the streamed training data holds no text"]
@@ -433,7 +351,7 @@ def test_json_config_file(workdir, tmp_path):
     config.write_text(json.dumps(values))
     model_args, data_args, patch_args, training_args = run_clm.parse_arguments([str(config)])
     assert patch_args.patch_size == 4 and data_args.block_size == 32 and training_args.learning_rate == 3e-4
-    paths, fmt = run_clm.check_data_files(data_args.train_file, "train_file")
+    paths, fmt = check_data_files(data_args.train_file, "train_file")
     assert paths == [TRAIN_FILE, TRAIN_FILE] and fmt == "json"
 
     overridden = run_clm.parse_arguments([str(config), "--block_size", "64", "--output_dir", str(tmp_path / "other")])
@@ -570,42 +488,9 @@ def test_second_run_does_not_tokenise_again(workdir, finished_job, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(run_clm, "tokenize_to_cache", fail)
+    monkeypatch.setattr(token_cache, "tokenize_to_cache", fail)
     results = run_clm.main(job_args(workdir, workdir / "second", max_steps=4, save_steps=100))
     assert results["dataset_tokens"] == finished_job[1]["dataset_tokens"]
-
-
-def test_local_readers_match_datasets(tmp_path):
-    """Our lazy local reader yields the documents `datasets` reads from .jsonl, .json (a list), .txt and
-    compressed files."""
-    import datasets
-    import lzma
-
-    records = [{"text": f"document {i} " * (i + 1), "source": "x"} for i in range(5)]
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    as_list = tmp_path / "b.json"
-    as_list.write_text(json.dumps(records))
-    compressed = tmp_path / "c.jsonl.xz"
-    with lzma.open(compressed, "wt") as handle:
-        handle.write(jsonl.read_text())
-    text = tmp_path / "d.txt"
-    text.write_text("first line\n\nsecond line\n")
-    for path, fmt in [(jsonl, "json"), (as_list, "json"), (compressed, "json"), (text, "text")]:
-        ours = [d["text"] for d in run_clm.iter_local_documents([str(path)], fmt, "text")]
-        theirs = [d["text"] for d in datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))]
-        assert ours == [t for t in theirs if t.strip()], path
-
-
-def test_bad_records_are_named(tmp_path):
-    bad_json = tmp_path / "bad.jsonl"
-    bad_json.write_text('{"text": "ok"}\n{"text": broken\n')
-    with pytest.raises(UsageError, match=r"bad.jsonl, line 2: not valid JSON"):
-        list(run_clm.iter_local_documents([str(bad_json)], "json", "text"))
-    no_column = tmp_path / "nocol.jsonl"
-    no_column.write_text('{"content": "ok"}\n')
-    with pytest.raises(UsageError, match=r"nocol.jsonl, record 1: no 'text' field \(found \['content'\]\); set --text_column_name"):
-        list(run_clm.iter_local_documents([str(no_column)], "json", "text"))
 
 
 def damaged_file(tmp_path, kind: str):
@@ -649,40 +534,3 @@ def test_damaged_data_is_named_and_leaves_no_partial_cache(workdir, tmp_path, ki
     assert not any(cache.glob("*.tmp-*")), "a half-written token cache was left behind"
 
 
-def test_parallel_tokenisation_gives_the_same_stream(tmp_path):
-    """Several files tokenised by 2 processes give byte for byte the stream of one process."""
-    from transformers import AutoTokenizer
-
-    lines = open(TRAIN_FILE, encoding="utf-8").read().splitlines()[:12]
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"part{i}.jsonl"
-        path.write_text("\n".join(lines[4 * i : 4 * i + 4]) + "\n")
-        paths.append(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    sequential = run_clm.tokenize_to_cache(
-        run_clm.iter_local_documents(paths, "json", "text"), tokenizer, "text", 5, str(tmp_path / "one"))
-    parallel = run_clm.tokenize_to_cache(
-        None, tokenizer, "text", 5, str(tmp_path / "two"), paths=paths, fmt="json", num_workers=2)
-    assert (sequential["num_tokens"], sequential["num_documents"]) == (parallel["num_tokens"], parallel["num_documents"])
-    assert sequential["num_documents"] == 12
-    assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
-    assert not list((tmp_path / "two").glob("part-*"))
-
-
-def test_trainer_counts_the_kway_targets(tmp_path):
-    """The trainer's num_items_in_batch (the gradient-accumulation divisor) counts the labels after the first
-    patch, as the K-way loss does, not transformers' labels[..., 1:] (naive count as the reference)."""
-    from modeling_llama_patch import PatchLlamaForCausalLM
-
-    config = tiny_llama_config()
-    config.patch_size = 4
-    trainer = run_clm.PatchTrainer(
-        model=PatchLlamaForCausalLM(config),
-        args=run_clm.RunTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
-    )
-    labels = torch.randint(0, 100, (2, 16))
-    labels[0, 2] = labels[1, 9] = labels[1, 15] = -100
-    batches = [{"input_ids": labels, "labels": labels}, {"input_ids": labels[:1], "labels": labels[:1]}]
-    naive = sum(1 for b in batches for row in b["labels"] for j, v in enumerate(row.tolist()) if j >= 4 and v != -100)
-    assert int(trainer._get_num_items_in_batch(batches, torch.device("cpu"))) == naive == 12 + 10 + 12

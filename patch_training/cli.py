@@ -1,0 +1,120 @@
+"""The command line: one-line errors for bad input (`UsageError`, exit code 2), JSON config files checked
+against the argument dataclasses, and the wrapper that turns an entry point into a command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one clear line and exit code 2, before any work is lost."""
+
+
+def refuse_below(arguments, names: tuple[str, ...], minimum: int) -> None:
+    """UsageError naming the first of the `arguments` fields `names` set below `minimum` (None: unset, fine)."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name} must be >= {minimum}, got {value}")
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (library messages can run to many lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_config_types(values: dict, source: str, classes: tuple) -> None:
+    """Refuse a config value of the wrong type for its field in the dataclasses `classes` (e.g. "block_size":
+    "2048") with a message naming the key."""
+    import types
+    import typing
+
+    expected_types = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            annotation = hints.get(f.name)
+            options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+            expected_types[f.name] = options
+    for key, value in values.items():
+        options = expected_types.get(key, ())
+        simple = [t for t in options if t in (int, float, bool, str, type(None))]
+        if len(simple) != len(options) or not simple:
+            continue  # enums, lists, dicts: left to transformers' own checks
+        if value is None and type(None) in simple:
+            continue
+        accepted = isinstance(value, bool) if bool in simple else False
+        accepted |= str in simple and isinstance(value, str)
+        accepted |= int in simple and isinstance(value, int) and not isinstance(value, bool)
+        accepted |= float in simple and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not accepted:
+            names = " or ".join(t.__name__ for t in simple if t is not type(None))
+            raise UsageError(f"config file {source}: key {key!r} must be {names}, got {value!r}")
+
+
+def load_config_file(path: str, classes: tuple) -> dict:
+    """The values of a JSON config file, checked: it exists, parses, has only keys that are fields of the
+    dataclasses `classes`, of the right types. File lists given as JSON lists become comma-separated."""
+    if not Path(path).is_file():
+        raise UsageError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a JSON object of arguments")
+    known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"config file {path} has unknown keys: {', '.join(unknown)}")
+    for key in ("train_file", "validation_file"):
+        if isinstance(values.get(key), list):
+            values[key] = ",".join(values[key])
+    check_config_types(values, path, classes)
+    return values
+
+
+def parse_arguments(classes: tuple, argv: list[str] | None = None) -> tuple:
+    """Parse the command line (`sys.argv[1:]` by default) into instances of the dataclasses `classes`: flags, a
+    lone `*.json` config file, or a config file followed by flags that override its values
+    (`run_clm.py configs/train/x.json --output_dir runs/y`). UsageError for any bad value."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(classes)
+    try:
+        if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
+            values = load_config_file(argv[0], classes)
+            if len(argv) == 1:
+                return parser.parse_dict(values)
+            parser.set_defaults(**values)  # the flags after the file override it
+        else:
+            argv = [""] + argv
+        return parser.parse_args_into_dataclasses(args=argv[1:])
+    except UsageError:
+        raise
+    except ValueError as error:  # transformers' own argument checks (e.g. --bf16 without a GPU): one line
+        raise UsageError(str(error).strip()) from error
+
+
+def run_cli(entry_point, program: str) -> None:
+    """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code 2."""
+    try:
+        entry_point()
+    except UsageError as error:
+        print(f"{program}: error: {usage_message(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def usage_message(error: UsageError) -> str:
+    """The message of a UsageError; one raised in a data-loader worker (`--streaming` with a worker) arrives
+    re-raised by torch with the worker's whole traceback in its message: keep only the original message."""
+    message = str(error)
+    if "Original Traceback" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        message = last.split(f"{UsageError.__name__}: ", 1)[-1]
+    return message

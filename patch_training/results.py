@@ -1,0 +1,49 @@
+"""What a job reports: each stage's accounting (tokens, positions, batch) and the job's relative cost, written to
+`<output_dir>/all_results.json` and printed in one line."""
+
+from __future__ import annotations
+
+ALL_RESULTS_FILE = "all_results.json"
+
+
+def stage_results(plan, args, metrics: dict) -> dict:
+    """The record of one trained stage: its plan (a `StagePlan`), the batch of its TrainingArguments `args`, and
+    what it trained (blocks seen = optimizer steps x sequences per step, at most the plan's blocks), plus the
+    Trainer's `metrics`. A stage's positions are its tokens / K: the cost of a patch-stage token is 1/K."""
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    blocks_seen = min(plan.num_blocks, metrics["steps"] * global_batch)
+    return {
+        "blocks": plan.num_blocks, "block_tokens": plan.block_len, "tokens": blocks_seen * plan.block_len,
+        "positions": blocks_seen * plan.block_len // plan.patch_size, "planned_tokens": plan.tokens,
+        "dropped_tokens": plan.dropped_tokens, "start_token": plan.start_token, "patch_size": plan.patch_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
+        "world_size": args.world_size, "tokens_per_step": global_batch * plan.block_len,
+        **metrics,
+    }
+
+
+def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, patch_size: int, final: dict) -> dict:
+    """Add the job's totals to `results`: tokens and positions over `stages`, the nominal relative cost
+    λ/K + 1 - λ (the paper's §3.1; 1 for the token-level baseline λ = 0) and the measured one (positions /
+    tokens), and the final evaluation `final` (eval_loss, eval_perplexity; None where not evaluated)."""
+    tokens = sum(s["tokens"] for s in stages)
+    positions = sum(s["positions"] for s in stages)
+    lam = patch_fraction
+    results["relative_cost_nominal"] = lam / patch_size + 1 - lam if lam > 0 else 1.0
+    results["relative_cost_measured"] = positions / tokens if tokens else float("nan")
+    results["tokens"], results["positions"] = tokens, positions
+    results["eval_loss"] = final.get("eval_loss")
+    results["perplexity"] = final.get("eval_perplexity")
+    return results
+
+
+def report(results: dict) -> None:
+    """Print the job's one-line summary: perplexity, relative cost (nominal and measured), where the results are."""
+    line = f"perplexity {results['perplexity']:.3f}" if results.get("perplexity") is not None else "no validation set"
+    print(
+        f"[run_clm] done: {line}; relative cost nominal {results['relative_cost_nominal']:.3f} "
+        f"(λ/K + 1 - λ), measured {results['relative_cost_measured']:.3f} (positions / tokens); "
+        f"results in {results['output_dir']}/{ALL_RESULTS_FILE}",
+        flush=True,
+    )

@@ -1,0 +1,122 @@
+"""The two stages of a job: the λ split of the token budget (`plan_stages`), and each stage's batch, length and
+TrainingArguments (the paper's defaults: the same tokens per optimizer step, a fresh schedule)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+from transformers import TrainingArguments
+
+from .cli import UsageError
+from .liger import liger_config_for_stage
+from .training_args import RunTrainingArguments
+
+logger = logging.getLogger("run_clm")
+
+
+@dataclass
+class StagePlan:
+    """The tokens of one stage: stream offset, blocks and what is dropped (for the report)."""
+
+    name: str
+    patch_size: int
+    block_len: int  # tokens per sequence: K*T (patch stage) or T (token stage)
+    start_token: int
+    budget_tokens: int
+    num_blocks: int
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.block_len
+
+    @property
+    def positions(self) -> int:
+        return self.tokens // self.patch_size
+
+    @property
+    def dropped_tokens(self) -> int:
+        return self.budget_tokens - self.tokens
+
+
+def plan_stages(
+    total_tokens: int, patch_fraction: float, patch_size: int, block_size: int, skip_fraction: float = 0.0
+) -> list[StagePlan]:
+    """Split a budget of `total_tokens` stream tokens: the first floor(λ*total) to the patch stage (blocks of
+    K*T), the rest to the token stage (blocks of T). Only each stage's final partial block is dropped.
+    With `skip_fraction`, the first floor(skip*total) tokens are left out and the rest is split."""
+    skipped = math.floor(skip_fraction * total_tokens)
+    total_tokens -= skipped
+    patch_tokens = math.floor(patch_fraction * total_tokens)
+    plans = []
+    if patch_fraction > 0:
+        length = patch_size * block_size
+        plans.append(StagePlan("patch", patch_size, length, skipped, patch_tokens, patch_tokens // length))
+    if patch_fraction < 1:
+        rest = total_tokens - patch_tokens
+        plans.append(StagePlan("token", 1, block_size, skipped + patch_tokens, rest, rest // block_size))
+    return plans
+
+
+def stage_batch_settings(patch_args, training_args: TrainingArguments) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) of the patch stage: the user's, or the paper's default of the
+    same tokens per optimizer step as the token stage (K times fewer sequences of K*T tokens).
+    `patch_args`: run_clm.py's PatchArguments (patch_size, patch_per_device_train_batch_size, ...).
+    UsageError when the token stage's batch cannot be divided by K."""
+    k = patch_args.patch_size
+    batch = patch_args.patch_per_device_train_batch_size
+    accumulation = patch_args.patch_gradient_accumulation_steps
+    token_batch, token_accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    if batch is not None or accumulation is not None:
+        return batch or token_batch, accumulation or token_accumulation
+    if token_batch % k == 0:
+        return token_batch // k, token_accumulation
+    if (token_batch * token_accumulation) % k == 0 and token_accumulation % k == 0:
+        return token_batch, token_accumulation // k
+    raise UsageError(
+        f"the patch stage keeps the tokens per optimizer step of the token stage, which needs "
+        f"--per_device_train_batch_size ({token_batch}) or --gradient_accumulation_steps ({token_accumulation}) "
+        f"divisible by --patch_size K={k}; or set --patch_per_device_train_batch_size and "
+        "--patch_gradient_accumulation_steps"
+    )
+
+
+def stage_training_args(training_args: RunTrainingArguments, patch_args, plan: StagePlan, output_dir: str, max_steps: int):
+    """The TrainingArguments of one stage: its own output folder, batch, learning rate, warmup and length."""
+    changes = {"output_dir": output_dir, "max_steps": max_steps, "num_train_epochs": 1.0}
+    if plan.name == "patch":
+        batch, accumulation = stage_batch_settings(patch_args, training_args)
+        changes.update(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        if patch_args.patch_learning_rate is not None:
+            changes["learning_rate"] = patch_args.patch_learning_rate
+        if patch_args.patch_warmup_steps is not None:
+            changes["warmup_steps"] = patch_args.patch_warmup_steps
+    if training_args.use_liger_kernel:
+        changes["liger_kernel_config"] = liger_config_for_stage(training_args.liger_kernel_config, plan.patch_size)
+    fields = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
+    fields.update(changes)
+    return RunTrainingArguments(**fields)
+
+
+def stage_max_steps(plan: StagePlan, patch_args, training_args: TrainingArguments) -> int:
+    """A stage's max_steps: -1 (one pass over its blocks), or --patch_max_steps for the patch stage when it
+    stops before the end of its blocks. Past them the Trainer would start over the same blocks, so a larger
+    --patch_max_steps stops at the end of the data instead (with a warning)."""
+    if plan.name != "patch" or not patch_args.patch_max_steps:
+        return -1
+    batch, accumulation = stage_batch_settings(patch_args, training_args)
+    sequences = patch_args.patch_max_steps * batch * accumulation * training_args.world_size
+    if sequences >= plan.num_blocks:
+        logger.warning(
+            "--patch_max_steps %d would take %d sequences, but the patch stage has %d: it stops after one pass over "
+            "them instead of repeating them", patch_args.patch_max_steps, sequences, plan.num_blocks,
+        )
+        return -1
+    return patch_args.patch_max_steps
+
+
+def global_batch_size(args: TrainingArguments) -> int:
+    """Sequences per optimizer step over all ranks."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

@@ -1,0 +1,187 @@
+"""`PatchTrainer` (exact gradient accumulation for the K-way loss, per-offset losses, patch and token
+evaluation), training one stage, and saving a stage's model (DeepSpeed's fp32 master weights included)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, default_data_collator
+
+from modeling_llama_patch import get_patch_size, loss_target_labels
+
+from .resume import last_complete_checkpoint
+
+logger = logging.getLogger("run_clm")
+
+
+@contextlib.contextmanager
+def patch_size_as(model, patch_size: int):
+    """Temporarily run `model` at another patch size (same weights), e.g. K = 1 for token perplexity."""
+    config = model.config
+    saved = getattr(config, "patch_size", None)
+    config.patch_size = patch_size
+    try:
+        yield model
+    finally:
+        config.patch_size = saved
+
+
+class PatchTrainer(Trainer):
+    """Trainer for `PatchLlamaForCausalLM`: counts the K-way loss's targets for exact gradient
+    accumulation, logs the per-offset losses (and the patch stage's loss as `patch_loss`), and evaluates
+    the patch stage both at patch level and as a token-level model (perplexity)."""
+
+    def __init__(self, *args, patch_eval_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.patch_eval_dataset = patch_eval_dataset
+        self._offset_loss_sum: torch.Tensor | None = None
+        self._offset_loss_count = 0
+
+    @property
+    def stage_patch_size(self) -> int:
+        return get_patch_size(self.model.config)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        patch_size = self.stage_patch_size
+        if patch_size > 1:  # the first patch is never a target: count labels[..., K:], not labels[..., 1:]
+            batch_samples = [
+                {**batch, "shift_labels": loss_target_labels(batch["labels"], patch_size)} if "labels" in batch else batch
+                for batch in batch_samples
+            ]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        offset_losses = getattr(outputs, "offset_losses", None)
+        if offset_losses is not None and model.training:
+            offset_losses = offset_losses.detach()
+            self._offset_loss_sum = offset_losses if self._offset_loss_sum is None else self._offset_loss_sum + offset_losses
+            self._offset_loss_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.stage_patch_size > 1:
+            logs["patch_loss"] = logs.pop("loss")
+        if self._offset_loss_sum is not None and self._offset_loss_count and "patch_loss" in logs:
+            means = (self._offset_loss_sum / self._offset_loss_count).tolist()
+            for offset, value in enumerate(means, start=1):
+                logs[f"offset_{offset}_loss"] = round(value, 4)
+            self._offset_loss_sum, self._offset_loss_count = None, 0
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = {}
+        patch_size = self.stage_patch_size
+        if patch_size > 1 and self.patch_eval_dataset is not None and eval_dataset is None:
+            metrics.update(super().evaluate(self.patch_eval_dataset, ignore_keys, f"{metric_key_prefix}_patch"))
+        with patch_size_as(self.model, 1):
+            token_metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        loss = token_metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            token_metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 100.0))
+            self.log({f"{metric_key_prefix}_perplexity": token_metrics[f"{metric_key_prefix}_perplexity"]})
+        metrics.update(token_metrics)
+        return metrics
+
+
+def save_stage_model(trainer: Trainer, folder: str) -> None:
+    """`trainer.save_model(folder)`, except after DeepSpeed training: then DeepSpeed's fp32 master weights.
+
+    With bf16 (or fp16), DeepSpeed trains a 16-bit copy of the weights and keeps the fp32 master weights in
+    its ZeRO optimizer; `trainer.save_model` would save the 16-bit copy. Here each parameter's master is
+    gathered whole (`deepspeed.utils.safe_get_full_fp32_param`, ZeRO-1/2/3: a collective, so every rank runs
+    this, parameter by parameter) and the main process saves them as float32: what DDP and FSDP save, and
+    what the token stage starts from (`MasterWeightsFrom`). Where DeepSpeed has no fp32 master (no ZeRO
+    optimizer, e.g. ZeRO-0 with fp16), the 16-bit save."""
+    engine = trainer.deepspeed  # the training engine after trainer.train() under DeepSpeed, else None
+    if engine is None or engine.optimizer is None:
+        trainer.save_model(folder)
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state_dict = {}
+    for name, param in trainer.model.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        if master is None:  # the same parameters on every rank: all of them fall back together
+            logger.warning("DeepSpeed keeps no fp32 master of %s: saving the %s module weights", name, param.dtype)
+            trainer.save_model(folder)
+            return
+        if trainer.args.should_save:
+            state_dict[name] = master.detach().to("cpu", torch.float32)
+    if trainer.args.should_save:
+        trainer.model.save_pretrained(folder, state_dict=state_dict)
+        trainer.model.config.dtype = "float32"  # save_pretrained recorded the module's 16-bit dtype
+        trainer.model.config.save_pretrained(folder)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(folder)
+    trainer.accelerator.wait_for_everyone()
+
+
+class MasterWeightsFrom(TrainerCallback):
+    """Under DeepSpeed, start the fp32 master weights from a saved float32 model, not from its 16-bit rounding.
+
+    With bf16 (or fp16), DeepSpeed casts the model to 16 bits when it builds its engine and builds the fp32
+    masters from that cast copy, so the fp32 weights that the patch stage handed over would be rounded. At
+    the start of a stage that is not resumed, this sets every parameter's master from `folder`
+    (`deepspeed.utils.safe_set_full_fp32_param`, ZeRO-1/2/3: each rank sets its own partition). The 16-bit
+    module weights are already those weights rounded. A resumed stage keeps its checkpoint's masters."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:
+            return
+        from deepspeed.utils import safe_set_full_fp32_param
+        from safetensors import safe_open
+
+        params = dict(model.named_parameters())
+        index = self.folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        missing = set(params)
+        for file in files:
+            with safe_open(self.folder / file, framework="pt") as weights:
+                for name in missing & set(weights.keys()):
+                    safe_set_full_fp32_param(params[name], weights.get_tensor(name).float())
+                    missing.discard(name)
+        if missing:
+            raise RuntimeError(f"{self.folder} has no weights for {sorted(missing)}")
+
+
+def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None):
+    """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it.
+    `master_weights_from`: the saved model that `model` was loaded from, whose float32 weights DeepSpeed's
+    fp32 master weights start from (see `MasterWeightsFrom`)."""
+    token_eval, patch_eval = eval_datasets
+    trainer = PatchTrainer(
+        model=model,
+        args=stage_args,
+        train_dataset=train_dataset,
+        eval_dataset=token_eval,
+        patch_eval_dataset=patch_eval if plan.patch_size > 1 else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    if master_weights_from is not None and trainer.is_deepspeed_enabled:
+        trainer.add_callback(MasterWeightsFrom(master_weights_from))
+    checkpoint = last_complete_checkpoint(stage_args.output_dir)
+    if checkpoint:
+        logger.info("Resuming the %s stage from %s", plan.name, checkpoint)
+    start = time.time()
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    wall = time.time() - start
+    metrics = {
+        "steps": trainer.state.global_step,
+        "train_loss": train_result.training_loss,
+        "train_runtime_s": round(wall, 2),
+        "resumed_from": checkpoint,
+    }
+    if token_eval is not None:
+        metrics.update(trainer.evaluate())
+    return trainer, metrics

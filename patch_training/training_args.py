@@ -1,0 +1,98 @@
+"""`RunTrainingArguments`: transformers' `TrainingArguments` with this project's defaults and checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .cli import UsageError, refuse_below
+from .liger import check_liger_kernel_config
+
+
+@dataclass
+class RunTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments plus the job-level flag transformers 5 dropped, with two defaults
+    changed so that the training step never waits on the host (see README, "Throughput"):
+
+    - `logging_nan_inf_filter` is False: transformers' filter reads every micro-batch's loss on the host
+      (`torch.isnan(loss)` in an `if`), a device synchronisation per micro-batch that stalls the GPU while
+      the CPU runs the optimizer step and fetches the next batch. Without it a NaN or inf loss shows in
+      the logged loss instead of being hidden, which is what a pre-training run wants to see anyway.
+    - on a CUDA machine with pinned memory, `accelerator_config` defaults to {"non_blocking": true}: the
+      host-to-device copy of a batch overlaps the step instead of waiting for it. Without an accelerator,
+      memory is not pinned.
+
+    `liger_kernel_config` also takes a JSON string (transformers' parser takes no value for it on the command
+    line), and is checked against Liger's switches for Llama when `use_liger_kernel` is set.
+    """
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete what --output_dir holds and start again (otherwise a re-run resumes)."},
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace NaN/inf losses by the running mean when logging (transformers' default True). False "
+            "here: the filter syncs the device every micro-batch, and a pre-training run should see a NaN."
+        },
+    )
+
+    liger_kernel_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "With --use_liger_kernel: Liger-Kernel's switches for Llama as a JSON object, e.g. "
+            '\'{"fused_linear_cross_entropy": false}\' (keys: rope, rms_norm, swiglu, cross_entropy, '
+            "fused_linear_cross_entropy; liger's defaults when unset). The patch stage always turns the two loss "
+            "switches off and keeps its K-way loss."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.liger_kernel_config, str):
+            try:
+                self.liger_kernel_config = json.loads(self.liger_kernel_config)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"--liger_kernel_config is not valid JSON: {error}") from None
+        if not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for (torch would warn on every data loader)
+        if self.accelerator_config is None and self.dataloader_pin_memory and not self.use_cpu and torch.cuda.is_available():
+            self.accelerator_config = {"non_blocking": True}
+        if self.use_liger_kernel:
+            check_liger_kernel_config(self.liger_kernel_config)
+        super().__post_init__()
+        check_training_numbers(self)
+
+
+def check_training_numbers(args: TrainingArguments) -> None:
+    """Refuse the numbers that transformers lets through but that would fail deep inside torch once training
+    starts (a batch of 0, Adam's betas outside [0, 1)) or silently do something else than asked (a negative
+    weight decay grows the weights, a negative clipping norm turns clipping off, --save_steps 0 saves no
+    checkpoint until the end)."""
+    refuse_below(args, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"), 1)
+    refuse_below(args, ("learning_rate", "weight_decay", "adam_epsilon"), 0)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UsageError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        raise UsageError(f"--max_grad_norm must be >= 0 (0 turns gradient clipping off), got {args.max_grad_norm}")
+    if args.save_strategy == "steps" and args.save_steps <= 0:
+        raise UsageError(
+            f"--save_steps must be > 0 (steps, or a fraction of the run below 1), got {args.save_steps}: with "
+            "--save_strategy steps, 0 would save no checkpoint before the end of each stage"
+        )
+
+
+def torch_compile_caveat(training_args: TrainingArguments) -> str | None:
+    """A warning for `--torch_compile` under DeepSpeed ZeRO-3, whose per-module parameter hooks dynamo traces
+    and recompiles for every module until its recompile limit, then runs eagerly (None otherwise)."""
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    stage = config.config.get("zero_optimization", {}).get("stage") if config is not None else None
+    if not training_args.torch_compile or stage != 3:
+        return None
+    return ("--torch_compile under DeepSpeed ZeRO-3: torch.compile traces ZeRO-3's per-module parameter hooks, "
+            "recompiles them module by module and, past its recompile limit (8), runs them eagerly: the job is "
+            "correct but only partly compiled (deepspeed 0.19.8, torch 2.13). ZeRO-2 or DDP compile fully.")

@@ -1,0 +1,112 @@
+"""The data pipeline (`patch_training.readers`, `.token_cache`, `.blocks`): local files read as `datasets`
+reads them, errors that name the record, parallel tokenisation byte-identical to one process, and streamed
+blocks equal to the cached ones."""
+
+import json
+
+import pytest
+import torch
+from conftest import DATA_DIR, TOKENIZER_DIR
+from transformers import default_data_collator
+
+from patch_training.blocks import StreamingTokenBlocks, TokenBlocks
+from patch_training.cli import UsageError
+from patch_training.readers import DataSource, iter_local_documents
+from patch_training.token_cache import cached_token_stream, tokenize_to_cache
+from patch_training.training_args import RunTrainingArguments
+
+TRAIN_FILE = str(DATA_DIR / "sample_train.jsonl")
+
+
+def test_streaming_matches_cached_blocks(workdir, tmp_path):
+    """Streaming mode yields exactly the blocks of the cached mode for each stage, with no len() crash."""
+    import datasets
+
+    tokens, _ = cached_token_stream(
+        DataSource.from_files(TRAIN_FILE, "train_file"),
+        __import__("transformers").AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)),
+        RunTrainingArguments(output_dir=str(tmp_path), report_to="none"), cache_dir=str(workdir / "token_cache"),
+    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    def documents():
+        return datasets.load_dataset("json", data_files=[TRAIN_FILE], split="train", streaming=True)
+
+    streamed = list(StreamingTokenBlocks(documents, tokenizer, "text", skip_tokens=100, num_blocks=3, block_len=64))
+    cached = TokenBlocks(tokens, 100, 3, 64)
+    assert [b["input_ids"].tolist() for b in streamed] == [cached[i]["input_ids"].tolist() for i in range(3)]
+
+
+def test_streaming_data_loader_workers(tmp_path):
+    """Regression: several loader workers each read the whole stream, so every streamed block came back
+    once per worker. One background worker yields the main process's batches; two are refused."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    dataset = StreamingTokenBlocks(DataSource.from_files(TRAIN_FILE, "train_file").documents, tokenizer, "text", 0, 8, 64)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
+                                             collate_fn=default_data_collator)
+        return [batch["input_ids"].tolist() for batch in loader]
+
+    in_process = batches(0)
+    assert len(in_process) == 4
+    assert batches(1) == in_process
+    with pytest.raises(Exception, match="would repeat: use at most 1"):
+        batches(2)
+
+
+def test_local_readers_match_datasets(tmp_path):
+    """Our lazy local reader yields the documents `datasets` reads from .jsonl, .json (a list), .txt and
+    compressed files."""
+    import datasets
+    import lzma
+
+    records = [{"text": f"document {i} " * (i + 1), "source": "x"} for i in range(5)]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    as_list = tmp_path / "b.json"
+    as_list.write_text(json.dumps(records))
+    compressed = tmp_path / "c.jsonl.xz"
+    with lzma.open(compressed, "wt") as handle:
+        handle.write(jsonl.read_text())
+    text = tmp_path / "d.txt"
+    text.write_text("first line\n\nsecond line\n")
+    for path, fmt in [(jsonl, "json"), (as_list, "json"), (compressed, "json"), (text, "text")]:
+        ours = [d["text"] for d in iter_local_documents([str(path)], fmt, "text")]
+        theirs = [d["text"] for d in datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))]
+        assert ours == [t for t in theirs if t.strip()], path
+
+
+def test_bad_records_are_named(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(UsageError, match=r"bad.jsonl, line 2: not valid JSON"):
+        list(iter_local_documents([str(bad_json)], "json", "text"))
+    no_column = tmp_path / "nocol.jsonl"
+    no_column.write_text('{"content": "ok"}\n')
+    with pytest.raises(UsageError, match=r"nocol.jsonl, record 1: no 'text' field \(found \['content'\]\); set --text_column_name"):
+        list(iter_local_documents([str(no_column)], "json", "text"))
+
+
+def test_parallel_tokenisation_gives_the_same_stream(tmp_path):
+    """Several files tokenised by 2 processes give byte for byte the stream of one process."""
+    from transformers import AutoTokenizer
+
+    lines = open(TRAIN_FILE, encoding="utf-8").read().splitlines()[:12]
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"part{i}.jsonl"
+        path.write_text("\n".join(lines[4 * i : 4 * i + 4]) + "\n")
+        paths.append(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    sequential = tokenize_to_cache(
+        iter_local_documents(paths, "json", "text"), tokenizer, "text", 5, str(tmp_path / "one"))
+    parallel = tokenize_to_cache(
+        None, tokenizer, "text", 5, str(tmp_path / "two"), paths=paths, fmt="json", num_workers=2)
+    assert (sequential["num_tokens"], sequential["num_documents"]) == (parallel["num_tokens"], parallel["num_documents"])
+    assert sequential["num_documents"] == 12
+    assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
+    assert not list((tmp_path / "two").glob("part-*"))

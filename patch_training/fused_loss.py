@@ -28,7 +28,8 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 # The chunk's logits hold at most max(FUSED_CHUNK_ELEMENTS, FUSED_MIN_CHUNK_ROWS * V) elements, and a chunk
 # peaks at 6 bytes an element (its float32 logits plus their bf16 copy being made): 8M elements, 48 MiB, is
-# 262 rows at LLaMA-2's 32,000, a tenth of the (N, V) logits' 0.49 GiB at 8,192 positions in bf16. Each chunk
+# 262 rows at LLaMA-2's 32,000, a tenth of the (N, V) logits' 0.49 GiB at 8,192 positions in bf16 (soft-capping
+# adds 4 bytes an element: tanh's derivative, kept for the chain rule). Each chunk
 # also rewrites the (V, H) weight gradient once, which on a GPU (H200: ~1 PFLOP/s bf16, 4.8 TB/s) costs as much
 # as the chunk's three matmuls at about 140 rows: the 256-row floor (Liger's chunk at 8,192 positions x
 # Llama-3's 128,256 x H 4,096; 32.8M elements, 197 MiB there) keeps that share small. The floor is an estimate

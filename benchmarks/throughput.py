@@ -332,6 +332,67 @@ def loss_memory(positions: int, vocab: int, patch_size: int, device: str, dtype)
             "stock_causal_lm_loss_gib": stock, "kway_loss_k1_gib": ours_k1, f"kway_loss_k{patch_size}_gib": ours_k}
 
 
+def head_loss_memory(positions: int, vocab: int, hidden_size: int, patch_size: int, device: str, dtype) -> dict:
+    """Peak memory (GiB) of forward + backward of the LM head *and* the loss, from hidden states (N, H) and the
+    head's weight (V, H) that exist before (not counted) to their gradients (counted: every path returns
+    them). Three paths: stock transformers (`lm_head` then its causal-LM loss, K = 1), today's (`lm_head` then
+    the chunked `kway_cross_entropy`, K targets) and the fused head + loss (`fused_kway_linear_cross_entropy`,
+    K targets), which never holds the (N, V) logits. Measured like `loss_memory` (CUDA allocator or
+    `StoragePeak`)."""
+    import torch.nn.functional as F
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from patch_training.fused_loss import default_chunk_rows, fused_kway_linear_cross_entropy
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(positions, hidden_size, device=device, dtype=dtype, generator=generator).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) / hidden_size**0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (1, positions), device=device, generator=generator)
+    targets = torch.randint(0, vocab, (positions, patch_size), device=device, generator=generator)
+
+    def measure(fn):
+        hidden.grad = weight.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn().backward()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        else:
+            with StoragePeak() as tracker:
+                fn().backward()
+            peak = tracker.peak_bytes / 2**30
+        hidden.grad = weight.grad = None
+        return peak
+
+    stock = measure(lambda: ForCausalLMLoss(F.linear(hidden, weight).unsqueeze(0), labels, vocab))
+    chunked = measure(lambda: kway_cross_entropy(F.linear(hidden, weight), targets)[0])
+    fused = measure(lambda: fused_kway_linear_cross_entropy(hidden, weight, targets)[0])
+    element = torch.finfo(dtype).bits / 8
+    grads = (vocab + positions) * hidden_size * element / 2**30  # d/d weight (V, H) and d/d hidden (N, H)
+    return {"positions": positions, "vocab": vocab, "hidden_size": hidden_size, "patch_size": patch_size,
+            "dtype": str(dtype), "logits_gib": positions * vocab * element / 2**30, "head_grads_gib": grads,
+            "fused_chunk_rows": default_chunk_rows(vocab), "stock_head_loss_gib": stock,
+            f"chunked_head_loss_k{patch_size}_gib": chunked, f"fused_head_loss_k{patch_size}_gib": fused,
+            "fused_over_chunked": fused / chunked, "fused_over_stock": fused / stock,
+            # the same ratios for the memory beyond the head's gradients, which every path returns
+            "fused_over_chunked_beyond_grads": (fused - grads) / (chunked - grads),
+            "fused_over_stock_beyond_grads": (fused - grads) / (stock - grads)}
+
+
+def print_head_loss_memory(rows: list[dict]) -> None:
+    print(f"{'positions':>9} {'vocab':>8} {'H':>6} {'K':>2} {'dtype':>15} {'logits':>7} {'grads':>7} {'stock':>7} "
+          f"{'chunked':>8} {'fused':>7} {'fused/chunked':>13} {'fused/stock':>11}   (GiB; ratios in brackets: "
+          "beyond the gradients)")
+    for m in rows:
+        k = m["patch_size"]
+        print(f"{m['positions']:>9} {m['vocab']:>8} {m['hidden_size']:>6} {k:>2} {m['dtype']:>15} {m['logits_gib']:>7.3f} "
+              f"{m['head_grads_gib']:>7.3f} {m['stock_head_loss_gib']:>7.3f} {m[f'chunked_head_loss_k{k}_gib']:>8.3f} "
+              f"{m[f'fused_head_loss_k{k}_gib']:>7.3f} {m['fused_over_chunked']:>5.3f} ({m['fused_over_chunked_beyond_grads']:.3f}) "
+              f"{m['fused_over_stock']:>5.3f} ({m['fused_over_stock_beyond_grads']:.3f})")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_config", default="configs/model/llama-tiny.json", help="LlamaConfig JSON")
@@ -359,6 +420,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--sdpa_backend", choices=["default", "flash", "cudnn", "efficient"], default="default",
                         help="restrict SDPA to one CUDA backend")
     parser.add_argument("--skip_loss_memory", action="store_true")
+    parser.add_argument("--head_loss_memory", type=int, nargs="+", metavar="VOCAB", default=None,
+                        help="only measure the peak memory of LM head + loss (stock, chunked, fused) at these "
+                        "vocabularies, micro_batch x block_size positions, K = patch_size, H = --loss_hidden_size, "
+                        "and exit")
+    parser.add_argument("--loss_hidden_size", type=int, default=4096, help="H for --head_loss_memory")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
@@ -371,6 +437,18 @@ def main(argv=None) -> dict:
             parser.error(str(error).replace("--use_liger_kernel", "--liger"))
     if args.data == "streaming" and args.dataloader_num_workers > 1:
         parser.error("--data streaming reads one stream: --dataloader_num_workers must be 0 or 1")
+    if args.head_loss_memory:
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        rows = [head_loss_memory(args.micro_batch * args.block_size, vocab, args.loss_hidden_size, args.patch_size,
+                                 device_name, dtype) for vocab in args.head_loss_memory]
+        print_head_loss_memory(rows)
+        report = {"device": torch.cuda.get_device_name() if device_name == "cuda" else "cpu (StoragePeak)",
+                  "versions": {"torch": torch.__version__}, "head_loss_memory": rows}
+        if args.output_json:
+            with open(args.output_json, "w", encoding="utf-8") as handle:
+                json.dump(report, handle, indent=2)
+        return report
     args.attn_implementation = resolve_attn_implementation(args.attn_implementation)
     choose_sdpa_backend(args.sdpa_backend)
 

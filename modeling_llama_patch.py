@@ -268,21 +268,41 @@ def _check_stock_class(stock_class: type) -> inspect.Signature:
                 f"{stock_class.__name__}.forward takes no `{needed}`: patch-level training feeds the decoder the "
                 "mean of each patch's token embeddings as inputs_embeds, and labels for the loss"
             )
+    try:
+        source = inspect.getsource(stock_class.forward)
+    except (OSError, TypeError):  # no source to read: the forward checks that the hook was called
+        source = "loss_function"
+    if "loss_function" not in source:
+        raise UnsupportedModelError(
+            f"{stock_class.__name__}.forward computes its loss without self.loss_function (the hook the K-way "
+            "loss replaces): patch-level training needs a causal LM that uses it"
+        )
     return signature
 
 
+# transformers 5.2x keeps `is_decoder` only on the configs of encoder families that can also act as decoders.
+_IS_DECODER_IS_GENERIC = hasattr(transformers.PretrainedConfig(), "is_decoder")
+
+
 def _check_config(stock_class: type, config) -> None:
-    """Raise UnsupportedModelError unless `config` describes a decoder-only causal LM."""
+    """Raise UnsupportedModelError unless `config` describes a decoder-only causal LM whose config leaves
+    `patch_size` to us."""
+    name = f"{stock_class.__name__} (model_type {config.model_type!r})"
     if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model: patch-level training needs a decoder-only causal LM")
+    # BERT-like families map a causal-LM head too, but attend bidirectionally unless config.is_decoder is set.
+    encoder_family = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or (
+        not _IS_DECODER_IS_GENERIC and hasattr(config, "is_decoder")
+    )
+    if encoder_family and not getattr(config, "is_decoder", False):
         raise UnsupportedModelError(
-            f"{stock_class.__name__} (model_type {config.model_type!r}) is an encoder-decoder model: patch-level "
+            f"{name} is an encoder with bidirectional attention unless config.is_decoder=True: patch-level "
             "training needs a decoder-only causal LM"
         )
-    # BERT-like families map a causal-LM head too, but attend bidirectionally unless config.is_decoder is set.
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+    config_class = type(config)
+    if getattr(config_class, "patch_size", None) is not None or "patch_size" in inspect.signature(config_class).parameters:
         raise UnsupportedModelError(
-            f"{stock_class.__name__} (model_type {config.model_type!r}) is an encoder with bidirectional attention "
-            "unless config.is_decoder=True: patch-level training needs a decoder-only causal LM"
+            f"{name}: its config already has a `patch_size` (an image patch size), which K would overwrite"
         )
 
 
@@ -375,7 +395,7 @@ class PatchModelMixin:
 
         parameters = self._forward_signature.parameters
         stock_inputs = dict(inputs, attention_mask=attention_mask, return_dict=True)
-        if "use_cache" in parameters:
+        if "use_cache" in parameters and patch_size > 1:  # K = 1 keeps the caller's use_cache, as stock
             stock_inputs["use_cache"] = False
         if position_ids is not None:
             stock_inputs["position_ids"] = position_ids

@@ -1,4 +1,4 @@
-"""Patch-level training for Llama (Shao, Meng, Zhou, "Beyond Next Token Prediction: Patch-Level Training
+"""Patch-level training for transformers causal LMs (Shao, Meng, Zhou, "Beyond Next Token Prediction: Patch-Level Training
 for LLMs", ICLR 2025, arXiv:2407.12665).
 
 A *patch* is K consecutive tokens; its embedding is the mean of the K token embeddings, so no parameter is
@@ -12,12 +12,14 @@ Since all K targets share one distribution, the loss of patch i is  K_i*logsumex
 only the gradient of the logits (in the logits' dtype) for the backward pass: never the float32 copy plus
 float32 log-softmax that the reference code and stock transformers hold.
 
-`PatchLlamaForCausalLM` subclasses `transformers.LlamaForCausalLM`: it overrides `forward` (and guards
-`generate` and `save_pretrained`) and adds no parameter, so its checkpoints are stock Llama checkpoints.
-K is read from `config.patch_size` (absent means 1). With K = 1 it is the stock model: inference and
-generation run the stock forward; training (labels given) runs the stock decoder with the same lean loss at
-K = 1, which equals transformers' causal-LM loss and gradients to float rounding while holding 3x less
-loss memory (measured in benchmarks/throughput.py).
+`PatchModelMixin` adds this to any decoder-only transformers causal LM: `patch_model_class(Qwen2ForCausalLM)`
+is `PatchQwen2ForCausalLM(PatchModelMixin, Qwen2ForCausalLM)`, `AutoPatchModelForCausalLM` picks the class from
+a config or checkpoint like `AutoModelForCausalLM`, and `PatchLlamaForCausalLM` is the Llama member. It
+overrides `forward` (and guards `generate` and `save_pretrained`) and adds no parameter, so checkpoints are
+stock checkpoints. K is read from `config.patch_size` (absent means 1). With K = 1 it is the stock model:
+inference and generation run the stock forward; training (labels given) runs the stock forward with the same
+lean loss at K = 1, which equals transformers' causal-LM loss and gradients to float rounding while holding 3x
+less loss memory (measured in benchmarks/throughput.py).
 """
 
 from __future__ import annotations

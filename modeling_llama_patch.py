@@ -1,4 +1,4 @@
-"""Patch-level training for Llama (Shao, Meng, Zhou, "Beyond Next Token Prediction: Patch-Level Training
+"""Patch-level training for transformers causal LMs (Shao, Meng, Zhou, "Beyond Next Token Prediction: Patch-Level Training
 for LLMs", ICLR 2025, arXiv:2407.12665).
 
 A *patch* is K consecutive tokens; its embedding is the mean of the K token embeddings, so no parameter is
@@ -12,24 +12,31 @@ Since all K targets share one distribution, the loss of patch i is  K_i*logsumex
 only the gradient of the logits (in the logits' dtype) for the backward pass: never the float32 copy plus
 float32 log-softmax that the reference code and stock transformers hold.
 
-`PatchLlamaForCausalLM` subclasses `transformers.LlamaForCausalLM`: it overrides `forward` (and guards
-`generate` and `save_pretrained`) and adds no parameter, so its checkpoints are stock Llama checkpoints.
-K is read from `config.patch_size` (absent means 1). With K = 1 it is the stock model: inference and
-generation run the stock forward; training (labels given) runs the stock decoder with the same lean loss at
-K = 1, which equals transformers' causal-LM loss and gradients to float rounding while holding 3x less
-loss memory (measured in benchmarks/throughput.py).
+`PatchModelMixin` adds this to any decoder-only transformers causal LM: `patch_model_class(Qwen2ForCausalLM)`
+is `PatchQwen2ForCausalLM(PatchModelMixin, Qwen2ForCausalLM)`, `AutoPatchModelForCausalLM` picks the class from
+a config or checkpoint like `AutoModelForCausalLM`, and `PatchLlamaForCausalLM` is the Llama member. It
+overrides `forward` (and guards `generate` and `save_pretrained`) and adds no parameter, so checkpoints are
+stock checkpoints. K is read from `config.patch_size` (absent means 1). With K = 1 it is the stock model:
+inference and generation run the stock forward; training (labels given) runs the stock forward with the same
+lean loss at K = 1, which equals transformers' causal-LM loss and gradients to float rounding while holding 3x
+less loss memory (measured in benchmarks/throughput.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaForCausalLM
+import transformers
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 IGNORE_INDEX = -100
 # Float32 elements of one loss chunk (64 MiB): bounds the temporaries of the K-way loss whatever
@@ -37,8 +44,12 @@ IGNORE_INDEX = -100
 LOSS_CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 __all__ = [
+    "AutoPatchModelForCausalLM",
+    "PatchModelMixin",
     "PatchLlamaForCausalLM",
     "PatchCausalLMOutputWithPast",
+    "UnsupportedModelError",
+    "patch_model_class",
     "get_patch_size",
     "patchify_embeddings",
     "patchify_attention_mask",
@@ -203,8 +214,16 @@ def kway_cross_entropy(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The model
+# The model: one mixin over any decoder-only transformers causal LM
 # ---------------------------------------------------------------------------------------------------------
+
+# The forward's key-value cache argument: transformers 5.2x renamed `past_key_values` to `cache` (the old name
+# warns, and goes in 5.40). Each stock class's own signature says which one it takes; a K > 1 model refuses both.
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
+
+class UnsupportedModelError(ValueError):
+    """A model patch-level training cannot wrap: not a decoder-only causal LM, or no `inputs_embeds` input."""
 
 
 @dataclass
@@ -215,98 +234,227 @@ class PatchCausalLMOutputWithPast(CausalLMOutputWithPast):
     offset_losses: torch.FloatTensor | None = None
 
 
-class PatchLlamaForCausalLM(LlamaForCausalLM):
-    """`LlamaForCausalLM` that trains on patches of K = `config.patch_size` tokens (see the module docstring).
+_OUTPUT_CLASSES: dict[type, type] = {CausalLMOutputWithPast: PatchCausalLMOutputWithPast}
+
+
+def patch_output_class(output_class: type) -> type:
+    """The stock output dataclass (e.g. `MoeCausalLMOutputWithPast`, which adds `aux_loss` and `router_logits`)
+    plus an `offset_losses` field; built once per class, named `Patch<Name>`, a module attribute (pickles)."""
+    if output_class not in _OUTPUT_CLASSES:
+        name = f"Patch{output_class.__name__}"
+        patch_output = dataclasses.make_dataclass(
+            name, [("offset_losses", torch.FloatTensor | None, dataclasses.field(default=None))], bases=(output_class,)
+        )
+        patch_output.__module__, patch_output.__qualname__ = __name__, name
+        patch_output.__doc__ = f"`{output_class.__name__}` plus `offset_losses` (K,), as in `PatchCausalLMOutputWithPast`."
+        globals()[name] = _OUTPUT_CLASSES[output_class] = patch_output
+    return _OUTPUT_CLASSES[output_class]
+
+
+def _stock_class_of(patch_class: type) -> type:
+    """The transformers class a patch class wraps: the first base after the mixin that is not itself a patch class."""
+    return next(
+        base for base in patch_class.__mro__[1:]
+        if issubclass(base, PreTrainedModel) and not issubclass(base, PatchModelMixin)
+    )
+
+
+def _check_stock_class(stock_class: type) -> inspect.Signature:
+    """The stock forward's signature; raise UnsupportedModelError if it cannot take patch embeddings and labels."""
+    if not (isinstance(stock_class, type) and issubclass(stock_class, PreTrainedModel)):
+        raise UnsupportedModelError(f"{stock_class!r} is not a transformers PreTrainedModel class")
+    signature = inspect.signature(stock_class.forward)
+    for needed in ("inputs_embeds", "labels"):
+        if needed not in signature.parameters:
+            raise UnsupportedModelError(
+                f"{stock_class.__name__}.forward takes no `{needed}`: patch-level training feeds the decoder the "
+                "mean of each patch's token embeddings as inputs_embeds, and labels for the loss"
+            )
+    try:
+        source = inspect.getsource(stock_class.forward)
+    except (OSError, TypeError):  # no source to read: the forward checks that the hook was called
+        source = "loss_function"
+    if "loss_function" not in source:
+        raise UnsupportedModelError(
+            f"{stock_class.__name__}.forward computes its loss without self.loss_function (the hook the K-way "
+            "loss replaces): patch-level training needs a causal LM that uses it"
+        )
+    return signature
+
+
+# transformers 5.2x keeps `is_decoder` only on the configs of encoder families that can also act as decoders.
+_IS_DECODER_IS_GENERIC = hasattr(transformers.PretrainedConfig(), "is_decoder")
+
+
+def _check_config(stock_class: type, config) -> None:
+    """Raise UnsupportedModelError unless `config` describes a decoder-only causal LM whose config leaves
+    `patch_size` to us."""
+    name = f"{stock_class.__name__} (model_type {config.model_type!r})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model: patch-level training needs a decoder-only causal LM")
+    # BERT-like families map a causal-LM head too, but attend bidirectionally unless config.is_decoder is set.
+    encoder_family = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or (
+        not _IS_DECODER_IS_GENERIC and hasattr(config, "is_decoder")
+    )
+    if encoder_family and not getattr(config, "is_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} is an encoder with bidirectional attention unless config.is_decoder=True: patch-level "
+            "training needs a decoder-only causal LM"
+        )
+    config_class = type(config)
+    if getattr(config_class, "patch_size", None) is not None or "patch_size" in inspect.signature(config_class).parameters:
+        raise UnsupportedModelError(
+            f"{name}: its config already has a `patch_size` (an image patch size), which K would overwrite"
+        )
+
+
+class PatchModelMixin:
+    """Patch-level training (module docstring) for the transformers causal LM it is mixed into, placed first:
+    `class PatchXForCausalLM(PatchModelMixin, XForCausalLM)`, as `patch_model_class(XForCausalLM)` builds it.
+
+    It overrides `forward` (and guards `generate` and `save_pretrained`) and adds no parameter, so checkpoints
+    are stock checkpoints of the wrapped class. K is `config.patch_size` (absent or None means 1).
+
+    K = 1 is the stock model: without labels (inference, `generate()`), or with a cache or `logits_to_keep`,
+    the call goes to the stock forward untouched. With labels, the stock forward runs with our lean loss in
+    place of transformers' causal-LM loss (equal to float rounding, `kway_cross_entropy` at K = 1).
+
+    K > 1, input (B, L) ids or (B, L, H) embeddings, L = n*K:
+      1. embed with `get_input_embeddings()` and average each patch (over its visible tokens, with a mask);
+      2. run the stock class's own forward on `inputs_embeds` (B, n, H), so the logits (B, n, V) are exactly
+         the stock ones: embedding scaling, final norm, tied head, logit soft-capping or scaling included;
+      3. the K-way loss (Eq. 3) on those logits, handed to the stock forward as its `loss_function`, so that
+      4. whatever the stock model adds to its causal-LM loss it adds to ours the same way (MoE:
+         `router_aux_loss_coef * aux_loss` when `output_router_logits`).
 
     Attention masks: a patch is visible if any of its tokens is, and its embedding is the mean of its
     visible tokens (`patchify_embeddings`). Labels are independent of the mask, as in transformers: set
     padded labels to -100. Position ids, if given, are patch positions of shape (B, n).
+
+    Raises UnsupportedModelError (a ValueError) on construction for an encoder-decoder or encoder model, or a
+    stock forward without `inputs_embeds`; ValueError in forward for a cache at K > 1, L not a multiple of K,
+    labels not (B, L), or position ids not (B, n).
     """
+
+    _stock_class: type  # the wrapped transformers class, set per subclass
+    _forward_signature: inspect.Signature  # its forward's signature, which ours presents
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stock_class = _stock_class_of(cls)
+        cls._stock_class, cls._forward_signature = stock_class, _check_stock_class(stock_class)
+
+        # `generate()` and the Trainer read the forward's signature (which cache name, whether it takes
+        # logits_to_keep, ...): ours presents the stock one, whatever the transformers version.
+        def forward(self, *args, **kwargs):
+            return self._patch_forward(*args, **kwargs)
+
+        forward.__signature__ = cls._forward_signature
+        forward.__doc__ = PatchModelMixin.__doc__
+        forward.__qualname__ = f"{cls.__qualname__}.forward"
+        cls.forward = forward
+        _PATCH_CLASSES.setdefault(stock_class, cls)
+
+    def __init__(self, config, *args, **kwargs):
+        _check_config(type(self)._stock_class, config)
+        super().__init__(config, *args, **kwargs)
 
     @property
     def patch_size(self) -> int:
         return get_patch_size(self.config)
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> PatchCausalLMOutputWithPast | CausalLMOutputWithPast:
+    def _patch_forward(self, *args, **kwargs):
+        bound = self._forward_signature.bind(self, *args, **kwargs)  # a TypeError for bad arguments, as stock
+        inputs = {}
+        for name, value in list(bound.arguments.items())[1:]:  # without self
+            kind = self._forward_signature.parameters[name].kind
+            inputs.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
         patch_size = self.patch_size
-        stock_path = labels is None or past_key_values is not None or use_cache or (
-            not isinstance(logits_to_keep, int) or logits_to_keep != 0
-        )
-        if patch_size == 1 and stock_path:  # token-level inference and generation: the stock forward
-            return super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-        if past_key_values is not None or use_cache:
+        labels = inputs.get("labels")
+        cache_names = [name for name in CACHE_ARGUMENT_NAMES if inputs.get(name) is not None]
+        logits_to_keep = inputs.get("logits_to_keep", 0)
+        keep_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if patch_size == 1 and (labels is None or cache_names or inputs.get("use_cache") or not keep_all_logits):
+            return super().forward(*args, **kwargs)  # token-level inference and generation: the stock forward
+        if cache_names or inputs.get("use_cache"):
             raise ValueError(
-                f"a patch-level model (K={patch_size}) has no key-value cache: it reads whole sequences "
-                "of patches. Use K = 1 (config.patch_size = 1) for incremental decoding."
+                f"a patch-level model (K={patch_size}) has no key-value cache (got "
+                f"{', '.join(cache_names) or 'use_cache=True'}): it reads whole sequences of patches. Use K = 1 "
+                "(config.patch_size = 1) for incremental decoding."
             )
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        for name in (*CACHE_ARGUMENT_NAMES, "use_cache", "logits_to_keep"):
+            inputs.pop(name, None)
+        input_ids, inputs_embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
+        attention_mask, position_ids = inputs.pop("attention_mask", None), inputs.pop("position_ids", None)
+        labels = inputs.pop("labels", None)
+        num_items_in_batch = inputs.pop("num_items_in_batch", None)
         # transformers' Trainer asks for no logits when evaluating with --use_liger_kernel (Liger's forward
         # then never computes them); ours needs them for the loss, but need not return them.
-        skip_logits = bool(kwargs.pop("skip_logits", False)) and labels is not None
+        skip_logits = bool(inputs.pop("skip_logits", False)) and labels is not None
+        return_dict = inputs.pop("return_dict", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
 
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)  # (B, L, H)
-        batch, length, _ = inputs_embeds.shape
-        num_patches = check_length(length, patch_size)
-        if patch_size == 1:  # token-level training: the stock decoder, our lean loss (the same Eq. 3 at K = 1)
-            patch_embeds, patch_mask = inputs_embeds, attention_mask
+        parameters = self._forward_signature.parameters
+        stock_inputs = dict(inputs, attention_mask=attention_mask, return_dict=True)
+        if "use_cache" in parameters and patch_size > 1:  # K = 1 keeps the caller's use_cache, as stock
+            stock_inputs["use_cache"] = False
+        if position_ids is not None:
+            stock_inputs["position_ids"] = position_ids
+        if patch_size == 1:  # token-level training: the stock forward on the same inputs, our lean loss
+            batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            stock_inputs.update(input_ids=input_ids, inputs_embeds=inputs_embeds)
         else:
-            patch_embeds = patchify_embeddings(inputs_embeds, patch_size, attention_mask)  # (B, n, H)
-            patch_mask = None if attention_mask is None else patchify_attention_mask(attention_mask, patch_size)
-        if position_ids is not None and position_ids.shape[-1] != num_patches:
-            raise ValueError(
-                f"position_ids must be patch positions of length n=L/K={num_patches} (L={length}, "
-                f"K={patch_size}), got shape {tuple(position_ids.shape)}"
-            )
-        outputs = self.model(
-            inputs_embeds=patch_embeds,
-            attention_mask=patch_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state  # (B, n, H)
-        logits = self.lm_head(hidden_states)  # (B, n, V)
+            # 1. (B, L) -> (B, L, H) -> (B, n, H): patch embeddings; (B, n) patch mask
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, H)
+            batch, length, _ = inputs_embeds.shape
+            num_patches = check_length(length, patch_size)
+            stock_inputs["inputs_embeds"] = patchify_embeddings(inputs_embeds, patch_size, attention_mask)
+            if attention_mask is not None:
+                stock_inputs["attention_mask"] = patchify_attention_mask(attention_mask, patch_size)
+            if position_ids is not None and position_ids.shape[-1] != num_patches:
+                raise ValueError(
+                    f"position_ids must be patch positions of length n=L/K={num_patches} (L={length}, "
+                    f"K={patch_size}), got shape {tuple(position_ids.shape)}"
+                )
+        slice_logits = labels is None and not keep_all_logits
+        if slice_logits and "logits_to_keep" in parameters:
+            stock_inputs["logits_to_keep"], slice_logits = logits_to_keep, False
 
-        loss = offset_losses = None
+        # 2.-4. the stock forward computes the logits, calls our K-way loss on them, adds its extra losses
+        offset_losses = []
         if labels is not None:
             if labels.shape != (batch, length):
                 raise ValueError(f"labels must have shape (B, L)=({batch}, {length}), got {tuple(labels.shape)}")
-            targets = next_patch_targets(labels, patch_size)  # (B, n, K)
-            loss, offset_losses = kway_cross_entropy(logits, targets, num_items_in_batch)
-        elif not isinstance(logits_to_keep, int) or logits_to_keep:
-            logits = logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
+            stock_inputs["labels"] = labels
 
-        return PatchCausalLMOutputWithPast(
-            loss=loss,
-            logits=None if skip_logits else logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            offset_losses=offset_losses,
-        )
+        def patch_loss(logits, labels, *args, **kwargs):  # the stock `loss_function(logits, labels, vocab_size, ...)`
+            targets = next_patch_targets(labels, patch_size)  # (B, n, K)
+            loss, per_offset = kway_cross_entropy(logits, targets, num_items_in_batch)
+            offset_losses.append(per_offset)
+            return loss
+
+        with _loss_function_replaced(self, patch_loss):
+            outputs = super().forward(**stock_inputs)
+        if labels is not None and not offset_losses:
+            raise UnsupportedModelError(
+                f"{self._stock_class.__name__}.forward computed its loss without self.loss_function, so the "
+                "K-way loss cannot replace it"
+            )
+
+        values = {field.name: getattr(outputs, field.name) for field in dataclasses.fields(outputs)}
+        if skip_logits:
+            values["logits"] = None
+        elif slice_logits:
+            logits = values["logits"]
+            values["logits"] = (
+                logits[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else logits[:, logits_to_keep]
+            )
+        result = patch_output_class(type(outputs))(**values, offset_losses=offset_losses[0] if offset_losses else None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return result if return_dict else result.to_tuple()
 
     def generate(self, *args, **kwargs):
         """Token-level generation; refused for K > 1, where the model predicts bags of K tokens."""
@@ -314,21 +462,125 @@ class PatchLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError(
                 f"generate() needs a token-level model, but this one has patch_size K={self.patch_size}: "
                 "a patch model predicts an unordered bag of the next K tokens. Set model.config.patch_size = 1 "
-                "(same weights) or load the checkpoint with AutoModelForCausalLM."
+                f"(same weights) or load the checkpoint with AutoModelForCausalLM."
             )
         return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save a stock Llama checkpoint: `architectures` is ["LlamaForCausalLM"], so that
-        `AutoModelForCausalLM` and `pipeline` load it without this file. `patch_size` stays in the config
-        as a record of how the weights were trained (stock Llama ignores it)."""
+        """Save a stock checkpoint: `architectures` is the stock class name (e.g. ["Qwen2ForCausalLM"]), so
+        that `AutoModelForCausalLM` and `pipeline` load it without this file. `patch_size` stays in the config
+        as a record of how the weights were trained (stock models ignore it)."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        self.config.architectures = [LlamaForCausalLM.__name__]
+        stock_name = self._stock_class.__name__
+        self.config.architectures = [stock_name]
         config_file = os.path.join(save_directory, "config.json")
         if kwargs.get("is_main_process", True) and os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as handle:
                 saved = json.load(handle)
-            saved["architectures"] = [LlamaForCausalLM.__name__]
+            saved["architectures"] = [stock_name]
             with open(config_file, "w", encoding="utf-8") as handle:
                 json.dump(saved, handle, indent=2, sort_keys=True)
                 handle.write("\n")
+
+
+@contextlib.contextmanager
+def _loss_function_replaced(model, loss_function):
+    """Within the block, `model.loss_function` (the hook every transformers causal LM computes its loss with)
+    is `loss_function`; any loss function set on the model before is restored after."""
+    missing = object()
+    previous = model.__dict__.get("_loss_function", missing)
+    model._loss_function = loss_function  # what PreTrainedModel.loss_function returns when set
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del model._loss_function
+        else:
+            model._loss_function = previous
+
+
+_PATCH_CLASSES: dict[type, type] = {}
+
+
+def patch_model_class(stock_class: type) -> type:
+    """The patch class of a transformers causal-LM class: `Patch<Name>(PatchModelMixin, stock_class)`.
+
+    Built once per class and kept as an attribute of this module, so models pickle; `LlamaForCausalLM` gives
+    `PatchLlamaForCausalLM`. `isinstance(model, stock_class)` holds for its instances. Raises
+    UnsupportedModelError if the class's forward takes no `inputs_embeds` or `labels` (and, when an instance is
+    built, if its config is an encoder-decoder or encoder model).
+    """
+    if isinstance(stock_class, type) and issubclass(stock_class, PatchModelMixin):
+        return stock_class
+    if stock_class not in _PATCH_CLASSES:
+        _check_stock_class(stock_class)
+        name = f"Patch{stock_class.__name__}"
+        if name in globals():
+            raise UnsupportedModelError(f"two classes named {stock_class.__name__}: {name} already wraps another")
+        patch_class = type(name, (PatchModelMixin, stock_class), {"__module__": __name__, "__qualname__": name})
+        patch_class.__doc__ = f"`{stock_class.__name__}` with patch-level training (see `PatchModelMixin`)."
+        globals()[name] = patch_class
+    return _PATCH_CLASSES[stock_class]
+
+
+def __getattr__(name: str):
+    """`Patch<Name>` for any transformers class `<Name>`, built on first use (so a pickled model loads in a
+    fresh process)."""
+    stock_class = getattr(transformers, name.removeprefix("Patch"), None) if name.startswith("Patch") else None
+    if stock_class is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return patch_model_class(stock_class)
+
+
+class PatchLlamaForCausalLM(PatchModelMixin, LlamaForCausalLM):
+    """`LlamaForCausalLM` that trains on patches of K = `config.patch_size` tokens (see `PatchModelMixin`)."""
+
+
+class _PatchModelMapping:
+    """transformers' causal-LM mapping (config class -> model class), answering with patch classes."""
+
+    def __init__(self, stock_mapping):
+        self._stock_mapping = stock_mapping
+
+    def __contains__(self, config_class) -> bool:
+        return config_class in self._stock_mapping
+
+    def __iter__(self):
+        return iter(self._stock_mapping)
+
+    def __getitem__(self, config_class):
+        stock = self._stock_mapping[config_class]
+        if isinstance(stock, (list, tuple)):
+            return type(stock)(patch_model_class(model_class) for model_class in stock)
+        return patch_model_class(stock)
+
+
+class AutoPatchModelForCausalLM(AutoModelForCausalLM):
+    """`AutoModelForCausalLM` whose models do patch-level training at `config.patch_size`.
+
+    `from_config(config, **kwargs)` and `from_pretrained(path_or_name, *model_args, **kwargs)` take the same
+    arguments as `AutoModelForCausalLM`'s and return an instance of `patch_model_class(<stock class>)`, e.g. a
+    `PatchQwen2ForCausalLM`, which is a `Qwen2ForCausalLM`. Raises UnsupportedModelError for a model that is
+    not a decoder-only causal LM or whose forward takes no `inputs_embeds`, and for `trust_remote_code=True`
+    (only transformers' own classes are wrapped).
+    """
+
+    _model_mapping = _PatchModelMapping(MODEL_FOR_CAUSAL_LM_MAPPING)
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        cls._refuse_remote_code(kwargs)
+        return super().from_config(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        cls._refuse_remote_code(kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @staticmethod
+    def _refuse_remote_code(kwargs) -> None:
+        if kwargs.get("trust_remote_code"):
+            raise UnsupportedModelError(
+                "AutoPatchModelForCausalLM wraps transformers' own model classes only: trust_remote_code=True "
+                "is not supported"
+            )

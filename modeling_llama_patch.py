@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ __all__ = [
     "PatchCausalLMOutputWithPast",
     "UnsupportedModelError",
     "patch_model_class",
+    "check_supported",
     "get_patch_size",
     "patchify_embeddings",
     "patchify_attention_mask",
@@ -57,6 +59,8 @@ __all__ = [
     "count_loss_targets",
     "loss_target_labels",
     "kway_cross_entropy",
+    "fused_loss_arguments",
+    "FUSED_LOSS_ARCHITECTURES",
 ]
 
 
@@ -308,6 +312,29 @@ def _check_config(stock_class: type, config) -> None:
         )
 
 
+# The fused LM-head + K-way loss (`patch_training.fused_loss`) needs the decoder's final hidden states and the
+# head's weight, so it replaces the stock forward's `logits = lm_head(hidden)` and whatever follows. It is exact
+# only for architectures whose causal-LM forward is the plain template (base model -> last hidden state -> one
+# linear head -> elementwise processing listed here -> loss, no extra loss term), each checked against the
+# unfused path in tests/test_architectures.py: model_type -> {fused argument: config attribute}.
+FUSED_LOSS_ARCHITECTURES = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "olmo": {}, "olmo2": {}, "phi3": {},
+    "starcoder2": {}, "helium": {}, "glm": {}, "smollm3": {}, "ministral": {},
+    "gemma2": {"softcap": "final_logit_softcapping"}, "gemma3_text": {"softcap": "final_logit_softcapping"},
+    "cohere": {"logit_scale": "logit_scale"}, "cohere2": {"logit_scale": "logit_scale"},
+}
+LOSS_IMPLEMENTATIONS = ("auto", "fused", "unfused")
+
+
+def fused_loss_arguments(config) -> dict | None:
+    """The post-head processing of `config`'s architecture as `fused_kway_linear_cross_entropy` arguments
+    (e.g. {"softcap": 30.0} for Gemma-2), or None where the fused loss would not be exact."""
+    spec = FUSED_LOSS_ARCHITECTURES.get(getattr(config, "model_type", None))
+    if spec is None:
+        return None
+    return {argument: getattr(config, attribute) for argument, attribute in spec.items() if getattr(config, attribute, None)}
+
+
 class PatchModelMixin:
     """Patch-level training (module docstring) for the transformers causal LM it is mixed into, placed first:
     `class PatchXForCausalLM(PatchModelMixin, XForCausalLM)`, as `patch_model_class(XForCausalLM)` builds it.
@@ -337,6 +364,10 @@ class PatchModelMixin:
     """
 
     _stock_class: type  # the wrapped transformers class, set per subclass
+    # Training loss: "auto" = the fused LM-head + K-way loss where it is exact (`fused_loss_arguments`), else
+    # the stock head then `kway_cross_entropy`; "fused" = refuse an architecture it is not exact for;
+    # "unfused" = always the stock head. Evaluation (`model.eval()`) and calls without labels return logits.
+    loss_implementation: str = "auto"
     _forward_signature: inspect.Signature  # its forward's signature, which ours presents
 
     def __init_subclass__(cls, **kwargs):
@@ -429,6 +460,13 @@ class PatchModelMixin:
                 raise ValueError(f"labels must have shape (B, L)=({batch}, {length}), got {tuple(labels.shape)}")
             stock_inputs["labels"] = labels
 
+        fused_arguments = self._fused_loss_arguments(labels, stock_inputs)
+        if fused_arguments is not None:
+            result = self._fused_forward(stock_inputs, labels, patch_size, num_items_in_batch, fused_arguments)
+            if return_dict is None:
+                return_dict = getattr(self.config, "return_dict", True)
+            return result if return_dict else result.to_tuple()
+
         def patch_loss(logits, labels, *args, **kwargs):  # the stock `loss_function(logits, labels, vocab_size, ...)`
             targets = next_patch_targets(labels, patch_size)  # (B, n, K)
             loss, per_offset = kway_cross_entropy(logits, targets, num_items_in_batch)
@@ -456,6 +494,50 @@ class PatchModelMixin:
             return_dict = getattr(self.config, "return_dict", True)
         return result if return_dict else result.to_tuple()
 
+    def _fused_loss_arguments(self, labels, stock_inputs) -> dict | None:
+        """The fused loss's arguments when this training call takes the fused path, else None (module
+        `FUSED_LOSS_ARCHITECTURES`). Fused: labels given, training mode, logits not asked for by slicing, no
+        extra stock output requested, and the head's weight is whole on this rank (not a ZeRO-3 partition,
+        gathered only inside the head's own forward)."""
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"loss_implementation must be one of {LOSS_IMPLEMENTATIONS}, got {self.loss_implementation!r}")
+        if labels is None or not self.training or self.loss_implementation == "unfused" or "logits_to_keep" in stock_inputs:
+            return None
+        arguments = fused_loss_arguments(self.config)
+        if arguments is None:
+            if self.loss_implementation == "fused":
+                raise UnsupportedModelError(
+                    f"the fused LM-head loss is not exact for model_type {self.config.model_type!r} (it is for: "
+                    f"{', '.join(sorted(FUSED_LOSS_ARCHITECTURES))}): use loss_implementation 'auto' or 'unfused'"
+                )
+            _log_once(f"fused LM-head loss: not exact for model_type {self.config.model_type!r}; using the stock head "
+                      "and the chunked K-way loss")
+            return None
+        head = self.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear) or hasattr(head.weight, "ds_id"):  # ds_id: a DeepSpeed ZeRO-3 partition
+            _log_once("fused LM-head loss: the head's weight is partitioned (DeepSpeed ZeRO-3) or the head is not a "
+                      "plain Linear; using the stock head and the chunked K-way loss")
+            return None
+        return arguments
+
+    def _fused_forward(self, stock_inputs: dict, labels, patch_size: int, num_items_in_batch, fused_arguments: dict):
+        """The decoder (`self.base_model`) on the stock inputs, then the fused LM-head + K-way loss on its final
+        hidden states (B, n, H): no (B, n, V) logits are held (`logits` is None in the output)."""
+        from patch_training.fused_loss import fused_kway_linear_cross_entropy
+
+        base_inputs = {name: value for name, value in stock_inputs.items() if name != "labels"}
+        outputs = self.base_model(**base_inputs)
+        head = self.get_output_embeddings()
+        targets = next_patch_targets(labels, patch_size)  # (B, n, K)
+        loss, per_offset = fused_kway_linear_cross_entropy(
+            outputs.last_hidden_state, head.weight, targets, head.bias, num_items_in_batch=num_items_in_batch,
+            **fused_arguments,
+        )
+        return PatchCausalLMOutputWithPast(
+            loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            offset_losses=per_offset,
+        )
+
     def generate(self, *args, **kwargs):
         """Token-level generation; refused for K > 1, where the model predicts bags of K tokens."""
         if self.patch_size > 1:
@@ -481,6 +563,16 @@ class PatchModelMixin:
             with open(config_file, "w", encoding="utf-8") as handle:
                 json.dump(saved, handle, indent=2, sort_keys=True)
                 handle.write("\n")
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    """Log `message` (a warning of the `modeling_llama_patch` logger) the first time only."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logging.getLogger(__name__).warning(message)
 
 
 @contextlib.contextmanager
@@ -521,6 +613,18 @@ def patch_model_class(stock_class: type) -> type:
         patch_class.__doc__ = f"`{stock_class.__name__}` with patch-level training (see `PatchModelMixin`)."
         globals()[name] = patch_class
     return _PATCH_CLASSES[stock_class]
+
+
+def check_supported(config) -> type:
+    """The patch class for `config` (its stock causal-LM class wrapped), or UnsupportedModelError (one line) when
+    patch-level training cannot wrap it: no causal LM for its model_type, an encoder or encoder-decoder, a
+    forward without `inputs_embeds`, a config that already has an image `patch_size`."""
+    stock_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if stock_class is None:
+        raise UnsupportedModelError(f"model_type {config.model_type!r} has no causal LM in transformers")
+    patch_class = patch_model_class(stock_class)
+    _check_config(stock_class, config)
+    return patch_class
 
 
 def __getattr__(name: str):

@@ -32,10 +32,10 @@ from pathlib import Path
 import transformers
 from transformers import default_data_collator, set_seed
 
-from modeling_llama_patch import validate_patch_size
+from modeling_llama_patch import LOSS_IMPLEMENTATIONS, validate_patch_size
 from patch_training.blocks import StreamingTokenBlocks, TokenBlocks, validation_blocks
 from patch_training.cli import UsageError, parse_arguments as parse_command_line, refuse_below, run_cli
-from patch_training.liger import check_liger_environment
+from patch_training.liger import check_liger_environment, check_liger_kernel_config
 from patch_training.models import build_model, load_model_config, load_tokenizer, resolve_attn_implementation
 from patch_training.readers import DataSource
 from patch_training.results import ALL_RESULTS_FILE, add_job_totals, report, stage_results
@@ -55,6 +55,8 @@ from patch_training.training_args import RunTrainingArguments, torch_compile_cav
 
 logger = logging.getLogger("run_clm")
 
+DEFAULT_TOKENIZER = "data/llama2_tokenizer"
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Arguments
@@ -63,19 +65,29 @@ logger = logging.getLogger("run_clm")
 
 @dataclass
 class ModelArguments:
-    """Which model to train: a Llama config to start from scratch, or weights to continue from."""
+    """Which model to train: a config of any decoder-only causal LM in transformers (Llama, Qwen, Mistral, Gemma,
+    OLMo, MoE models, ...) to start from scratch, or a checkpoint to continue pre-training from."""
 
     config_name: str | None = field(
         default=None,
-        metadata={"help": "A LlamaConfig JSON file or folder (e.g. configs/model/llama-370m.json): train from scratch."},
+        metadata={
+            "help": "A model config JSON file or folder of any decoder-only causal LM (e.g. configs/model/llama-370m.json, "
+            "configs/model/qwen3-0.6b.json): train from scratch."
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A checkpoint folder to start from instead of random weights (e.g. a patch-stage model)."},
+        metadata={
+            "help": "A checkpoint folder or hub name to continue from instead of random weights (e.g. a stock Qwen3 "
+            "or Llama checkpoint, or a patch-stage model); loaded in float32."
+        },
     )
-    tokenizer_name: str = field(
-        default="data/llama2_tokenizer",
-        metadata={"help": "Tokenizer folder or hub name (default: the bundled LLaMA-2 tokenizer, vocab 32000)."},
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer folder or hub name. Default: the checkpoint's own with --model_name_or_path, else the "
+            "bundled LLaMA-2 tokenizer (data/llama2_tokenizer, vocab 32000)."
+        },
     )
     attn_implementation: str = field(
         default="auto",
@@ -84,14 +96,28 @@ class ModelArguments:
             "machine, else SDPA."
         },
     )
+    loss_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "The training loss: auto (the fused LM-head + K-way loss, which never holds the positions x "
+            "vocabulary logits, where it is exact for the architecture, else the stock head and the chunked K-way "
+            "loss, said in one log line), fused (refuse an architecture it is not exact for) or unfused."
+        },
+    )
 
     def __post_init__(self):
         if self.config_name is None and self.model_name_or_path is None:
-            raise UsageError("give --config_name (a LlamaConfig JSON, to train from scratch) or --model_name_or_path")
+            raise UsageError("give --config_name (a model config JSON, to train from scratch) or --model_name_or_path")
         if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
             raise UsageError(
                 f"--attn_implementation must be auto, eager, sdpa or flash_attention_2, got {self.attn_implementation!r}"
             )
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise UsageError(
+                f"--loss_implementation must be {', '.join(LOSS_IMPLEMENTATIONS)}, got {self.loss_implementation!r}"
+            )
+        if self.tokenizer_name is None:
+            self.tokenizer_name = self.model_name_or_path or DEFAULT_TOKENIZER
 
 
 @dataclass
@@ -248,7 +274,7 @@ def check_output_dir(data_args: DataArguments, training_args: RunTrainingArgumen
 
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
-    Returns (training DataSource, validation DataSource or None, tokenizer)."""
+    Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
     if data_args.train_file is not None:
         train_source = DataSource.from_files(data_args.train_file, "train_file", data_args.text_column_name)
     else:
@@ -275,16 +301,20 @@ def check_inputs(model_args, data_args, patch_args, training_args):
             "--dataloader_num_workers 1 (tokenise in a background process) or 0, or drop --streaming to use the cache"
         )
     config = load_model_config(model_args.model_name_or_path or model_args.config_name)
+    if training_args.use_liger_kernel:
+        check_liger_environment(training_args.use_cpu, config.model_type)
+        check_liger_kernel_config(training_args.liger_kernel_config, config.model_type)
     tokenizer = load_tokenizer(model_args.tokenizer_name)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
-    if data_args.block_size > config.max_position_embeddings:
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and data_args.block_size > max_positions:
         raise UsageError(
-            f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings {config.max_position_embeddings}"
+            f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings {max_positions}"
         )
     if patch_args.patch_size > 1 and not patch_args.has_patch_stage:
         logger.warning("--patch_size %d is ignored: --patch_data_fraction is 0 (token-level baseline)", patch_args.patch_size)
-    return train_source, eval_source, tokenizer
+    return train_source, eval_source, config, tokenizer
 
 
 def check_plans(plans, block_size: int) -> None:
@@ -327,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     # Check every input before any work; claim the output folder.
-    train_source, eval_source, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
+    train_source, eval_source, config, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
+    attn_implementation = resolve_attn_implementation(model_args.attn_implementation, config)
     with training_args.main_process_first(desc="output directory"):
         prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save)
     set_seed(training_args.seed)
@@ -359,7 +390,6 @@ def main(argv: list[str] | None = None) -> dict:
         eval_stream, _ = cached_token_stream(eval_source, tokenizer, training_args, **cache)
         eval_datasets = validation_blocks(eval_stream, block_size, k, data_args.max_eval_blocks)
 
-    attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
     logger.info("Attention: %s", attn_implementation)
 
     # Train each stage: the patch stage (skipped once complete) hands its weights to the token stage.
@@ -377,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
             init_from = stage_dir
             continue
         args = stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
-        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation)
+        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation)
         handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
         trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover)
         results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
@@ -394,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
     final_eval = {}
     if not patch_args.has_token_stage:
         if trainer is None:  # the patch stage was complete before this run
-            model = build_model(model_args.config_name, init_from, 1, attn_implementation)
+            model = build_model(model_args.config_name, init_from, 1, attn_implementation, model_args.loss_implementation)
             trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
                                    eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
         trainer.model.config.patch_size = 1

@@ -6,45 +6,66 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from modeling_llama_patch import PatchLlamaForCausalLM
+from modeling_llama_patch import AutoPatchModelForCausalLM, UnsupportedModelError, check_supported
 
 from .cli import UsageError, first_line
 
 
-def resolve_attn_implementation(requested: str) -> str:
-    """auto -> flash_attention_2 when flash_attn imports on a CUDA machine, else sdpa."""
+def resolve_attn_implementation(requested: str, config=None) -> str:
+    """The attention implementation of the model of `config` (None: a Llama): auto -> flash_attention_2 when
+    flash_attn imports on a CUDA machine and the architecture supports it, else sdpa where it supports SDPA
+    (Gemma-2's soft-capped attention does not), else eager. UsageError for an explicit request the
+    architecture does not support."""
+    stock_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)] if config is not None else None
+    supports = {
+        "flash_attention_2": stock_class is None or bool(getattr(stock_class, "_supports_flash_attn", False)),
+        "sdpa": stock_class is None or bool(getattr(stock_class, "_supports_sdpa", False)),
+        "eager": True,
+    }
     if requested != "auto":
+        if not supports[requested]:
+            raise UsageError(f"--attn_implementation {requested}: {stock_class.__name__} does not support it (use eager or auto)")
         return requested
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and supports["flash_attention_2"]:
         try:
             import flash_attn  # noqa: F401
 
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return "sdpa" if supports["sdpa"] else "eager"
 
 
-def load_model_config(source: str) -> LlamaConfig:
-    """The LlamaConfig of --model_name_or_path or --config_name (a folder, a JSON file or a hub name). A
-    missing file, or a JSON that is not a Llama config, is refused: LlamaConfig would fill every missing key
-    with its defaults, a 7B model, from any JSON (a DeepSpeed config, say)."""
+def load_model_config(source: str):
+    """The config of --model_name_or_path or --config_name (a folder, a JSON file or a hub name) of any
+    decoder-only causal LM that transformers maps (`AutoConfig`). Refused in one line: a missing file or a folder
+    without config.json; a JSON without a known model_type (a DeepSpeed config, say: LlamaConfig would have
+    filled it with its 7B defaults); a model_type with no causal LM, or one patch-level training cannot wrap
+    (an encoder, an encoder-decoder: `modeling_llama_patch.UnsupportedModelError`)."""
     if not os.path.exists(source) and os.path.sep in source:
         raise UsageError(f"model config {source} does not exist")
     try:
-        values, _ = LlamaConfig.get_config_dict(source)
+        values, _ = PretrainedConfig.get_config_dict(source)
     except (OSError, ValueError) as error:
         raise UsageError(f"model config {source}: {first_line(error)}") from None
     if not values:  # transformers returns {} for a folder without config.json
         raise UsageError(f"model config {source}: no config.json there")
-    if values.get("model_type") != LlamaConfig.model_type:
+    model_type = values.get("model_type")
+    if model_type not in CONFIG_MAPPING:
         raise UsageError(
-            f"model config {source} is not a Llama config: its model_type is {values.get('model_type')!r}, not "
-            f"'llama' (the configs in configs/model/ are; a hand-written one needs \"model_type\": \"llama\")"
+            f"model config {source} is not a model config: its model_type is {model_type!r}, which transformers "
+            f"does not know (the configs in configs/model/ have one, e.g. \"model_type\": \"llama\")"
         )
-    return LlamaConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source)
+    try:
+        check_supported(config)
+    except UnsupportedModelError as error:
+        raise UsageError(f"model config {source}: {error}") from None
+    return config
 
 
 def load_tokenizer(name: str):
@@ -57,15 +78,20 @@ def load_tokenizer(name: str):
         raise UsageError(f"--tokenizer_name {name}: no tokenizer to load ({first_line(error)})") from None
 
 
-def build_model(config_name: str | None, init_from: str | None, patch_size: int, attn_implementation: str):
-    """A PatchLlamaForCausalLM at `patch_size`: from weights (`init_from`) or from the config `config_name`
-    (random weights from the current seed)."""
+def build_model(
+    config_name: str | None, init_from: str | None, patch_size: int, attn_implementation: str,
+    loss_implementation: str = "auto",
+):
+    """The patch model of a stage (`AutoPatchModelForCausalLM`: a subclass of the stock class of the config's
+    model_type) at `patch_size`: from the weights in `init_from` (loaded in float32: mixed precision comes from
+    the launch, and the optimizer steps float32 weights), or from the config `config_name` (random weights from
+    the current seed). `loss_implementation`: auto, fused or unfused (`PatchModelMixin.loss_implementation`)."""
     if init_from is not None:
-        model = PatchLlamaForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation)
+        model = AutoPatchModelForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation, dtype=torch.float32)
     else:
-        config = LlamaConfig.from_pretrained(config_name)
-        config._attn_implementation = attn_implementation
-        model = PatchLlamaForCausalLM(config)
+        config = AutoConfig.from_pretrained(config_name)
+        model = AutoPatchModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     model.config.patch_size = patch_size
     model.config.use_cache = False
+    model.loss_implementation = loss_implementation
     return model

@@ -26,7 +26,8 @@ class RunTrainingArguments(TrainingArguments):
       memory is not pinned.
 
     `liger_kernel_config` also takes a JSON string (transformers' parser takes no value for it on the command
-    line), and is checked against Liger's switches for Llama when `use_liger_kernel` is set.
+    line), and is checked against Liger's switches when `use_liger_kernel` is set (here against all of
+    Liger's architectures; run_clm.py checks them against the model's once its config is read).
     """
 
     overwrite_output_dir: bool = field(
@@ -44,9 +45,9 @@ class RunTrainingArguments(TrainingArguments):
     liger_kernel_config: dict | str | None = field(
         default=None,
         metadata={
-            "help": "With --use_liger_kernel: Liger-Kernel's switches for Llama as a JSON object, e.g. "
-            '\'{"fused_linear_cross_entropy": false}\' (keys: rope, rms_norm, swiglu, cross_entropy, '
-            "fused_linear_cross_entropy; liger's defaults when unset). The patch stage always turns the two loss "
+            "help": "With --use_liger_kernel: Liger-Kernel's switches for the model's architecture as a JSON object, e.g. "
+            '\'{"fused_linear_cross_entropy": false}\' (keys for Llama: rope, rms_norm, swiglu, cross_entropy, '
+            "fused_linear_cross_entropy; Gemma has geglu for swiglu; liger's defaults when unset). The patch stage always turns the two loss "
             "switches off and keeps its K-way loss."
         },
     )

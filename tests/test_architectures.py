@@ -32,12 +32,15 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+import modeling_llama_patch
 from modeling_llama_patch import (
+    FUSED_LOSS_ARCHITECTURES,
     IGNORE_INDEX,
     AutoPatchModelForCausalLM,
     PatchLlamaForCausalLM,
     PatchModelMixin,
     UnsupportedModelError,
+    fused_loss_arguments,
     patch_model_class,
 )
 
@@ -331,3 +334,61 @@ def test_checkpoints_stay_stock(tmp_path, tokenizer, tokenizer_dir):
     assert result["project_importable"] is False and result["project_imported"] is False
     for folder, (stock_name, tokens) in expected.items():
         assert result[folder] == {"class": stock_name, "problems": 0, "generated": tokens}, folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused LM-head + K-way loss: exact where it is used by default
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_step(model, ids, labels, implementation: str):
+    """(loss, offset losses, logits, gradients) of one training forward+backward with `implementation`."""
+    model.loss_implementation = implementation
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout masks, if any
+    out = model(ids, labels=labels, num_items_in_batch=torch.tensor(25))
+    out.loss.backward()
+    return out.loss.detach(), out.offset_losses, out.logits, grads(model)
+
+
+@pytest.mark.parametrize("model_type", sorted(FUSED_LOSS_ARCHITECTURES))
+@pytest.mark.parametrize("patch_size", [1, K])
+def test_fused_loss_equals_the_stock_head(model_type, patch_size):
+    """Training with the fused LM-head loss (the default where it is exact) gives the loss, per-offset losses and
+    gradients of the stock head followed by the chunked K-way loss, without returning logits."""
+    assert model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    _, patch = build_pair(model_type, patch_size)
+    if getattr(patch.config, "final_logit_softcapping", None):  # gemma2 (30.0); soft-capping inside the chunks
+        assert fused_loss_arguments(patch.config) == {"softcap": patch.config.final_logit_softcapping}
+    patch.train()
+    ids = random_ids(2, 4 * K)
+    labels = ids.clone()
+    labels[0, 5] = labels[1, 9] = IGNORE_INDEX
+    loss, offsets, logits, gradients = train_step(patch, ids, labels, "fused")
+    ref_loss, ref_offsets, ref_logits, ref_gradients = train_step(patch, ids, labels, "unfused")
+    assert logits is None and ref_logits is not None
+    torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
+    torch.testing.assert_close(offsets, ref_offsets, **FP32_TOL)
+    assert_grads_close(gradients, ref_gradients)
+    patch.eval()  # evaluation returns logits, as before
+    assert patch(ids, labels=labels).logits is not None
+
+
+def test_fused_loss_falls_back_where_it_is_not_exact(caplog, monkeypatch):
+    """An architecture whose forward adds to its loss (MoE router loss) uses the stock head under "auto", with
+    one log line; "fused" refuses it in one line."""
+    _, patch = build_pair("mixtral", K)
+    patch.train()
+    ids = random_ids(2, 4 * K)
+    monkeypatch.setattr(modeling_llama_patch, "_LOGGED", set())
+    with caplog.at_level("WARNING"):
+        out = patch(ids, labels=ids)
+        patch(ids, labels=ids)
+    assert out.logits is not None and out.aux_loss is not None
+    said = [r.getMessage() for r in caplog.records if "fused LM-head loss" in r.getMessage()]
+    assert said == ["fused LM-head loss: not exact for model_type 'mixtral'; using the stock head and the chunked "
+                    "K-way loss"]
+    patch.loss_implementation = "fused"
+    with pytest.raises(UnsupportedModelError, match="not exact for model_type 'mixtral'") as error:
+        patch(ids, labels=ids)
+    assert "\n" not in str(error.value)

@@ -58,17 +58,36 @@ def parse(argv):
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "model").glob("*.json")), ids=lambda p: p.name)
-def test_model_config_is_a_stock_llama_config(path):
-    from transformers import LlamaConfig
+def test_model_config_is_a_stock_config(path):
+    """Every model config is a stock transformers config of its family (named in the file name), for the bundled
+    LLaMA-2 tokenizer; the paper's (llama-*) are untied multi-head Llamas."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = json.loads(path.read_text())
-    config = LlamaConfig.from_pretrained(str(path))
-    assert raw["model_type"] == "llama" and raw["architectures"] == ["LlamaForCausalLM"]
+    config = AutoConfig.from_pretrained(str(path))
+    assert raw["model_type"] == path.stem.rsplit("-", 1)[0], "the file is named <model_type>-<size>.json"
+    assert raw["architectures"] == [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     assert config.vocab_size == 32000, "the LLaMA-2 tokenizer's vocabulary"
     assert (config.bos_token_id, config.eos_token_id) == (1, 2)
-    assert config.tie_word_embeddings is False
-    assert config.hidden_size % config.num_attention_heads == 0
     assert "patch_size" not in raw, "K belongs to the training config, not to the model"
+    if raw["model_type"] == "llama":
+        assert config.tie_word_embeddings is False
+        assert config.hidden_size % config.num_attention_heads == 0
+
+
+def test_qwen3_0_6b_is_qwen3_0_6b_with_the_llama2_vocabulary():
+    """configs/model/qwen3-0.6b.json: Qwen3-0.6B's decoder (28 layers, hidden 1024, 16 query / 8 key-value heads of
+    128, MLP 3072, tied embeddings) with the LLaMA-2 vocabulary: 0.44B parameters without the embeddings, as Qwen3-0.6B."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(CONFIGS / "model" / "qwen3-0.6b.json"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight.numel()
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+    assert abs(non_embedding / 0.44e9 - 1) < 0.01, non_embedding
+    assert config.tie_word_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 @pytest.mark.parametrize("size", MODEL_SIZES)

@@ -377,8 +377,8 @@ def test_json_config_file(workdir, tmp_path):
         ({"patch_size": 0}, r"--patch_size.*K=0"),
         ({"patch_size": 1, "patch_data_fraction": 0.5}, r"--patch_data_fraction=0.5 needs --patch_size K > 1"),
         ({"train_file": "/nonexistent/train.jsonl"}, r"--train_file: file /nonexistent/train.jsonl does not exist"),
-        # LlamaConfig fills a JSON that is not a Llama config, or a folder without config.json, with its 7B defaults.
-        ({"config_name": str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json")}, r"zero2.json is not a Llama config: its model_type is None"),
+        # LlamaConfig filled a JSON that is not a model config, or a folder without config.json, with its 7B defaults.
+        ({"config_name": str(REPO_ROOT / "configs" / "deepspeed" / "zero2.json")}, r"zero2.json is not a model config: its model_type is None"),
         ({"config_name": None, "model_name_or_path": str(TOKENIZER_DIR)}, r"llama2_tokenizer: no config.json there"),
         ({"block_size": 1}, r"--block_size must be >= 2 \(a block of one position has no next token"),
         ({"resume_from_checkpoint": "/some/checkpoint-10"}, r"--resume_from_checkpoint is not used: run_clm.py resumes by itself"),

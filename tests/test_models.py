@@ -1,0 +1,106 @@
+"""`patch_training.models` and run_clm.py on architectures other than Llama: two-stage jobs from scratch (Qwen3 with
+tied embeddings, Gemma-2 with logit soft-capping, both on the fused loss) and continued pre-training of an MoE
+checkpoint (Qwen3-MoE, its router loss on the stock head), each ending in a stock checkpoint that stock transformers
+loads and generates with; configs that are not decoder-only causal LMs are refused in one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TOKENIZER_DIR
+from test_run_clm import job_args
+
+import run_clm
+from patch_training.cli import UsageError
+from patch_training.models import build_model, load_model_config
+
+MODEL_CONFIGS = REPO_ROOT / "configs" / "model"
+
+LOAD_AND_GENERATE = """
+import json, sys, transformers
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+assert type(m).__name__ == sys.argv[2], type(m)
+p = transformers.pipeline("text-generation", model=sys.argv[1])
+out = p("The king said", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+assert out.startswith("The king said") and len(out) > len("The king said"), out
+assert "modeling_llama_patch" not in sys.modules and "patch_training" not in sys.modules
+print("OK")
+"""
+
+
+def assert_stock_checkpoint(folder, stock_name: str) -> None:
+    """`folder` names the stock class and loads and generates with stock transformers alone, in a fresh process."""
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [stock_name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(folder), stock_name], cwd=folder,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-2000:]
+
+
+def two_stage(workdir, output_dir, **overrides) -> dict:
+    return run_clm.main(job_args(workdir, output_dir, **{"max_steps": 8, "save_steps": 100, **overrides}))
+
+
+@pytest.mark.parametrize("family, stock_name", [("qwen3", "Qwen3ForCausalLM"), ("gemma2", "Gemma2ForCausalLM")])
+def test_two_stage_job_from_scratch(workdir, tmp_path, family, stock_name):
+    """Both stages train a non-Llama model from its config; the final model is a stock checkpoint."""
+    output_dir = tmp_path / family
+    results = two_stage(workdir, output_dir, config_name=str(MODEL_CONFIGS / f"{family}-tiny.json"))
+    assert results["patch_stage"]["steps"] > 0 and results["token_stage"]["steps"] > 0
+    assert results["relative_cost_measured"] == pytest.approx(0.625)  # λ/K + 1 - λ at K=4, λ=1/2
+    patch_config = json.loads((output_dir / "patch_stage" / "config.json").read_text())
+    assert patch_config["model_type"] == family and patch_config["patch_size"] == 4
+    assert_stock_checkpoint(output_dir, stock_name)
+
+
+def test_continued_pretraining_of_an_moe_checkpoint(workdir, tmp_path):
+    """--model_name_or_path: a stock Qwen3-MoE checkpoint (tokenizer saved beside it, so none is given) is trained
+    at patch level then token level; the patch stage starts from its weights, not from random ones."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = tmp_path / "qwen3_moe"
+    torch.manual_seed(3)
+    stock = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_CONFIGS / "qwen3_moe-tiny.json"))
+    stock.save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(checkpoint)
+    output_dir = tmp_path / "continued"
+    results = two_stage(workdir, output_dir, config_name=None, tokenizer_name=None, model_name_or_path=str(checkpoint),
+                        patch_max_steps=1, save_steps=1, warmup_steps=0)
+    assert results["patch_stage"]["steps"] == 1 and results["token_stage"]["steps"] > 0
+    # the first patch-stage checkpoint is one step away from the stock weights, not a fresh initialisation
+    first = AutoModelForCausalLM.from_pretrained(output_dir / "patch_stage" / "checkpoint-1")
+    moved = max((a - b).abs().max().item() for a, b in zip(first.state_dict().values(), stock.state_dict().values()))
+    assert 0 < moved < 0.01  # one AdamW step of lr 3e-3 moves a weight by at most about 3e-3
+    assert_stock_checkpoint(output_dir, "Qwen3MoeForCausalLM")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model_type": "bert", "vocab_size": 32000}, r"bert.*needs a decoder-only causal LM|bert.*encoder"),
+        ({"model_type": "t5", "vocab_size": 32000}, r"t5.*has no causal LM|encoder-decoder"),
+        ({"model_type": "no_such_model"}, r"its model_type is 'no_such_model', which transformers does not know"),
+    ],
+)
+def test_models_that_cannot_be_patched_are_refused_in_one_line(tmp_path, config, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=message) as error:
+        load_model_config(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_build_model_gives_the_stock_class_at_k(tmp_path):
+    """build_model: from a config, a subclass of the stock class at K with the requested loss; from weights, the
+    same weights in float32 whatever dtype they were saved in."""
+    from transformers import Qwen3ForCausalLM
+
+    model = build_model(str(MODEL_CONFIGS / "qwen3-tiny.json"), None, 4, "sdpa", "unfused")
+    assert isinstance(model, Qwen3ForCausalLM) and model.config.patch_size == 4 and model.loss_implementation == "unfused"
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    loaded = build_model(None, str(tmp_path / "bf16"), 1, "sdpa")
+    assert isinstance(loaded, Qwen3ForCausalLM) and loaded.config.patch_size == 1
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())

@@ -133,6 +133,8 @@ def stage_model(config, patch_size: int, args, stock: bool = False):
     model_config.patch_size = None if stock else patch_size
     model_config._attn_implementation = args.attn_implementation
     model = LlamaForCausalLM(model_config) if stock else PatchLlamaForCausalLM(model_config)
+    if not stock:
+        model.loss_implementation = args.loss_implementation  # run_clm.py's --loss_implementation
     if args.liger:  # what `run_clm.py --use_liger_kernel` applies (Liger's loss kernels only at K = 1)
         from transformers.integrations.liger import apply_liger_kernel
 
@@ -419,6 +421,8 @@ def main(argv=None) -> dict:
                         help="also time a bare PyTorch loop (stock Llama for the token stage), no Trainer, no loader")
     parser.add_argument("--sdpa_backend", choices=["default", "flash", "cudnn", "efficient"], default="default",
                         help="restrict SDPA to one CUDA backend")
+    parser.add_argument("--loss_implementation", choices=["auto", "fused", "unfused"], default="auto",
+                        help="the training loss, as run_clm.py's --loss_implementation (auto: the fused LM-head loss)")
     parser.add_argument("--skip_loss_memory", action="store_true")
     parser.add_argument("--head_loss_memory", type=int, nargs="+", metavar="VOCAB", default=None,
                         help="only measure the peak memory of LM head + loss (stock, chunked, fused) at these "
@@ -470,6 +474,7 @@ def main(argv=None) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {
         "device": device,
+        "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
         "stages": stages,

@@ -124,6 +124,7 @@ def test_ddp_two_processes_with_accelerate(tmp_path, data_cache):
     check_two_ranks_and_both_stages(results, out)
     check_weights(out)
     check_stock_model(out)
+    assert "fused LM-head loss" not in launcher_log(out), "DDP trains with the fused LM-head loss (no fallback said)"
 
 
 def launch_deepspeed(out: Path, cache: Path, zero_config: str, *flags: str, **env: str) -> dict:
@@ -143,6 +144,7 @@ def test_deepspeed_zero2_two_processes(tmp_path, data_cache):
                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"], "ZeRO-2: the optimizer state sharded over 2 ranks"
     check_weights(out)
     check_stock_model(out)
+    assert "fused LM-head loss" not in launcher_log(out), "ZeRO-2 trains with the fused LM-head loss (no fallback said)"
 
 
 def test_deepspeed_zero2_with_torch_compile(tmp_path, data_cache):
@@ -169,3 +171,5 @@ def test_deepspeed_zero3_saves_a_consolidated_patch_model(tmp_path, data_cache):
     )
     check_weights(out)  # yet patch_stage/model.safetensors holds every tensor whole, and the token stage read it
     check_stock_model(out)
+    # ZeRO-3 gathers the head's weight only inside the head's own forward: the stock head, said in one line
+    assert "fused LM-head loss: the head's weight is partitioned (DeepSpeed ZeRO-3)" in launcher_log(out)

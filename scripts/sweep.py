@@ -45,20 +45,20 @@ PATCH = ("patch", 2 / 3, 4)  # name, λ, K
 TOKEN = ("token", 0.0, 4)
 
 PRESETS = {
-    # One H100/H200 in about 7 minutes, tokenisation included (sized from the 58M replication's timings; see
-    # the README): a 19.5M-parameter Llama (256 hidden, 4 layers) so the largest size reaches ~4 tokens per
-    # parameter; 0.2, 0.57 and 1.6 passes over the 51.1M-token corpus (10M to 82M tokens, 8x).
+    # One H100/H200 in 7 to 8.5 minutes (estimated), tokenisation included (sized from the 58M replication's timings; see
+    # the README): a 19.5M-parameter Llama (256 hidden, 4 layers) so the largest size reaches 3.8 tokens per
+    # parameter; 0.18, 0.5 and 1.44 passes over the 51.1M-token corpus (9.2M to 74M tokens, 8x).
     "gpu": {
         **replicate.PRESETS["gpu"],
         "config_name": "configs/model/llama-20m.json",
         "train_file": ",".join(sorted(glob.glob(os.path.join(GPU_DATA, "train-*.jsonl.xz")))),
         "preprocessing_num_workers": 7,
-        "sizes": "0.2,0.57,1.6",
+        "sizes": "0.18,0.5,1.44",
     },
-    # The plumbing (not the science) in about a minute on a CPU: the tiny model, 16 blocks of 32 tokens a step,
-    # 0.004 to 0.032 passes over the bundled sample (760 to 6.1K tokens); mostly the six runs' start-up.
-    "cpu": {**replicate.PRESETS["cpu"], "block_size": 32, "per_device_train_batch_size": 16, "max_eval_blocks": 8,
-            "logging_steps": 1, "sizes": "0.004,0.012,0.032"},
+    # The plumbing (not the science) in about a minute on a CPU: the tiny model, 16 blocks of 16 tokens a step,
+    # 0.002 to 0.016 passes over the bundled sample (380 to 3K tokens); mostly the six runs' start-up.
+    "cpu": {**replicate.PRESETS["cpu"], "block_size": 16, "per_device_train_batch_size": 16, "max_eval_blocks": 8,
+            "logging_steps": 1, "sizes": "0.002,0.006,0.016"},
 }
 
 
@@ -162,10 +162,7 @@ def plot(points: list[dict], params: int, path: str) -> None:
     plt.close(figure)
 
 
-def prepare(corpus: str) -> None:
-    shards = sorted(glob.glob(os.path.join(corpus, "train-*.jsonl.xz")))
-    if not shards:
-        sys.exit(f"sweep.py: error: --corpus: no train-*.jsonl.xz in {corpus}")
+def prepare(shards: list[str]) -> None:
     os.makedirs(GPU_DATA, exist_ok=True)
     for shard in shards:
         shutil.copy2(shard, GPU_DATA)
@@ -180,7 +177,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--sizes", default=None, help="data sizes in passes over the training files, comma-separated "
-                        "(at least two; the gpu preset: 0.2,0.57,1.6, the cpu preset: 0.004,0.012,0.032)")
+                        "(at least two; the gpu preset: 0.18,0.5,1.44, the cpu preset: 0.002,0.006,0.016)")
     parser.add_argument("--train_file", default=None, help="override the preset's training files (comma-separated)")
     parser.add_argument("--validation_file", default=os.path.join(REPO_ROOT, "data", "wikitext-103-test.jsonl"))
     parser.add_argument("--output_root", default=None, help="the runs; default runs/sweep-<preset>")
@@ -194,7 +191,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--corpus", default=SHARED_CORPUS, help="where --prepare copies from")
     args = parser.parse_args(argv)
     if args.prepare:
-        prepare(args.corpus)
+        shards = sorted(glob.glob(os.path.join(args.corpus, "train-*.jsonl.xz")))
+        if not shards:
+            parser.error(f"--corpus: no train-*.jsonl.xz in {args.corpus}")
+        prepare(shards)
         return {}
     settings = {key: value for key, value in PRESETS[args.preset].items() if key != "sizes"}
     sizes = parse_sizes(args.sizes or PRESETS[args.preset]["sizes"])

@@ -172,6 +172,7 @@ def prepare(shards: list[str]) -> None:
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python scripts/sweep.py", *argv])
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,7 +216,6 @@ def main(argv=None) -> dict:
 
     params, non_embedding = count_parameters(settings["config_name"])
     device, versions = replicate.environment()
-    command = "python scripts/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"preset": args.preset, "settings": settings, "sizes": sizes, "parameters": params,
               "non_embedding_parameters": non_embedding, "device": device, "versions": versions, "command": command,
               "paper_table4": [{"tokens": t, "tokens_per_parameter": t / PAPER_PARAMS, "ratio": r} for t, r in PAPER_TABLE4],
@@ -255,7 +255,7 @@ def write_report(report: dict, report_dir: str) -> None:
         f"Device: {report['device']}; torch {report['versions']['torch']}, transformers {report['versions']['transformers']}",
         f"Model: {report['settings']['config_name']}, {params:,} parameters ({report['non_embedding_parameters']:,} "
         "outside the embeddings); patch run K = 4, λ = 2/3; ratio < 1: the patch run is better.",
-        f"Command: `{report['command']}`; whole sweep {report['total_wall_time_s']:.0f} s"
+        f"Command: `{report['command']}`; the runs took {report['total_wall_time_s']:.0f} s in all"
         + (f" (tokenising: {tokenize:.0f} s, inside the first token-level run's wall time)" if tokenize else ""),
         "Cost: positions over the token-level run's budget. Training time: the stages' train_runtime, no start-up.",
     ]

@@ -102,6 +102,45 @@ def run_clm_command(settings: dict, name: str, fraction: float, patch_size: int,
     return command + list(extra)
 
 
+def train(settings: dict, name: str, fraction: float, patch_size: int, skip: float, args, extra,
+          prog: str = "replicate.py") -> dict:
+    """One run_clm.py run into <args.output_root>/<name>; its row (tokens, positions, wall time, perplexity).
+    A failing run ends the calling script with one line naming it (run_clm.py has printed why)."""
+    command = run_clm_command(settings, name, fraction, patch_size, skip, args, extra)
+    print(f"[{prog.removesuffix('.py')}]", " ".join(command), flush=True)
+    start = time.time()
+    finished = subprocess.run(command, cwd=REPO_ROOT)
+    if finished.returncode != 0:  # run_clm.py has said why; the runs already finished stay as they are
+        sys.exit(f"{prog}: error: the {name} run failed (run_clm.py exit code {finished.returncode}; its "
+                 "message is above). Runs already finished are kept: the same command goes on from there")
+    wall = time.time() - start
+    with open(os.path.join(args.output_root, name, "all_results.json"), encoding="utf-8") as handle:
+        results = json.load(handle)
+    stage_time = sum(results[s]["train_runtime_s"] for s in ("patch_stage", "token_stage") if s in results)
+    return {"name": name, "patch_data_fraction": fraction, "patch_size": patch_size if fraction else 1,
+            "skip_data_fraction": skip, "tokens": results["tokens"], "positions": results["positions"],
+            "wall_time_s": wall, "train_time_s": stage_time, "perplexity": results["perplexity"],
+            "budget_tokens": results["budget_tokens"]}
+
+
+def missing_files(settings: dict, validation_file: str) -> str | None:
+    """The first of --train_file / --validation_file naming a file that is not there, as an error message."""
+    for name, files in (("train_file", settings["train_file"]), ("validation_file", validation_file)):
+        missing = [path for path in files.split(",") if not os.path.isfile(os.path.join(REPO_ROOT, path))]
+        if missing:
+            return f"--{name}: no such file {', '.join(missing)}"
+    return None
+
+
+def environment() -> tuple[str, dict]:
+    """The device in words and the versions that matter."""
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    return device, {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| run | λ | K | training tokens | positions | relative cost (positions / baseline tokens) | wall time (s) | WikiText-103 perplexity |",
@@ -134,10 +173,9 @@ def main(argv=None) -> dict:
         settings["train_file"] = args.train_file
     if not settings["train_file"]:
         parser.error("no training files: the gpu preset reads ../shared/data/corpus/train-*.jsonl.xz; pass --train_file")
-    for name, files in (("train_file", settings["train_file"]), ("validation_file", args.validation_file)):
-        missing = [path for path in files.split(",") if not os.path.isfile(os.path.join(REPO_ROOT, path))]
-        if missing:
-            parser.error(f"--{name}: no such file {', '.join(missing)}")
+    problem = missing_files(settings, args.validation_file)
+    if problem:
+        parser.error(problem)
     if not args.epochs > 0:
         parser.error(f"--epochs must be > 0, got {args.epochs}")
     known = [name for name, *_ in RUNS]
@@ -150,39 +188,20 @@ def main(argv=None) -> dict:
 
     rows = []
     for name, fraction, patch_size, skip in RUNS:
-        if name not in wanted:
-            continue
-        command = run_clm_command(settings, name, fraction, patch_size, skip, args, extra)
-        print("[replicate]", " ".join(command), flush=True)
-        start = time.time()
-        finished = subprocess.run(command, cwd=REPO_ROOT)
-        if finished.returncode != 0:  # run_clm.py has said why; the runs already finished stay as they are
-            sys.exit(f"replicate.py: error: the {name} run failed (run_clm.py exit code {finished.returncode}; its "
-                     "message is above). Runs already finished are kept: the same command goes on from there")
-        wall = time.time() - start
-        with open(os.path.join(args.output_root, name, "all_results.json"), encoding="utf-8") as handle:
-            results = json.load(handle)
-        stage_time = sum(results[s]["train_runtime_s"] for s in ("patch_stage", "token_stage") if s in results)
-        rows.append({"name": name, "patch_data_fraction": fraction, "patch_size": patch_size if fraction else 1,
-                     "skip_data_fraction": skip, "tokens": results["tokens"], "positions": results["positions"],
-                     "wall_time_s": wall, "train_time_s": stage_time, "perplexity": results["perplexity"],
-                     "budget_tokens": results["budget_tokens"]})
+        if name in wanted:
+            rows.append(train(settings, name, fraction, patch_size, skip, args, extra))
     baseline_tokens = max(row["budget_tokens"] for row in rows)
     for row in rows:
         row["relative_cost"] = row["positions"] / baseline_tokens
 
-    import torch
-    import transformers
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
-    report = {"preset": args.preset, "settings": settings, "device": device,
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    device, versions = environment()
+    report = {"preset": args.preset, "settings": settings, "device": device, "versions": versions,
               "command": "python scripts/replicate.py " + " ".join(sys.argv[1:] if argv is None else argv), "runs": rows}
     table = markdown_table(rows)
     with open(os.path.join(args.output_root, "replication.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     with open(os.path.join(args.output_root, "replication.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"Device: {device}; torch {torch.__version__}, transformers {transformers.__version__}\n\n{table}\n")
+        handle.write(f"Device: {device}; torch {versions['torch']}, transformers {versions['transformers']}\n\n{table}\n")
     print(table)
     plotter = os.path.join(REPO_ROOT, "scripts", "plot_curves.py")
     if os.path.isfile(plotter):

@@ -68,7 +68,7 @@ def check_report_to(report_to: list[str] | None) -> None:
         if name not in hf.INTEGRATION_TO_CALLBACK:
             raise UsageError(
                 f"--report_to {name!r} is not a tracker transformers knows ({', '.join(sorted(hf.INTEGRATION_TO_CALLBACK))}); "
-                "give several separated by spaces (--report_to tensorboard wandb) or as a JSON list in a config file"
+                "several are separated by commas (--report_to tensorboard,wandb)"
             )
         requirement = TRACKER_REQUIREMENTS.get(name)
         if requirement is not None and not requirement[0]():

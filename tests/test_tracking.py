@@ -137,7 +137,8 @@ def test_resume_leaves_no_duplicated_or_missing_points(workdir, tracked_job, tmp
     [
         ("mlflow", "--report_to mlflow: mlflow is not available here: pip install mlflow"),
         ("tensorboard", "--report_to tensorboard: tensorboard is not available here: pip install tensorboard"),
-        ("tensorboard,wandb", "--report_to 'tensorboard,wandb' is not a tracker transformers knows"),
+        ("tensorboard,mlflow", "--report_to mlflow: mlflow is not available here: pip install mlflow"),
+        ("tensorbord", "--report_to 'tensorbord' is not a tracker transformers knows"),
     ],
 )
 def test_missing_tracker_is_one_line_before_any_work(workdir, tmp_path, capsys, monkeypatch, report_to, message):

@@ -132,6 +132,22 @@ def test_resume_leaves_no_duplicated_or_missing_points(workdir, tracked_job, tmp
         assert [v for _, v in curves[tag]] == pytest.approx([v for _, v in reference[tag]], rel=1e-4)
 
 
+def test_patch_stage_only_job_logs_its_final_evaluation_once(workdir, tmp_path):
+    """λ = 1: the job re-evaluates the patch model as the final model at the last step; that evaluation is the
+    stage's own last one, which the trackers already have: each tag once per step, the axes those of
+    all_results.json."""
+    output_dir = tmp_path / "patch-only"
+    results = run_clm.main(tracked_job_args(workdir, output_dir, patch_data_fraction=1.0))
+    curves = scalars(output_dir / "runs" / "patch-only")
+    for tag, points in curves.items():
+        tag_steps = [step for step, _ in points]
+        assert tag_steps == sorted(set(tag_steps)), f"{tag}: steps {tag_steps} not strictly increasing"
+    steps = results["patch_stage"]["steps"]
+    assert [s for s, _ in curves["eval/perplexity"]] == [3, 6, 9, 12] and steps == 12
+    assert dict(curves["train/tokens"])[steps] == results["tokens"]
+    assert dict(curves["train/positions"])[steps] == results["positions"]
+
+
 @pytest.mark.parametrize(
     "report_to, message",
     [

@@ -150,13 +150,13 @@ class JobAxis:
 
 
 class JobTensorBoardCallback(TensorBoardCallback):
-    """transformers' TensorBoardCallback writing to the job's folder; the first writer of a stage starts with
-    `purge_step` (torch's SummaryWriter): TensorBoard then drops the points that an earlier, killed attempt
-    logged from that step on, which the resumed stage logs again."""
+    """transformers' TensorBoardCallback writing to the job's folder (`TENSORBOARD_LOGGING_DIR` if set, as in
+    transformers); the first writer of a stage starts with `purge_step` (torch's SummaryWriter): TensorBoard then
+    drops the points that an earlier, killed attempt logged from that step on, which the resumed stage logs again."""
 
     def __init__(self, logging_dir: Path):
-        super().__init__()
-        self.logging_dir = str(logging_dir)
+        super().__init__()  # reads TENSORBOARD_LOGGING_DIR into self.logging_dir
+        self.logging_dir = self.logging_dir or str(logging_dir)
         self.purge_step: int | None = None
 
     def _init_summary_writer(self, args):

@@ -16,8 +16,11 @@ wrapped (`OnJobAxis`) so that
 - it writes to one run: TensorBoard to one folder for the job, `<output_dir>/runs/<run name>` (`JobTensorBoardCallback`),
   W&B to one run (its id kept in that folder's `run.json`, resumed with `resume="allow"`), every tracker under
   one name, the output folder's name unless `--run_name` is given;
-- a resumed stage leaves no duplicated points in TensorBoard: its writer starts with `purge_step` at the first
-  step it will log, and TensorBoard's reader drops the points the killed attempt logged from there on.
+- a resumed stage, which logs again the steps between its checkpoint and the kill, leaves no duplicated points:
+  TensorBoard's writer starts with `purge_step` at the first step it will log, and TensorBoard's reader drops
+  the points the killed attempt logged from there on; the other trackers, which cannot drop points, are not
+  given the steps up to the last one logged before (`logged_step` in `run.json`): the resumed computation
+  repeats them (resume ends with the uninterrupted run's weights).
 
 `check_report_to` refuses, before any work, a tracker that is not installed (one line naming the package).
 """
@@ -37,6 +40,7 @@ from transformers.integrations import TensorBoardCallback, WandbCallback
 
 from .cli import UsageError
 from .results import tokens_seen
+from .resume import write_json_atomic
 
 RUNS_DIR = "runs"
 RUN_RECORD = "run.json"
@@ -124,16 +128,20 @@ class JobAxis:
         return {"tokens": self.tokens_before + tokens, "positions": self.positions_before + positions,
                 "patch_size": self.plan.patch_size}
 
-    def run_id(self) -> str:
-        """The job's tracker run id (W&B), created on first use in `<logging_dir>/run.json` and kept there, so that
-        both stages and every resume log to one run; `--overwrite_output_dir` deletes it with the run."""
+    def run_record(self) -> dict:
+        """The job's tracking record, `<logging_dir>/run.json`: `run_name`, `run_id` (the W&B run id, made on first
+        use and kept, so that both stages and every resume log to one run) and `logged_step` (the last job step
+        handed to the trackers). `--overwrite_output_dir` deletes it with the run."""
         record = self.logging_dir / RUN_RECORD
         if record.is_file():
-            return json.loads(record.read_text())["run_id"]
-        run_id = uuid.uuid4().hex[:16]
+            return json.loads(record.read_text())
+        return {"run_name": self.run_name, "run_id": uuid.uuid4().hex[:16], "logged_step": 0}
+
+    def update_run_record(self, **changes) -> dict:
+        record = {**self.run_record(), **changes}
         self.logging_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"run_name": self.run_name, "run_id": run_id}) + "\n")
-        return run_id
+        write_json_atomic(self.logging_dir / RUN_RECORD, record)
+        return record
 
     def attach(self, trainer) -> None:
         """Put every tracker callback of `trainer` (those transformers made from `--report_to`) on this axis, under
@@ -175,11 +183,16 @@ class OnJobAxis(TrainerCallback):
         self.axis = axis
         self._logged_step: int | None = None  # the Trainer logs several times a step (loss, evaluation, summary):
         self._logged_keys: set[str] = set()  # each key goes to the tracker once a step (epoch, the axes, ...)
+        self._logged_before: int | None = None  # job steps up to this one are not logged again (see on_log)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
+            # Before any log of this attempt: the steps up to the last one an earlier (killed) attempt logged are
+            # logged again by a resumed stage. TensorBoard drops the earlier points past the checkpoint instead.
+            self._logged_before = self.axis.run_record()["logged_step"]
             if isinstance(self.tracker, JobTensorBoardCallback):
-                self.tracker.purge_step = self.axis.job_step(state.global_step) + 1
+                self._logged_before = self.axis.job_step(state.global_step)
+                self.tracker.purge_step = self._logged_before + 1
             if isinstance(self.tracker, WandbCallback):
                 self._start_wandb_run()
         result = self.tracker.on_train_begin(args, state, control, **kwargs)
@@ -196,6 +209,10 @@ class OnJobAxis(TrainerCallback):
             self._start_wandb_run()  # a Trainer that only evaluates (λ = 1, the final evaluation) had no train begin
         job_state = copy.copy(state)
         job_state.global_step = self.axis.job_step(state.global_step)
+        if self._logged_before is None:  # a Trainer that only evaluates (no train begin)
+            self._logged_before = self.axis.run_record()["logged_step"] if state.is_world_process_zero else 0
+        if job_state.global_step <= self._logged_before:
+            return control  # logged already, by a killed attempt or the stage's own last evaluation
         if self._logged_step != job_state.global_step:
             self._logged_step, self._logged_keys = job_state.global_step, set()
         logs = {key: value for key, value in {**(logs or {}), **self.axis.at(state.global_step)}.items()
@@ -203,14 +220,17 @@ class OnJobAxis(TrainerCallback):
         if not logs:
             return control
         self._logged_keys.update(logs)
-        return self.tracker.on_log(args, job_state, control, logs=logs, **kwargs)
+        result = self.tracker.on_log(args, job_state, control, logs=logs, **kwargs)
+        if state.is_world_process_zero and job_state.global_step > self.axis.run_record()["logged_step"]:
+            self.axis.update_run_record(logged_step=job_state.global_step)
+        return result
 
     def _start_wandb_run(self):
         """Open (or resume) the job's one W&B run before transformers' WandbCallback would open an anonymous one
         per process: a run left open by another job in this process is finished first."""
         import wandb
 
-        run_id = self.axis.run_id()
+        run_id = self.axis.update_run_record()["run_id"]  # kept from the first attempt on
         if wandb.run is not None and wandb.run.id != run_id:
             wandb.finish()
         if wandb.run is None:

@@ -224,6 +224,7 @@ def test_wandb_offline_one_run_with_increasing_global_step(workdir, tmp_path, mo
         assert run.id == json.loads((output_dir / "runs" / "wandb-job" / "run.json").read_text())["run_id"]
     finally:
         wandb.finish()
+        wandb.teardown()  # wandb keeps its settings (WANDB_DIR) for the process otherwise
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     rows = [row for row in wandb_history(run_dir) if "train/global_step" in row]
     steps = [row["train/global_step"] for row in rows if "train/loss" in row or "train/patch_loss" in row]
@@ -234,3 +235,33 @@ def test_wandb_offline_one_run_with_increasing_global_step(workdir, tmp_path, mo
     patch = results["patch_stage"]
     assert (patch_end["train/tokens"], patch_end["train/positions"], patch_end["train/patch_size"]) == (patch["tokens"], patch["positions"], 4)
     assert (job_end["train/tokens"], job_end["train/positions"], job_end["train/patch_size"]) == (results["tokens"], results["positions"], 1)
+
+
+def test_wandb_resume_continues_the_run_without_duplicates(workdir, tmp_path, monkeypatch):
+    """W&B (offline): a job killed in the token stage (step 5, checkpoint at 4) and re-run in a new W&B session
+    resumes the same run id, and its points are each step once: the re-run does not log again the step the
+    killed attempt had logged past the checkpoint (W&B cannot drop points as TensorBoard does)."""
+    pytest.importorskip("wandb")
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output_dir = tmp_path / "wandb-resumed"
+    argv = tracked_job_args(workdir, output_dir, report_to="wandb", eval_strategy="no")
+    try:
+        with monkeypatch.context() as patched:
+            interrupt_at(patched, 1, step=5)
+            with pytest.raises(Interrupt):
+                run_clm.main(argv)
+        wandb.finish()  # as if the process had ended
+        results = run_clm.main(argv)
+    finally:
+        wandb.finish()
+        wandb.teardown()  # wandb keeps its settings (WANDB_DIR) for the process otherwise
+    run_id = json.loads((output_dir / "runs" / "wandb-resumed" / "run.json").read_text())["run_id"]
+    run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 2 and all(next(d.glob("run-*.wandb")).name == f"run-{run_id}.wandb" for d in run_dirs)
+    rows = [row for d in run_dirs for row in wandb_history(d) if "train/loss" in row or "train/patch_loss" in row]
+    assert [row["train/global_step"] for row in rows] == list(range(1, PATCH_STEPS + TOKEN_STEPS + 1))
+    assert (rows[-1]["train/tokens"], rows[-1]["train/positions"]) == (results["tokens"], results["positions"])

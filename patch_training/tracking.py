@@ -84,11 +84,6 @@ def job_run_name(output_dir: str, run_name: str | None) -> str:
     return run_name or Path(os.path.abspath(output_dir)).name
 
 
-def job_logging_dir(output_dir: str, run_name: str | None) -> Path:
-    """The job's one TensorBoard folder, `<output_dir>/runs/<run name>`, shared by both stages and all resumes."""
-    return Path(output_dir) / RUNS_DIR / job_run_name(output_dir, run_name)
-
-
 @dataclass(frozen=True)
 class JobAxis:
     """Where one stage lies on the job's axes: the job step and the paper's token and compute axes.
@@ -116,6 +111,8 @@ class JobAxis:
 
     @property
     def logging_dir(self) -> Path:
+        """The job's one TensorBoard folder, `<output_dir>/runs/<run name>`, shared by both stages and all resumes;
+        it also holds the tracking record `run.json`."""
         return Path(self.output_dir) / RUNS_DIR / self.run_name
 
     def job_step(self, stage_step: int) -> int:

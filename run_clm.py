@@ -50,6 +50,7 @@ from patch_training.resume import (
 )
 from patch_training.stages import global_batch_size, plan_stages, stage_max_steps, stage_training_args
 from patch_training.token_cache import cached_token_stream
+from patch_training.tracking import JobAxis, check_report_to
 from patch_training.trainer import PatchTrainer, run_stage, save_stage_model
 from patch_training.training_args import RunTrainingArguments, torch_compile_caveat
 
@@ -289,6 +290,7 @@ def check_inputs(model_args, data_args, patch_args, training_args):
         )
     if training_args.use_liger_kernel:
         check_liger_environment(training_args.use_cpu)
+    check_report_to(training_args.report_to)
     caveat = torch_compile_caveat(training_args)
     if caveat:
         logger.warning(caveat)
@@ -409,7 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
         args = stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
         model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation)
         handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
-        trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover)
+        job_axis = JobAxis.for_stage(output_dir, training_args.run_name, plan, args, results.get("patch_stage"))
+        trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover, job_axis)
         results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
         model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
         save_stage_model(trainer, stage_dir)
@@ -427,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
             model = build_model(model_args.config_name, init_from, 1, attn_implementation, model_args.loss_implementation)
             trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
                                    eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
+            # Its evaluation lies where the patch stage ended, on the job's axes.
+            JobAxis.for_stage(output_dir, training_args.run_name, plans[0], trainer.args, results["patch_stage"]).attach(trainer)
         trainer.model.config.patch_size = 1
         save_stage_model(trainer, output_dir)
         if eval_datasets[0] is not None:

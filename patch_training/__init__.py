@@ -12,6 +12,7 @@ Each module has one reason to change; none imports `run_clm.py`, so a script of 
 - `training_args`: `RunTrainingArguments`, transformers' TrainingArguments with this project's defaults;
 - `liger`: Liger-Kernel's switches per stage;
 - `results`: the accounting in all_results.json;
+- `tracking`: what reaches the `--report_to` trackers (one run per job, on the token and compute axes);
 - `cli`: one-line errors (`UsageError`), JSON config files, the command-line wrapper.
 
 The model itself is `modeling_llama_patch.py`, beside this package.

@@ -11,16 +11,24 @@ def stage_results(plan, args, metrics: dict) -> dict:
     what it trained (blocks seen = optimizer steps x sequences per step, at most the plan's blocks), plus the
     Trainer's `metrics`. A stage's positions are its tokens / K: the cost of a patch-stage token is 1/K."""
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    blocks_seen = min(plan.num_blocks, metrics["steps"] * global_batch)
+    tokens, positions = tokens_seen(plan, metrics["steps"], global_batch)
     return {
-        "blocks": plan.num_blocks, "block_tokens": plan.block_len, "tokens": blocks_seen * plan.block_len,
-        "positions": blocks_seen * plan.block_len // plan.patch_size, "planned_tokens": plan.tokens,
+        "blocks": plan.num_blocks, "block_tokens": plan.block_len, "tokens": tokens,
+        "positions": positions, "planned_tokens": plan.tokens,
         "dropped_tokens": plan.dropped_tokens, "start_token": plan.start_token, "patch_size": plan.patch_size,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
         "world_size": args.world_size, "tokens_per_step": global_batch * plan.block_len,
         **metrics,
     }
+
+
+def tokens_seen(plan, steps: int, global_batch: int) -> tuple[int, int]:
+    """(tokens, positions) a stage has trained on after `steps` optimizer steps of `global_batch` sequences:
+    blocks seen = min(the plan's blocks, steps x global batch), each of `plan.block_len` tokens; positions =
+    tokens / K (the compute in token-level equivalents: a patch-stage token costs 1/K, the paper's §3.1)."""
+    tokens = min(plan.num_blocks, steps * global_batch) * plan.block_len
+    return tokens, tokens // plan.patch_size
 
 
 def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, patch_size: int, final: dict) -> dict:

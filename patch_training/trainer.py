@@ -154,10 +154,11 @@ class MasterWeightsFrom(TrainerCallback):
             raise RuntimeError(f"{self.folder} has no weights for {sorted(missing)}")
 
 
-def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None):
+def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None, job_axis=None):
     """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it.
     `master_weights_from`: the saved model that `model` was loaded from, whose float32 weights DeepSpeed's
-    fp32 master weights start from (see `MasterWeightsFrom`)."""
+    fp32 master weights start from (see `MasterWeightsFrom`). `job_axis`: a `tracking.JobAxis` that puts the
+    `--report_to` trackers on the job's step and axes."""
     token_eval, patch_eval = eval_datasets
     trainer = PatchTrainer(
         model=model,
@@ -168,6 +169,8 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
+    if job_axis is not None:
+        job_axis.attach(trainer)
     if master_weights_from is not None and trainer.is_deepspeed_enabled:
         trainer.add_callback(MasterWeightsFrom(master_weights_from))
     checkpoint = last_complete_checkpoint(stage_args.output_dir)

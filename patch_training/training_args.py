@@ -25,6 +25,9 @@ class RunTrainingArguments(TrainingArguments):
       host-to-device copy of a batch overlaps the step instead of waiting for it. Without an accelerator,
       memory is not pinned.
 
+    `report_to` also takes several trackers separated by commas (`--report_to tensorboard,wandb`): transformers'
+    parser takes one value for it on the command line.
+
     `liger_kernel_config` also takes a JSON string (transformers' parser takes no value for it on the command
     line), and is checked against Liger's switches when `use_liger_kernel` is set (here against all of
     Liger's architectures; run_clm.py checks them against the model's once its config is read).
@@ -39,6 +42,14 @@ class RunTrainingArguments(TrainingArguments):
         metadata={
             "help": "Replace NaN/inf losses by the running mean when logging (transformers' default True). False "
             "here: the filter syncs the device every micro-batch, and a pre-training run should see a NaN."
+        },
+    )
+
+    run_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The job's name in the --report_to trackers: one run for both stages and every resume (TensorBoard: "
+            "<output_dir>/runs/<run_name>). Default: the output folder's name."
         },
     )
 
@@ -58,6 +69,8 @@ class RunTrainingArguments(TrainingArguments):
                 self.liger_kernel_config = json.loads(self.liger_kernel_config)
             except json.JSONDecodeError as error:
                 raise UsageError(f"--liger_kernel_config is not valid JSON: {error}") from None
+        if isinstance(self.report_to, str) and "," in self.report_to:  # one flag for several trackers
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if not torch.accelerator.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for (torch would warn on every data loader)
         if self.accelerator_config is None and self.dataloader_pin_memory and not self.use_cpu and torch.cuda.is_available():

@@ -42,13 +42,20 @@ from patch_training.results import ALL_RESULTS_FILE, add_job_totals, report, sta
 from patch_training.resume import (
     PATCH_STAGE_DIR,
     STAGE_COMPLETE_FILE,
+    batch_identity,
     check_same_run,
     file_in_the_way,
     prepare_output_dir,
     run_identity,
     write_json_atomic,
 )
-from patch_training.stages import global_batch_size, plan_stages, stage_max_steps, stage_training_args
+from patch_training.stages import (
+    global_batch_size,
+    plan_stages,
+    repetition_warning,
+    stage_max_steps,
+    stage_training_args,
+)
 from patch_training.token_cache import cached_token_stream
 from patch_training.trainer import PatchTrainer, run_stage, save_stage_model
 from patch_training.training_args import RunTrainingArguments, torch_compile_caveat
@@ -246,6 +253,17 @@ def check_output_dir(data_args: DataArguments, training_args: RunTrainingArgumen
     return output_dir
 
 
+def input_paths(model_args: ModelArguments, data_args: DataArguments, training_args: RunTrainingArguments) -> list[str]:
+    """The local paths that the run reads (data files, model config or weights, tokenizer, token cache,
+    DeepSpeed config): never deleted or written over, even inside --output_dir."""
+    paths = [model_args.config_name, model_args.model_name_or_path, model_args.tokenizer_name, data_args.data_cache_dir]
+    for spec in (data_args.train_file, data_args.validation_file):
+        paths += (spec or "").split(",")
+    if isinstance(training_args.deepspeed, str):
+        paths.append(training_args.deepspeed)
+    return [p.strip() for p in paths if p and p.strip() and os.path.exists(p.strip())]
+
+
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, tokenizer)."""
@@ -314,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(logging.WARNING)
     output_dir = check_output_dir(data_args, training_args)
     # Also checks the patch stage's batch settings (stage_batch_settings raises) before any data is read.
-    identity = run_identity(model_args, data_args, patch_args, training_args)
+    identity = run_identity((model_args, data_args, patch_args, training_args), batch_identity(patch_args, training_args))
 
     # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE
@@ -329,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Check every input before any work; claim the output folder.
     train_source, eval_source, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
     with training_args.main_process_first(desc="output directory"):
-        prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save)
+        prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save,
+                           inputs=input_paths(model_args, data_args, training_args))
     set_seed(training_args.seed)
 
     # Tokenise once into the on-disk cache (or stream), and split the token budget between the stages.
@@ -345,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
         if dataset_tokens == 0:
             raise UsageError("--train_file holds no text")
         total_tokens = steps_budget if training_args.max_steps > 0 else math.floor(training_args.num_train_epochs * dataset_tokens)
+        warning = repetition_warning(total_tokens, dataset_tokens, epochs_requested=training_args.max_steps <= 0)
+        if warning:
+            logger.warning(warning)
     plans = plan_stages(total_tokens, patch_args.patch_data_fraction, k, block_size, data_args.skip_data_fraction)
     check_plans(plans, block_size)
 
@@ -377,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
             init_from = stage_dir
             continue
         args = stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
-        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation)
+        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, tokenizer)
         handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
         trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover)
         results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
@@ -394,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     final_eval = {}
     if not patch_args.has_token_stage:
         if trainer is None:  # the patch stage was complete before this run
-            model = build_model(model_args.config_name, init_from, 1, attn_implementation)
+            model = build_model(model_args.config_name, init_from, 1, attn_implementation, tokenizer)
             trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
                                    eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
         trainer.model.config.patch_size = 1
@@ -412,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    run_cli(main, "run_clm.py")
+    run_cli(main, "run_clm.py", on_interrupt="interrupted; re-running the same command resumes from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -308,3 +308,39 @@ def test_small_train_file_under_a_large_budget_warns_once(workdir, tmp_path, cap
     lines = [r.getMessage() for r in caplog.records if "times (epochs)" in r.getMessage()]
     assert len(lines) == 1, lines
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kind 4: Ctrl-C
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_resumes(workdir, tmp_path):
+    """Before, Ctrl-C printed a full KeyboardInterrupt traceback. Now one line saying the same command resumes,
+    and exit code 130 (128 + SIGINT). SIGINT is sent once the job has saved its first checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    output_dir = tmp_path / "job"
+    argv = job_args(workdir, output_dir, max_steps=100_000, save_steps=1, validation_file=None, patch_data_fraction=0,
+                    patch_size=1)
+    job = subprocess.Popen([sys.executable, str(REPO_ROOT / "run_clm.py"), *argv], cwd=REPO_ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (output_dir / "checkpoint-1" / "trainer_state.json").is_file():
+            assert job.poll() is None and time.time() < deadline, "the job ended or never saved a checkpoint"
+            time.sleep(0.2)
+        job.send_signal(signal.SIGINT)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "run_clm.py: interrupted; re-running the same command resumes from the last checkpoint")

@@ -29,14 +29,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
-from transformers import default_data_collator, set_seed
-
-from modeling_llama_patch import validate_patch_size
-from patch_training.blocks import StreamingTokenBlocks, TokenBlocks, validation_blocks
 from patch_training.cli import UsageError, parse_arguments as parse_command_line, refuse_below, run_cli
 from patch_training.liger import check_liger_environment
-from patch_training.models import build_model, load_model_config, load_tokenizer, resolve_attn_implementation
 from patch_training.readers import DataSource
 from patch_training.results import ALL_RESULTS_FILE, add_job_totals, report, stage_results
 from patch_training.resume import (
@@ -56,9 +50,10 @@ from patch_training.stages import (
     stage_max_steps,
     stage_training_args,
 )
-from patch_training.token_cache import cached_token_stream
-from patch_training.trainer import PatchTrainer, run_stage, save_stage_model
 from patch_training.training_args import RunTrainingArguments, torch_compile_caveat
+
+# The model, the Trainer, the data pipeline and the token cache are imported in the functions that use them, so
+# that `--help` and a usage error answer without loading them.
 
 logger = logging.getLogger("run_clm")
 
@@ -197,6 +192,8 @@ class PatchArguments:
     )
 
     def __post_init__(self):
+        from modeling_llama_patch import validate_patch_size
+
         try:
             self.patch_size = validate_patch_size(self.patch_size)
         except ValueError as error:
@@ -267,6 +264,8 @@ def input_paths(model_args: ModelArguments, data_args: DataArguments, training_a
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, tokenizer)."""
+    from patch_training.models import load_model_config, load_tokenizer
+
     if data_args.train_file is not None:
         train_source = DataSource.from_files(data_args.train_file, "train_file", data_args.text_column_name)
     else:
@@ -328,6 +327,14 @@ def check_plans(plans, block_size: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     # Parse the arguments: flags, or a JSON config file (and flags that override it).
     model_args, data_args, patch_args, training_args = parse_arguments(argv)
+    import transformers
+    from transformers import default_data_collator, set_seed
+
+    from patch_training.blocks import StreamingTokenBlocks, TokenBlocks, validation_blocks
+    from patch_training.models import build_model, resolve_attn_implementation
+    from patch_training.token_cache import cached_token_stream
+    from patch_training.trainer import PatchTrainer, run_stage, save_stage_model
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
     output_dir = check_output_dir(data_args, training_args)

@@ -315,7 +315,7 @@ def test_small_train_file_under_a_large_budget_warns_once(workdir, tmp_path, cap
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_is_one_line_and_the_same_command_resumes(workdir, tmp_path):
+def test_ctrl_c_is_one_line_and_exit_code_130(workdir, tmp_path):
     """Before, Ctrl-C printed a full KeyboardInterrupt traceback. Now one line saying the same command resumes,
     and exit code 130 (128 + SIGINT). SIGINT is sent once the job has saved its first checkpoint."""
     import signal

@@ -29,30 +29,31 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
-from transformers import default_data_collator, set_seed
-
-from modeling_llama_patch import LOSS_IMPLEMENTATIONS, validate_patch_size
-from patch_training.blocks import StreamingTokenBlocks, TokenBlocks, validation_blocks
 from patch_training.cli import UsageError, parse_arguments as parse_command_line, refuse_below, run_cli
 from patch_training.liger import check_liger_environment, check_liger_kernel_config
-from patch_training.models import build_model, load_model_config, load_tokenizer, resolve_attn_implementation
 from patch_training.readers import DataSource
 from patch_training.results import ALL_RESULTS_FILE, add_job_totals, report, stage_results
 from patch_training.resume import (
     PATCH_STAGE_DIR,
     STAGE_COMPLETE_FILE,
+    batch_identity,
     check_same_run,
     file_in_the_way,
     prepare_output_dir,
     run_identity,
     write_json_atomic,
 )
-from patch_training.stages import global_batch_size, plan_stages, stage_max_steps, stage_training_args
-from patch_training.token_cache import cached_token_stream
-from patch_training.tracking import JobAxis, check_report_to
-from patch_training.trainer import PatchTrainer, run_stage, save_stage_model
+from patch_training.stages import (
+    global_batch_size,
+    plan_stages,
+    repetition_warning,
+    stage_max_steps,
+    stage_training_args,
+)
 from patch_training.training_args import RunTrainingArguments, torch_compile_caveat
+
+# The model, the Trainer, the data pipeline and the token cache are imported in the functions that use them, so
+# that `--help` and a usage error answer without loading them.
 
 logger = logging.getLogger("run_clm")
 
@@ -113,6 +114,8 @@ class ModelArguments:
             raise UsageError(
                 f"--attn_implementation must be auto, eager, sdpa or flash_attention_2, got {self.attn_implementation!r}"
             )
+        from modeling_llama_patch import LOSS_IMPLEMENTATIONS
+
         if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
             raise UsageError(
                 f"--loss_implementation must be {', '.join(LOSS_IMPLEMENTATIONS)}, got {self.loss_implementation!r}"
@@ -217,6 +220,8 @@ class PatchArguments:
     )
 
     def __post_init__(self):
+        from modeling_llama_patch import validate_patch_size
+
         try:
             self.patch_size = validate_patch_size(self.patch_size)
         except ValueError as error:
@@ -273,9 +278,23 @@ def check_output_dir(data_args: DataArguments, training_args: RunTrainingArgumen
     return output_dir
 
 
+def input_paths(model_args: ModelArguments, data_args: DataArguments, training_args: RunTrainingArguments) -> list[str]:
+    """The local paths that the run reads (data files, model config or weights, tokenizer, token cache,
+    DeepSpeed config): never deleted or written over, even inside --output_dir."""
+    paths = [model_args.config_name, model_args.model_name_or_path, model_args.tokenizer_name, data_args.data_cache_dir]
+    for spec in (data_args.train_file, data_args.validation_file):
+        paths += (spec or "").split(",")
+    if isinstance(training_args.deepspeed, str):
+        paths.append(training_args.deepspeed)
+    return [p.strip() for p in paths if p and p.strip() and os.path.exists(p.strip())]
+
+
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
+    from patch_training.models import load_model_config, load_tokenizer
+    from patch_training.tracking import check_report_to
+
     if data_args.train_file is not None:
         train_source = DataSource.from_files(data_args.train_file, "train_file", data_args.text_column_name)
     else:
@@ -342,11 +361,20 @@ def check_plans(plans, block_size: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     # Parse the arguments: flags, or a JSON config file (and flags that override it).
     model_args, data_args, patch_args, training_args = parse_arguments(argv)
+    import transformers
+    from transformers import default_data_collator, set_seed
+
+    from patch_training.blocks import StreamingTokenBlocks, TokenBlocks, validation_blocks
+    from patch_training.models import build_model, resolve_attn_implementation
+    from patch_training.token_cache import cached_token_stream
+    from patch_training.tracking import JobAxis
+    from patch_training.trainer import PatchTrainer, run_stage, save_stage_model
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
     output_dir = check_output_dir(data_args, training_args)
     # Also checks the patch stage's batch settings (stage_batch_settings raises) before any data is read.
-    identity = run_identity(model_args, data_args, patch_args, training_args)
+    identity = run_identity((model_args, data_args, patch_args, training_args), batch_identity(patch_args, training_args))
 
     # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE
@@ -362,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_source, eval_source, config, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation, config)
     with training_args.main_process_first(desc="output directory"):
-        prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save)
+        prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save,
+                           inputs=input_paths(model_args, data_args, training_args))
     set_seed(training_args.seed)
 
     # Tokenise once into the on-disk cache (or stream), and split the token budget between the stages.
@@ -378,6 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
         if dataset_tokens == 0:
             raise UsageError("--train_file holds no text")
         total_tokens = steps_budget if training_args.max_steps > 0 else math.floor(training_args.num_train_epochs * dataset_tokens)
+        warning = repetition_warning(total_tokens, dataset_tokens, epochs_requested=training_args.max_steps <= 0)
+        if warning:
+            logger.warning(warning)
     plans = plan_stages(total_tokens, patch_args.patch_data_fraction, k, block_size, data_args.skip_data_fraction)
     check_plans(plans, block_size)
 
@@ -409,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
             init_from = stage_dir
             continue
         args = stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
-        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation)
+        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation, tokenizer)
         handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
         job_axis = JobAxis.for_stage(output_dir, training_args.run_name, plan, args, results.get("patch_stage"))
         trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover, job_axis)
@@ -427,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     final_eval = {}
     if not patch_args.has_token_stage:
         if trainer is None:  # the patch stage was complete before this run
-            model = build_model(model_args.config_name, init_from, 1, attn_implementation, model_args.loss_implementation)
+            model = build_model(model_args.config_name, init_from, 1, attn_implementation, model_args.loss_implementation, tokenizer)
             trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
                                    eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
             # Its evaluation lies where the patch stage ended, on the job's axes.
@@ -447,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    run_cli(main, "run_clm.py")
+    run_cli(main, "run_clm.py", on_interrupt="interrupted; re-running the same command resumes from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -101,13 +101,17 @@ def parse_arguments(classes: tuple, argv: list[str] | None = None) -> tuple:
         raise UsageError(str(error).strip()) from error
 
 
-def run_cli(entry_point, program: str) -> None:
-    """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code 2."""
+def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> None:
+    """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code 2; Ctrl-C
+    (KeyboardInterrupt) the line `on_interrupt` and exit code 130 (128 + SIGINT, the shell's), no traceback."""
     try:
         entry_point()
     except UsageError as error:
         print(f"{program}: error: {usage_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{program}: {on_interrupt}", file=sys.stderr)
+        sys.exit(130)
 
 
 def usage_message(error: UsageError) -> str:

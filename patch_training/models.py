@@ -78,14 +78,34 @@ def load_tokenizer(name: str):
         raise UsageError(f"--tokenizer_name {name}: no tokenizer to load ({first_line(error)})") from None
 
 
+def record_special_tokens(model, tokenizer) -> None:
+    """Record the tokenizer's BOS, EOS and PAD ids in the model's config and generation config, so that the
+    saved checkpoint agrees with the tokenizer saved beside it.
+
+    Pre-training never pads (every block is full), but a checkpoint is later used with padding (batched
+    generation, evaluation harnesses), and transformers' Trainer aligns these ids itself, with a warning, when
+    they differ (`transformers.trainer_utils.align_special_tokens`). Done here on purpose and silently, with the
+    same rule: only ids that the tokenizer defines are written (the bundled LLaMA-2 tokenizer pads with <unk>,
+    id 0; one without a pad token leaves pad_token_id as the config has it)."""
+    generation_config = getattr(model, "generation_config", None)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is None:
+            continue
+        setattr(model.config, name, token_id)
+        if generation_config is not None:
+            setattr(generation_config, name, token_id)
+
+
 def build_model(
     config_name: str | None, init_from: str | None, patch_size: int, attn_implementation: str,
-    loss_implementation: str = "auto",
+    loss_implementation: str = "auto", tokenizer=None,
 ):
     """The patch model of a stage (`AutoPatchModelForCausalLM`: a subclass of the stock class of the config's
     model_type) at `patch_size`: from the weights in `init_from` (loaded in float32: mixed precision comes from
     the launch, and the optimizer steps float32 weights), or from the config `config_name` (random weights from
-    the current seed). `loss_implementation`: auto, fused or unfused (`PatchModelMixin.loss_implementation`)."""
+    the current seed). `loss_implementation`: auto, fused or unfused (`PatchModelMixin.loss_implementation`).
+    With a `tokenizer`, its special token ids are recorded in the config (`record_special_tokens`)."""
     if init_from is not None:
         model = AutoPatchModelForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation, dtype=torch.float32)
     else:
@@ -94,4 +114,6 @@ def build_model(
     model.config.patch_size = patch_size
     model.config.use_cache = False
     model.loss_implementation = loss_implementation
+    if tokenizer is not None:
+        record_special_tokens(model, tokenizer)
     return model

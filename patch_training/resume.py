@@ -3,6 +3,7 @@ checkpoint an interrupted run resumes from."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .cli import UsageError, first_line
+from .results import ALL_RESULTS_FILE
 from .stages import global_batch_size, stage_batch_settings
 
 logger = logging.getLogger("run_clm")
@@ -20,47 +22,123 @@ STAGE_COMPLETE_FILE = "stage_complete.json"
 RUN_ARGS_FILE = "run_args.json"
 
 
-def run_identity(model_args, data_args, patch_args, training_args) -> dict:
-    """What defines a run: a re-run with the same identity resumes, a different one is refused."""
+# Settings that may change between attempts of one run: they change how the run is launched, logged, saved or
+# evaluated, or how the same numbers are computed, never the numbers. Every other field of the argument
+# dataclasses is part of the run identity (default-deny), so an argument added later (by this script or by
+# transformers) is compared on resume unless it is listed here with its reason.
+MAY_CHANGE = {
+    # Where the run lives and how it is launched on this machine.
+    "output_dir": "the folder may be moved",
+    "overwrite_output_dir": "decides whether to start again, not what is computed",
+    "resume_from_checkpoint": "refused anyway: run_clm resumes by itself",
+    "local_rank": "differs from rank to rank",
+    "use_cpu": "the same computation on another device",
+    "do_train": "unused by run_clm", "do_eval": "unused by run_clm", "do_predict": "unused by run_clm",
+    # The split of an unchanged global batch: sequences per optimizer step over all ranks
+    # (`sequences_per_step`, `patch_sequences_per_step`) are compared instead.
+    "per_device_train_batch_size": "compared as sequences_per_step",
+    "gradient_accumulation_steps": "compared as sequences_per_step",
+    "patch_per_device_train_batch_size": "compared as patch_sequences_per_step",
+    "patch_gradient_accumulation_steps": "compared as patch_sequences_per_step",
+    # How the same data is read and cached.
+    "data_cache_dir": "where the token cache lives (its key holds what determines its tokens)",
+    "tokenize_batch_size": "documents per tokenizer call: the same tokens",
+    "preprocessing_num_workers": "processes that tokenise: the same tokens",
+    "dataloader_num_workers": "loader processes", "dataloader_pin_memory": "loader memory",
+    "dataloader_persistent_workers": "loader processes", "dataloader_prefetch_factor": "loader queue",
+    "dataloader_multiprocessing_context": "loader processes",
+    # Memory and speed only: the same values computed another way.
+    "attn_implementation": "the attention kernel (eager, SDPA, FlashAttention-2) of the same function",
+    "gradient_checkpointing": "recomputes the same activations", "gradient_checkpointing_kwargs": "idem",
+    "activation_checkpointing": "recomputes the same activations", "activation_checkpointing_kwargs": "idem",
+    "torch_empty_cache_steps": "frees cached memory",
+    "ddp_timeout": "a timeout", "ddp_backend": "the transport", "ddp_bucket_cap_mb": "communication buckets",
+    "ddp_find_unused_parameters": "a DDP check", "ddp_static_graph": "a DDP optimisation",
+    "skip_memory_metrics": "reporting",
+    # Logging and progress.
+    "logging_strategy": "logging cadence", "logging_steps": "logging cadence", "logging_first_step": "logging",
+    "log_on_each_node": "logging", "log_level": "logging", "log_level_replica": "logging", "disable_tqdm": "progress bar",
+    "include_num_input_tokens_seen": "logging", "report_to": "where logs go", "run_name": "a label",
+    "project": "a label", "trackio_space_id": "where logs go", "trackio_bucket_id": "where logs go",
+    "trackio_static_space_id": "where logs go",
+    # Saving and pushing.
+    "save_strategy": "saving cadence", "save_steps": "saving cadence", "save_total_limit": "checkpoints kept",
+    "save_on_each_node": "saving", "save_only_model": "what a checkpoint holds", "enable_jit_checkpoint": "saving",
+    "push_to_hub": "publishing", "hub_token": "a secret: never recorded", "hub_private_repo": "publishing",
+    "hub_model_id": "publishing", "hub_strategy": "publishing", "hub_always_push": "publishing",
+    "hub_revision": "publishing",
+    # Evaluation cadence (what is evaluated, --validation_file and --max_eval_blocks, is compared).
+    "eval_strategy": "evaluation cadence", "eval_steps": "evaluation cadence", "eval_delay": "evaluation cadence",
+    "eval_on_start": "evaluation cadence", "per_device_eval_batch_size": "evaluation batching: the same mean loss",
+    "eval_accumulation_steps": "evaluation memory", "eval_do_concat_batches": "evaluation memory",
+    "eval_use_gather_object": "evaluation gathering",
+}
+
+
+def identity_value(value):
+    """A setting as JSON: enums by their value, dataclasses and dicts as sorted dicts, sequences as lists,
+    other objects by their str."""
+    import dataclasses
+    import enum
+
+    if isinstance(value, enum.Enum):
+        return identity_value(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): identity_value(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, (list, tuple)):
+        return [identity_value(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_identity(arguments, derived: dict | None = None) -> dict:
+    """What defines a run: every init field of the argument dataclasses `arguments` (parsed argument objects),
+    JSON-normalised, except those on `MAY_CHANGE`, plus the `derived` entries (e.g. `batch_identity`). A re-run
+    with the same identity resumes; a different one is refused (`check_same_run`)."""
+    import dataclasses
+
+    identity = {}
+    for obj in arguments:
+        for f in dataclasses.fields(obj):
+            if f.init and f.name not in MAY_CHANGE:
+                identity[f.name] = identity_value(getattr(obj, f.name))
+    identity.update(derived or {})
+    return identity
+
+
+def batch_identity(patch_args, training_args) -> dict:
+    """The global batches, which per-device batch, accumulation and world size may split differently between
+    attempts: sequences per optimizer step over all ranks, of each stage (None without a patch stage).
+    UsageError (from `stage_batch_settings`) when the patch stage's batch cannot be derived."""
     return {
-        "config_name": model_args.config_name,
-        "model_name_or_path": model_args.model_name_or_path,
-        "train_file": data_args.train_file,
-        "dataset_name": data_args.dataset_name,
-        "validation_file": data_args.validation_file,
-        "skip_data_fraction": data_args.skip_data_fraction,
-        "block_size": data_args.block_size,
-        "patch_size": patch_args.patch_size,
-        "patch_data_fraction": patch_args.patch_data_fraction,
-        "max_steps": training_args.max_steps,
-        "num_train_epochs": training_args.num_train_epochs,
-        "seed": training_args.seed,
-        # What a resume would otherwise silently change: the budget and split (sequences per optimizer step,
-        # over all ranks: per-device batch, accumulation and world size may change if their product does not),
-        # the token stream, and the optimizer schedule that the checkpoint restores.
-        "tokenizer_name": model_args.tokenizer_name,
         "sequences_per_step": global_batch_size(training_args),
         "patch_sequences_per_step": (
             math.prod(stage_batch_settings(patch_args, training_args)) * training_args.world_size
-            if patch_args.has_patch_stage else None
+            if patch_args.patch_data_fraction > 0 else None
         ),
-        "patch_max_steps": patch_args.patch_max_steps,
-        "learning_rate": training_args.learning_rate,
-        "patch_learning_rate": patch_args.patch_learning_rate,
-        "lr_scheduler_type": str(training_args.lr_scheduler_type),
-        "warmup_steps": training_args.warmup_steps,
-        "patch_warmup_steps": patch_args.patch_warmup_steps,
     }
 
 
+def same_setting(old, new) -> bool:
+    """Whether a recorded setting equals the current one. Records written before the identity was derived from
+    the parsed arguments held enums as str(enum) ("SchedulerType.LINEAR" for "linear")."""
+    if old == new:
+        return True
+    return isinstance(old, str) and isinstance(new, str) and "." in old and old.rsplit(".", 1)[1].lower() == new.lower()
+
+
 def check_same_run(output_dir: str, identity: dict) -> None:
-    """Refuse to resume or report a run recorded in `output_dir` with another identity. Keys the record does
-    not hold (a run from an earlier version of this script) are not compared."""
+    """Refuse to resume or report a run recorded in `output_dir` with another identity, naming each changed
+    setting with its old and new value. Keys the record does not hold (a run from an earlier version of this
+    script, whose record held fewer settings) are not compared."""
     record = Path(output_dir) / RUN_ARGS_FILE
     if not record.is_file():
         return
     previous = json.loads(record.read_text())
-    changed = {k: (previous[k], v) for k, v in identity.items() if k in previous and previous[k] != v}
+    changed = {k: (previous[k], v) for k, v in identity.items() if k in previous and not same_setting(previous[k], v)}
     if changed:
         details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise UsageError(
@@ -69,22 +147,75 @@ def check_same_run(output_dir: str, identity: dict) -> None:
         )
 
 
-def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main: bool) -> None:
-    """Refuse an output directory holding an unrelated run; record this run's identity."""
+# What this script writes into an output folder (and a stage folder), itself or through the Trainer and
+# save_pretrained: fnmatch patterns of the names of the entries. Only these are ever deleted, and only from a
+# folder this script claimed (RUN_ARGS_FILE).
+OWN_OUTPUTS = (
+    RUN_ARGS_FILE, ALL_RESULTS_FILE, STAGE_COMPLETE_FILE, "*.json.tmp-*",
+    "trainer_state.json", "training_args.bin", "config.json", "generation_config.json",
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
+    "chat_template.jinja", "checkpoint-*", "runs", PATCH_STAGE_DIR,
+)
+
+
+def is_own_output(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWN_OUTPUTS)
+
+
+def sort_entries(folder: Path, inputs: list[Path], claimed: bool) -> tuple[list[Path], list[Path], list[Path]]:
+    """Sort what `folder` holds into (this script's outputs, the run's inputs and the entries holding them,
+    foreign entries). Outputs are named as in OWN_OUTPUTS and lie in a `claimed` folder. UsageError where an
+    input lies where the run writes (it would be overwritten or deleted)."""
+    own, kept, foreign = [], [], []
+    for child in sorted(folder.iterdir()):
+        inside = [p for p in inputs if p == child or child in p.parents]
+        if inside and child.name == PATCH_STAGE_DIR and child.is_dir():
+            sub_own, sub_kept, sub_foreign = sort_entries(child, inputs, claimed)
+            own += sub_own
+            kept += sub_kept
+            foreign += sub_foreign
+        elif inside and is_own_output(child.name):
+            raise UsageError(
+                f"{inside[0]} is an input of this run but lies at {child}, where the run writes its outputs: move it "
+                "or choose another --output_dir"
+            )
+        elif inside:
+            kept.append(child)
+        elif claimed and is_own_output(child.name):
+            own.append(child)
+        else:
+            foreign.append(child)
+    return own, kept, foreign
+
+
+def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main: bool, inputs=()) -> None:
+    """Claim `output_dir` for this run and record its identity (RUN_ARGS_FILE).
+
+    An empty or new folder, or one holding only this run's `inputs` (paths: data files, model config,
+    tokenizer, token cache), is claimed. A folder this script claimed before resumes (the same identity, else
+    UsageError) or, with `overwrite`, loses this script's own outputs (OWN_OUTPUTS) and nothing else. Anything
+    else in the folder (files this script did not write) is refused with or without `overwrite`, naming it, and
+    left untouched; so is an input lying where the run writes (its output folder's config.json, say)."""
     path = Path(output_dir)
     record = path / RUN_ARGS_FILE
-    if path.exists() and any(path.iterdir()):
-        if overwrite:
-            if is_main:
-                logger.warning("--overwrite_output_dir: deleting the contents of %s", output_dir)
-                for child in path.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif not record.is_file():
+    if path.is_dir():
+        claimed = record.is_file()
+        inputs = [Path(p).resolve() for p in inputs]
+        own, kept, foreign = sort_entries(path.resolve(), inputs, claimed)
+        if foreign and (overwrite or not claimed):
+            names = ", ".join(str(p.relative_to(path.resolve())) + ("/" if p.is_dir() else "") for p in foreign[:5])
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
             raise UsageError(
-                f"--output_dir {output_dir} is not empty and holds no run of this script ({RUN_ARGS_FILE} missing): "
-                "choose another directory or pass --overwrite_output_dir"
+                f"--output_dir {output_dir} holds files this script did not write ({names}{more}): move them or "
+                "choose another directory (--overwrite_output_dir only replaces this script's own outputs)"
             )
-        else:
+        if claimed and overwrite and own and is_main:
+            logger.warning("--overwrite_output_dir: deleting this script's outputs in %s (%s)", output_dir,
+                           ", ".join(p.name for p in own))
+            for child in own:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif claimed and not overwrite:
             check_same_run(output_dir, identity)
     if is_main:
         path.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,21 @@ def stage_max_steps(plan: StagePlan, patch_args, training_args: TrainingArgument
     return patch_args.patch_max_steps
 
 
+MANY_EPOCHS = 4  # a budget that reads the training data more often than this is worth a warning
+
+
+def repetition_warning(budget_tokens: int, dataset_tokens: int, epochs_requested: bool) -> str | None:
+    """One warning line when a token budget fixed by --max_steps (`epochs_requested` False) reads the
+    `dataset_tokens` of training data more than MANY_EPOCHS times (e.g. a paper config on a small file); None
+    otherwise. A budget asked for in epochs (--num_train_epochs) repeats the data on purpose: no warning."""
+    epochs = budget_tokens / dataset_tokens if dataset_tokens else 0.0
+    if epochs_requested or epochs <= MANY_EPOCHS:
+        return None
+    return (f"the budget of {budget_tokens:,} tokens (--max_steps x sequences per step x --block_size) reads the "
+            f"{dataset_tokens:,}-token training data {epochs:,.1f} times (epochs): give more data or lower --max_steps "
+            "if that is not what you want")
+
+
 def global_batch_size(args: TrainingArguments) -> int:
     """Sequences per optimizer step over all ranks."""
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

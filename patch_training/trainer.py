@@ -7,7 +7,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +20,63 @@ from modeling_llama_patch import get_patch_size, loss_target_labels
 from .resume import last_complete_checkpoint
 
 logger = logging.getLogger("run_clm")
+
+STAGE_PROGRESS_FILE = "stage_progress.json"
+
+
+@dataclass
+class StageProgress:
+    """What a stage has done up to a checkpoint, kept in `<checkpoint>/stage_progress.json` so that a resumed
+    stage reports the figures of the whole stage, not of its last attempt.
+
+    transformers' Trainer sums the loss of each optimizer step into a device tensor (`_tr_loss`), drains it into
+    a Python float (`_total_loss_scalar`) at each logging step, and reports `train_loss` = that sum / the steps
+    of the train() call. Here both are kept: `loss_sum`, the drained sum, and `loss_pending`, the not yet
+    logged part (averaged over ranks as transformers does), with `last_logged_step`. A resumed attempt restores
+    all three, so it logs and sums exactly what the uninterrupted stage does: train_loss = loss_sum / steps,
+    bit for bit. `train_seconds`: the wall time of the attempts up to the checkpoint (work lost after the last
+    checkpoint is not counted)."""
+
+    global_step: int = 0
+    loss_sum: float = 0.0
+    loss_pending: float = 0.0
+    last_logged_step: int = 0
+    train_seconds: float = 0.0
+    first_step: int = 0  # the step that loss_sum and train_seconds count from (> 0 only after an old checkpoint)
+
+    @property
+    def train_loss(self) -> float:
+        return (self.loss_sum + self.loss_pending) / max(self.global_step - self.first_step, 1)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | None) -> StageProgress:
+        """The progress recorded in `checkpoint` (a fresh one for None). A checkpoint written before this record
+        existed gives the state's step with no loss or time: the figures then cover the later steps only."""
+        if checkpoint is None:
+            return cls()
+        record = Path(checkpoint) / STAGE_PROGRESS_FILE
+        if record.is_file():
+            return cls(**json.loads(record.read_text()))
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        logger.warning("%s has no %s (an earlier version wrote it): train_loss and train_runtime_s will cover the "
+                       "steps after it only", checkpoint, STAGE_PROGRESS_FILE)
+        return cls(global_step=step, last_logged_step=step, first_step=step)
+
+
+class RestoreRunningLoss(TrainerCallback):
+    """At the start of a resumed train(), put back the loss sums that transformers keeps outside its checkpoint
+    (see `StageProgress`): after this the Trainer logs and sums as if it had never stopped."""
+
+    def __init__(self, trainer: PatchTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer, progress = self.trainer, self.trainer.resumed_progress
+        if state.global_step == 0 or progress.global_step != state.global_step:
+            return
+        trainer._total_loss_scalar = progress.loss_sum
+        trainer._tr_loss += progress.loss_pending
+        trainer._globalstep_last_logged = progress.last_logged_step
 
 
 @contextlib.contextmanager
@@ -42,6 +101,35 @@ class PatchTrainer(Trainer):
         self.patch_eval_dataset = patch_eval_dataset
         self._offset_loss_sum: torch.Tensor | None = None
         self._offset_loss_count = 0
+        self.resumed_progress = StageProgress()  # set by run_stage before train() when it resumes
+        self.attempt_start = time.time()
+        self.add_callback(RestoreRunningLoss(self))
+
+    def stage_progress(self, trained: bool = False) -> StageProgress:
+        """The stage's progress now (a collective under several ranks: every rank calls this). After train()
+        (`trained`), transformers has drained the pending loss into its running sum."""
+        from transformers.trainer_pt_utils import nested_gather
+
+        pending = 0.0 if trained else nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        return StageProgress(
+            global_step=self.state.global_step,
+            loss_sum=self._total_loss_scalar,
+            loss_pending=pending,
+            last_logged_step=self._globalstep_last_logged,
+            train_seconds=self.resumed_progress.train_seconds + time.time() - self.attempt_start,
+            first_step=self.resumed_progress.first_step,
+        )
+
+    def _save_checkpoint(self, model, trial):
+        # Written before transformers' files, whose trainer_state.json (last) marks the checkpoint complete.
+        progress = self.stage_progress()
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"{STAGE_PROGRESS_FILE}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(asdict(progress)))
+            os.replace(tmp, folder / STAGE_PROGRESS_FILE)
+        super()._save_checkpoint(model, trial)
 
     @property
     def stage_patch_size(self) -> int:
@@ -176,13 +264,16 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
     checkpoint = last_complete_checkpoint(stage_args.output_dir)
     if checkpoint:
         logger.info("Resuming the %s stage from %s", plan.name, checkpoint)
-    start = time.time()
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    wall = time.time() - start
+    trainer.resumed_progress = StageProgress.of_checkpoint(checkpoint)
+    trainer.attempt_start = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    # The whole stage's figures, the same whether or not it was interrupted: transformers' train_loss is the
+    # loss summed over the steps of this train() call / their number; here over all the stage's steps.
+    progress = trainer.stage_progress(trained=True)
     metrics = {
         "steps": trainer.state.global_step,
-        "train_loss": train_result.training_loss,
-        "train_runtime_s": round(wall, 2),
+        "train_loss": progress.train_loss,
+        "train_runtime_s": round(progress.train_seconds, 2),
         "resumed_from": checkpoint,
     }
     if token_eval is not None:

@@ -35,7 +35,10 @@ class RunTrainingArguments(TrainingArguments):
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Delete what --output_dir holds and start again (otherwise a re-run resumes)."},
+        metadata={
+            "help": "Start again: delete this script's own outputs in --output_dir (never other files, never the "
+            "run's inputs). Otherwise a re-run resumes."
+        },
     )
     logging_nan_inf_filter: bool = field(
         default=False,

@@ -3,12 +3,13 @@
 # PIQA, WinoGrande, ARC-Easy, ARC-Challenge). The tasks' data sets come from the Hugging Face hub.
 #
 #   pip install -r requirements-eval.txt
-#   scripts/eval_lm_harness.sh runs/llama-370m-patch                  # the six tasks, results in lm_eval_results/
-#   scripts/eval_lm_harness.sh runs/llama-370m-patch --limit 100      # anything after the model goes to lm_eval
-#   TASKS=wikitext_local DEVICE=cpu scripts/eval_lm_harness.sh PATH   # offline: WikiText perplexity on data/
+#   scripts/eval_lm_harness.sh runs/llama-370m-patch-k4-lambda0.67              # the six tasks, results in outputs/lm_eval/
+#   scripts/eval_lm_harness.sh runs/llama-370m-patch-k4-lambda0.67 --limit 100  # anything after the model goes to lm_eval
+#   TASKS=wikitext_local scripts/eval_lm_harness.sh PATH   # offline: WikiText perplexity on data/
 #
 # Environment (defaults): TASKS (the six above), NUM_FEWSHOT (0), DTYPE (bfloat16), BATCH_SIZE (auto),
-# DEVICE (cuda), OUTPUT_PATH (lm_eval_results/<model folder name>).
+# DEVICE (cuda when torch sees a GPU, else cpu), PYTHON (python, the interpreter that has torch),
+# OUTPUT_PATH (outputs/lm_eval/<model folder name>, ignored by git).
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then
@@ -23,8 +24,9 @@ TASKS=${TASKS:-"mmlu,hellaswag,piqa,winogrande,arc_easy,arc_challenge"}
 NUM_FEWSHOT=${NUM_FEWSHOT:-0}
 DTYPE=${DTYPE:-bfloat16}
 BATCH_SIZE=${BATCH_SIZE:-auto}
-DEVICE=${DEVICE:-cuda}
-OUTPUT_PATH=${OUTPUT_PATH:-"lm_eval_results/$(basename "${MODEL%/}")"}
+PYTHON=${PYTHON:-python}
+DEVICE=${DEVICE:-$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+OUTPUT_PATH=${OUTPUT_PATH:-"outputs/lm_eval/$(basename "${MODEL%/}")"}
 
 if ! command -v lm_eval >/dev/null 2>&1; then
   echo "$0: lm_eval not found: pip install -r requirements-eval.txt" >&2

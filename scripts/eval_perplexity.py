@@ -26,8 +26,8 @@ times that of blocks).
 
 perplexity = exp(sum of the negative log-likelihoods / number of scored tokens), in nats, float32 logits.
 
-    python scripts/eval_perplexity.py --model runs/llama-370m-patch --output_json ppl.json
-    python scripts/eval_perplexity.py --model runs/llama-370m-patch --protocol sliding --stride 512
+    python scripts/eval_perplexity.py --model runs/llama-370m-patch-k4-lambda0.67 --output_json outputs/eval/ppl.json
+    python scripts/eval_perplexity.py --model runs/llama-370m-patch-k4-lambda0.67 --protocol sliding --stride 512
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """Training curves of run_clm.py runs, as in the paper's Figure 2, and the patch stage's per-offset losses.
 
     python scripts/plot_curves.py --run baseline=runs/tiny-token --run patch=runs/tiny-patch \
-        --output curves.png --offsets_output offsets.png
+        --output outputs/plots/curves.png --offsets_output outputs/plots/offsets.png
 
 curves.png, left: training loss against training tokens; right: against compute, counted in token-level
 equivalents (a patch-stage token costs 1/K of a token-stage one, so the patch stage of λ of the data costs
@@ -259,7 +259,7 @@ def main(argv=None) -> list[RunCurve]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", type=parse_run, required=True, metavar="LABEL=DIR",
                         help="A run directory of run_clm.py and its label (repeat for several runs).")
-    parser.add_argument("--output", default="curves.png", help="The loss-curves PNG (Figure 2).")
+    parser.add_argument("--output", default="outputs/plots/curves.png", help="The loss-curves PNG (Figure 2).")
     parser.add_argument("--offsets_output", default=None, help="The per-offset patch-loss PNG (optional).")
     parser.add_argument("--dpi", type=int, default=120)
     args = parser.parse_args(argv)

@@ -459,7 +459,7 @@ def test_output_dir_with_unrelated_content_is_refused(workdir, finished_job, tmp
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match=r"is not empty and holds no run of this script"):
+    with pytest.raises(UsageError, match=r"holds files this script did not write \(notes.txt\)"):
         run_clm.main(job_args(workdir, foreign))
     assert (foreign / "notes.txt").read_text() == "mine"
 

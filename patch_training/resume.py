@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from .cli import UsageError, first_line
+from .readers import expand_data_files
 from .stages import global_batch_size, stage_batch_settings
 
 logger = logging.getLogger("run_clm")
@@ -18,6 +19,7 @@ logger = logging.getLogger("run_clm")
 PATCH_STAGE_DIR = "patch_stage"
 STAGE_COMPLETE_FILE = "stage_complete.json"
 RUN_ARGS_FILE = "run_args.json"
+STREAM_INDEX_FILE = "stream_index.json"  # --streaming: tokens per part of the data (blocks.StreamingTokenBlocks)
 
 
 def run_identity(model_args, data_args, patch_args, training_args) -> dict:
@@ -26,6 +28,9 @@ def run_identity(model_args, data_args, patch_args, training_args) -> dict:
         "config_name": model_args.config_name,
         "model_name_or_path": model_args.model_name_or_path,
         "train_file": data_args.train_file,
+        # The files that folders and glob patterns expand to, in order: a new shard matched is another run.
+        "train_files": expand_data_files(data_args.train_file, "train_file") if data_args.train_file else None,
+        "validation_files": expand_data_files(data_args.validation_file, "validation_file") if data_args.validation_file else None,
         "dataset_name": data_args.dataset_name,
         "validation_file": data_args.validation_file,
         "skip_data_fraction": data_args.skip_data_fraction,

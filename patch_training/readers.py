@@ -174,13 +174,49 @@ def open_text(path: str):
 
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".zst":
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig", newline="\n")
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path), 1 << 20), encoding="utf-8-sig", newline="\n")
     openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
     opener = openers.get(suffix, open)
     return opener(path, "rt", encoding="utf-8-sig", newline="\n")
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file (one or more frames), raising EOFError for a file cut inside a frame,
+    which `zstandard`'s stream reader lets through as a silently shorter text."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._file, self._zstd = open(path, "rb"), zstandard.ZstdDecompressor()
+        self._frame, self._buffer, self._offset, self._in_frame = self._zstd.decompressobj(), b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            compressed = self._file.read(1 << 20)
+            if not compressed:
+                if self._in_frame:
+                    raise EOFError("Compressed file ended before the end of its last zstd frame")
+                return 0
+            while compressed:
+                self._in_frame = True
+                self._buffer += self._frame.decompress(compressed)
+                compressed = b""
+                if self._frame.eof:
+                    compressed, self._in_frame = self._frame.unused_data, False
+                    self._frame = self._zstd.decompressobj()
+        size = min(len(target), len(self._buffer) - self._offset)
+        target[:size] = self._buffer[self._offset : self._offset + size]
+        self._offset += size
+        if self._offset == len(self._buffer):
+            self._buffer, self._offset = b"", 0
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _is_compressed(path: str) -> bool:

@@ -88,7 +88,7 @@ def token_dtype(vocab_size: int):
 # ---------------------------------------------------------------------------------------------------------
 
 # Tokenizer settings that name where it was loaded from, not what it does.
-_LOCATION_KWARGS = {"name_or_path", "tokenizer_file", "vocab_file", "merges_file", "_commit_hash", "cache_dir", "local_files_only"}
+_LOCATION_KWARGS = {"name_or_path", "tokenizer_file", "vocab_file", "merges_file", "_commit_hash", "cache_dir", "local_files_only", "is_local"}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -42,6 +42,16 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+MARK_TOKENS = 1 << 22  # a position mark inside a part every ~4M tokens (see StreamingTokenBlocks._chunks)
+
+
+def _counted(documents, read: list[int]) -> Iterator:
+    """`documents`, counting in read[0] how many were taken (from its starting value)."""
+    for document in documents:
+        read[0] += 1
+        yield document
+
+
 class StreamingTokenBlocks(torch.utils.data.IterableDataset):
     """Blocks of `block_len` tokens from documents tokenised on the fly: stream tokens `skip_tokens` ...
     `skip_tokens + num_blocks * block_len - 1`, the data re-read as often as needed (epoch after epoch).
@@ -85,29 +95,35 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
     def _documents(self, part):
         return self.source.part_documents(part) if part is not None else self.source()
 
-    def _load_index(self, key: str) -> list[int]:
+    def _load_index(self, key: str) -> dict:
+        empty = {"key": key, "part_tokens": [], "marks": []}
         if not (self.index_file and key and os.path.isfile(self.index_file)):
-            return []
+            return empty
         try:
             with open(self.index_file, encoding="utf-8") as handle:
                 index = json.load(handle)
         except (OSError, ValueError):
-            return []
-        return list(index["part_tokens"]) if index.get("key") == key else []
+            return empty
+        return index if index.get("key") == key else empty
 
-    def _save_index(self, key: str, part_tokens: list[int]) -> None:
-        if self.index_file and key and self.write_index:
+    def _save_index(self, index: dict) -> None:
+        if self.index_file and index["key"] and self.write_index:
             tmp = f"{self.index_file}.tmp-{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump({"key": key, "part_tokens": part_tokens}, handle)
+                json.dump(index, handle)
             os.replace(tmp, self.index_file)
 
     def _chunks(self) -> Iterator[np.ndarray]:
-        """The token stream from `skip_tokens` on, as numpy arrays (one per tokenizer call)."""
+        """The token stream from `skip_tokens` on, as numpy arrays (one per tokenizer call).
+
+        The index holds, per part read once, its tokens (`part_tokens`) and marks [documents, tokens] every
+        ~MARK_TOKENS inside it (`marks`): a start inside a part skips that part's documents before the last
+        mark unread by the tokenizer (a compressed file is one part; its documents are still decompressed)."""
         from .token_cache import eos_rule, iter_token_batches, token_dtype
 
         parts, key = self._parts()
-        known = self._load_index(key)
+        index = self._load_index(key)
+        known, marks = index["part_tokens"], index["marks"]
         rule, dtype = eos_rule(self.tokenizer), token_dtype(len(self.tokenizer))
         skip, part_index = self.skip_tokens, 0
         epoch_tokens = sum(known) if len(known) == len(parts) else None
@@ -123,19 +139,31 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                 if sum(known) == 0:
                     raise UsageError("the streamed training data holds no text")
                 part_index = 0
-            produced = 0
-            for batch in iter_token_batches(self._documents(parts[part_index]), self.tokenizer, self.text_column,
-                                            self.batch_size, rule):
+            first_pass = part_index == len(known)
+            skip_documents = produced = 0
+            if not first_pass and part_index < len(marks):  # the last mark at or before the start
+                for documents, tokens in marks[part_index]:
+                    if tokens <= skip:
+                        skip_documents, produced = documents, tokens
+                skip -= produced
+            part_marks, next_mark = [], MARK_TOKENS
+            read = [0]
+            documents = itertools.islice(_counted(self._documents(parts[part_index]), read), skip_documents, None)
+            for batch in iter_token_batches(documents, self.tokenizer, self.text_column, self.batch_size, rule):
                 chunk = np.array(list(itertools.chain.from_iterable(batch)), dtype=dtype)
                 produced += len(chunk)
+                if first_pass and produced >= next_mark:
+                    part_marks.append([read[0], produced])
+                    next_mark = produced + MARK_TOKENS
                 if skip >= len(chunk):
                     skip -= len(chunk)
                     continue
                 yield chunk[skip:]
                 skip = 0
-            if part_index == len(known):  # first pass over this part: record its tokens
+            if first_pass:  # record this part's tokens and marks
                 known.append(produced)
-                self._save_index(key, known)
+                marks.append(part_marks)
+                self._save_index(index)
             part_index += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -125,7 +125,7 @@ class DataArguments:
         metadata={
             "help": "Read and tokenise the training data on the fly (corpora that do not fit on disk). Needs "
             "--max_steps, which then fixes the token budget that λ splits. The tokens of each part of the data are "
-            "recorded in <output_dir>/stream_index.json, so the token stage and a resume start at their stream "
+            "recorded in <output_dir>/stream_index.jsonl, so the token stage and a resume start at their stream "
             "position without re-reading what came before."
         },
     )

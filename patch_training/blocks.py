@@ -42,7 +42,7 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-MARK_TOKENS = 1 << 22  # a position mark inside a part every ~4M tokens (see StreamingTokenBlocks._chunks)
+MARK_TOKENS = 1 << 20  # a position mark inside a part every ~1M tokens (see StreamingTokenBlocks._chunks)
 
 
 def _counted(documents, read: list[int]) -> Iterator:
@@ -62,8 +62,9 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
     token cache (`token_cache.iter_token_batches`) and blocks are cut with numpy slices.
 
     Starting at stream token N costs time independent of N: the tokens of each part (the same every epoch)
-    are recorded in `index_file` (JSON, keyed by the data and tokenizer) as the stream first passes them, so a
-    later stage or a resume opens the part holding token N and tokenises only that part up to N. Where the
+    (and a mark every ~MARK_TOKENS inside it) are recorded in `index_file` (JSON lines, keyed by the data and
+    tokenizer) as the stream first passes them, so a later stage or a resume opens the part holding token N
+    and tokenises only from the mark before N (at most ~MARK_TOKENS tokens). Where the
     index does not yet reach N (a first run, or a `source` that is a function) the stream is read from the
     start. `write_index`: whether this process writes the index (the process that saves checkpoints).
 
@@ -95,35 +96,50 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
     def _documents(self, part):
         return self.source.part_documents(part) if part is not None else self.source()
 
-    def _load_index(self, key: str) -> dict:
-        empty = {"key": key, "part_tokens": [], "marks": []}
-        if not (self.index_file and key and os.path.isfile(self.index_file)):
-            return empty
-        try:
-            with open(self.index_file, encoding="utf-8") as handle:
-                index = json.load(handle)
-        except (OSError, ValueError):
-            return empty
-        return index if index.get("key") == key else empty
+    def _load_index(self, key: str) -> tuple[list[int], dict[int, list[list[int]]]]:
+        """(tokens of each part read whole so far, {part: sorted [documents, tokens] marks}) from the index file,
+        an append-only JSON-lines file whose first line names the data and tokenizer; empty if it is another's."""
+        known: dict[int, int] = {}
+        marks: dict[int, set] = {}
+        if self.index_file and key and os.path.isfile(self.index_file):
+            try:
+                with open(self.index_file, encoding="utf-8") as handle:
+                    lines = [json.loads(line) for line in handle if line.strip()]
+            except (OSError, ValueError):  # a line cut by a crash: start a new index
+                lines = []
+            if lines and lines[0].get("key") == key:
+                for entry in lines[1:]:
+                    if "part_tokens" in entry:
+                        known[entry["part"]] = entry["part_tokens"]
+                    else:
+                        marks.setdefault(entry["part"], set()).add((entry["documents"], entry["tokens"]))
+                self._index_key = key
+        prefix = []
+        while len(prefix) in known:  # the parts read whole, from the first on
+            prefix.append(known[len(prefix)])
+        return prefix, {part: sorted(map(list, found), key=lambda m: m[1]) for part, found in marks.items()}
 
-    def _save_index(self, index: dict) -> None:
-        if self.index_file and index["key"] and self.write_index:
-            tmp = f"{self.index_file}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(index, handle)
-            os.replace(tmp, self.index_file)
+    def _record(self, key: str, entry: dict) -> None:
+        """Append `entry` to the index file (started with the key line when it holds another data's index)."""
+        if not (self.index_file and key and self.write_index):
+            return
+        if getattr(self, "_index_key", None) != key:
+            with open(self.index_file, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps({"key": key}) + "\n")
+            self._index_key = key
+        with open(self.index_file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
 
     def _chunks(self) -> Iterator[np.ndarray]:
         """The token stream from `skip_tokens` on, as numpy arrays (one per tokenizer call).
 
-        The index holds, per part read once, its tokens (`part_tokens`) and marks [documents, tokens] every
-        ~MARK_TOKENS inside it (`marks`): a start inside a part skips that part's documents before the last
-        mark unread by the tokenizer (a compressed file is one part; its documents are still decompressed)."""
+        The index records, per part, its tokens once read whole and a mark [documents, tokens] every ~MARK_TOKENS
+        inside it: a start inside a part skips, untokenised, its documents before the last mark at or before the
+        start (a compressed file is one part: those documents are still decompressed and parsed)."""
         from .token_cache import eos_rule, iter_token_batches, token_dtype
 
         parts, key = self._parts()
-        index = self._load_index(key)
-        known, marks = index["part_tokens"], index["marks"]
+        known, marks = self._load_index(key)
         rule, dtype = eos_rule(self.tokenizer), token_dtype(len(self.tokenizer))
         skip, part_index = self.skip_tokens, 0
         epoch_tokens = sum(known) if len(known) == len(parts) else None
@@ -139,31 +155,31 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                 if sum(known) == 0:
                     raise UsageError("the streamed training data holds no text")
                 part_index = 0
-            first_pass = part_index == len(known)
+            recording = part_index == len(known)  # this part's tokens are not known yet
+            part_marks = marks.get(part_index, [])
             skip_documents = produced = 0
-            if not first_pass and part_index < len(marks):  # the last mark at or before the start
-                for documents, tokens in marks[part_index]:
-                    if tokens <= skip:
-                        skip_documents, produced = documents, tokens
-                skip -= produced
-            part_marks, next_mark = [], MARK_TOKENS
+            for documents, tokens in part_marks:  # the last mark at or before the start
+                if tokens <= skip:
+                    skip_documents, produced = documents, tokens
+            skip -= produced
+            next_mark = (part_marks[-1][1] if part_marks else 0) + MARK_TOKENS
             read = [0]
             documents = itertools.islice(_counted(self._documents(parts[part_index]), read), skip_documents, None)
             for batch in iter_token_batches(documents, self.tokenizer, self.text_column, self.batch_size, rule):
                 chunk = np.array(list(itertools.chain.from_iterable(batch)), dtype=dtype)
                 produced += len(chunk)
-                if first_pass and produced >= next_mark:
-                    part_marks.append([read[0], produced])
+                if recording and produced >= next_mark:
+                    self._record(key, {"part": part_index, "documents": read[0], "tokens": produced})
+                    marks.setdefault(part_index, []).append([read[0], produced])
                     next_mark = produced + MARK_TOKENS
                 if skip >= len(chunk):
                     skip -= len(chunk)
                     continue
                 yield chunk[skip:]
                 skip = 0
-            if first_pass:  # record this part's tokens and marks
+            if recording:
                 known.append(produced)
-                marks.append(part_marks)
-                self._save_index(index)
+                self._record(key, {"part": part_index, "part_tokens": produced})
             part_index += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

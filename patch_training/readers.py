@@ -291,11 +291,12 @@ def file_parts(path: str, fmt: str | None = None, target_parts: int = 1) -> list
 
 
 def _first_character(path: str) -> str:
-    with open_text(path) as handle:
-        chunk = handle.read(4096)
+    """The first character other than white space (and a byte-order mark) of an uncompressed file, as bytes read."""
+    with open(path, "rb") as handle:
+        chunk = handle.read(4096).removeprefix(b"\xef\xbb\xbf")
         while chunk and not chunk.strip():
             chunk = handle.read(4096)
-    return chunk.strip()[:1]
+    return chunk.strip()[:1].decode("latin-1")
 
 
 def data_parts(paths: list[str], target_parts: int = 1) -> list[DataPart]:

@@ -19,7 +19,7 @@ logger = logging.getLogger("run_clm")
 PATCH_STAGE_DIR = "patch_stage"
 STAGE_COMPLETE_FILE = "stage_complete.json"
 RUN_ARGS_FILE = "run_args.json"
-STREAM_INDEX_FILE = "stream_index.json"  # --streaming: tokens per part of the data (blocks.StreamingTokenBlocks)
+STREAM_INDEX_FILE = "stream_index.jsonl"  # --streaming: tokens per part of the data (blocks.StreamingTokenBlocks)
 
 
 def run_identity(model_args, data_args, patch_args, training_args) -> dict:

@@ -137,21 +137,43 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
             yield document
 
     monkeypatch.setattr(DataSource, "part_documents", counting)
-    index = tmp_path / "stream_index.json"
+    from patch_training import token_cache
+
+    tokenised = []
+    batches = token_cache.iter_token_batches
+
+    def counting_batches(*args, **kwargs):
+        for batch in batches(*args, **kwargs):
+            tokenised.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(token_cache, "iter_token_batches", counting_batches)
+    index = tmp_path / "stream_index.jsonl"
     block = 64
 
-    def first_block(start, index_file):
+    def first_block(start, index_file, count=read):
         read.clear()
+        tokenised.clear()
         stream = StreamingTokenBlocks(source, tokenizer, "text", start, 1, block, batch_size=4, index_file=index_file)
         ids = next(iter(stream))["input_ids"].tolist()
         assert ids == TokenBlocks(tokens, start, 1, block)[0]["input_ids"].tolist(), start
-        return len(read)
+        return len(read) if count is read else sum(tokenised)
 
     far = len(tokens) - 3 * block
     without_index = first_block(far, None)
     assert without_index > 40, "no index: every document before N is read"
     list(StreamingTokenBlocks(source, tokenizer, "text", 0, len(tokens) // block + 2, block, batch_size=4, index_file=str(index)))
-    assert json.loads(index.read_text())["part_tokens"] and len(json.loads(index.read_text())["part_tokens"]) == len(parts)
+    entries = [json.loads(line) for line in index.read_text().splitlines()]
+    assert sorted(e["part"] for e in entries if "part_tokens" in e) == list(range(len(parts)))
+    assert any("documents" in e for e in entries), "marks inside parts"
     documents_per_part = max(sum(1 for _ in original(source, p)) for p in parts)
     costs = [first_block(start, str(index)) for start in (10, 5_000, far, len(tokens) + 777, 3 * len(tokens) - 100)]
     assert max(costs) <= documents_per_part + 2 < without_index, costs
+
+    # A first pass stopped inside a part (an interrupted job) leaves marks that a resume uses: the documents
+    # before the last mark are read but not tokenised.
+    monkeypatch.setattr(readers, "PART_BYTES", 10**9)
+    one_part = tmp_path / "one_part.jsonl"
+    list(StreamingTokenBlocks(source, tokenizer, "text", 0, far // block, block, batch_size=4, index_file=str(one_part)))
+    assert not [line for line in one_part.read_text().splitlines() if "part_tokens" in line]
+    assert first_block(far - block, str(one_part), tokenised) < first_block(far - block, None, tokenised) / 4

@@ -176,3 +176,24 @@ def test_damaged_files_are_one_line_naming_the_file(formats, tokenizer, tmp_path
                 tokenize_to_cache(None, tokenizer, "text", 8, str(tmp_path / "cache" / path.name), source=source, num_workers=workers)
             assert str(path) in str(error.value) and "\n" not in str(error.value), (path, str(error.value))
             assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), path
+
+
+def test_run_identity_holds_the_files_a_pattern_expands_to(tmp_path):
+    """run_args.json records the expanded file list: a new shard matched by the same pattern is another run
+    (a resume would otherwise silently train on other data), refused in one line."""
+    import run_clm
+    from conftest import REPO_ROOT
+
+    from patch_training.resume import check_same_run, prepare_output_dir, run_identity
+
+    for index in (1, 0):
+        (tmp_path / f"{index:02d}.jsonl").write_text(json.dumps({"text": f"shard {index}"}) + "\n")
+    argv = ["--config_name", str(REPO_ROOT / "configs/model/llama-tiny.json"), "--train_file", str(tmp_path / "*.jsonl"),
+            "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none"]
+    identity = run_identity(*run_clm.parse_arguments(argv))
+    assert identity["train_files"] == [str(tmp_path / "00.jsonl"), str(tmp_path / "01.jsonl")]
+    prepare_output_dir(str(tmp_path / "run"), identity, overwrite=False, is_main=True)
+    check_same_run(str(tmp_path / "run"), run_identity(*run_clm.parse_arguments(argv)))
+    (tmp_path / "02.jsonl").write_text(json.dumps({"text": "a new shard"}) + "\n")
+    with pytest.raises(UsageError, match=r"holds a different run \(train_files: .*02.jsonl"):
+        check_same_run(str(tmp_path / "run"), run_identity(*run_clm.parse_arguments(argv)))

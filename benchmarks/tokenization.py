@@ -13,7 +13,7 @@ with the time to the first block of a streamed start (a resume) near the start a
 
 Every path gives the same token count (checked). TOKENIZERS_PARALLELISM=false: one thread per process.
 
-    python benchmarks/tokenize.py --data ../shared/data/corpus/train-00.jsonl.xz
+    python benchmarks/tokenization.py --data ../shared/data/corpus/train-00.jsonl.xz
 """
 
 from __future__ import annotations

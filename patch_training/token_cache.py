@@ -57,9 +57,10 @@ def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, 
     special tokens (BOS for LLaMA), the text, and one EOS (see `eos_rule`). Empty texts and nulls are skipped."""
     eos, appends = rule or eos_rule(tokenizer)
     batch: list[str] = []
+    encode_batch = batch_encoder(tokenizer)
 
     def encode(texts):
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ids = encode_batch(texts)
         return ids if appends else [row + [eos] for row in ids]
 
     for example in documents:
@@ -71,6 +72,16 @@ def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, 
             batch = []
     if batch:
         yield encode(batch)
+
+
+def batch_encoder(tokenizer):
+    """texts -> token ids with the tokenizer's special tokens: `tokenizer(texts)["input_ids"]`, or, for a fast
+    tokenizer with no truncation or padding set in its backend (then the two are the same), the backend's
+    `encode_batch` directly, which skips building attention masks and a BatchEncoding per call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return lambda texts: [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
+    return lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
 def iter_document_tokens(documents, tokenizer, text_column: str, batch_size: int) -> Iterator[list[int]]:

@@ -171,3 +171,32 @@ def test_two_nodes_share_one_cache_and_tokenise_once(tmp_path):
     assert len({(r[1], r[2]) for r in results}) == 1, "both nodes read the same cache folder and stream"
     assert len((tmp_path / "count").read_text().split()) == 1, "tokenised once"
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name) == []
+
+
+def test_backend_encoder_equals_the_tokenizer_call(tmp_path):
+    """The fast path (`backend_tokenizer.encode_batch`) gives `tokenizer(texts)["input_ids"]` for each style, and
+    a tokenizer whose backend truncates goes through `tokenizer()` (which does not truncate unless asked)."""
+    from patch_training.token_cache import batch_encoder
+
+    texts = TEXTS + [open(DATA_DIR / "sample_train.jsonl").readline()]
+    for name, tokenizer in {**variants(), "word_level": tiny_word_level("</s>")}.items():
+        assert batch_encoder(tokenizer)(texts) == tokenizer(texts)["input_ids"], name
+    truncating = llama()
+    truncating.backend_tokenizer.enable_truncation(8)
+    assert batch_encoder(truncating)(texts) == truncating(texts)["input_ids"]
+    assert max(map(len, batch_encoder(truncating)(texts))) > 8
+
+
+def test_a_hub_dataset_is_tokenised_in_parallel_by_shards(tmp_path):
+    """A dataset loaded through `datasets.load_dataset` (here a local folder of 3 JSON-lines shards, offline) is
+    tokenised by 2 processes, one shard each, into the bytes of one process."""
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for shard in range(3):
+        (tmp_path / "hub" / "data" / f"train-{shard}.jsonl").write_text(
+            "".join(json.dumps({"text": f"shard {shard} document {i} " + t}) + "\n" for i, t in enumerate(TEXTS)))
+    source = DataSource(dataset_name=str(tmp_path / "hub"))
+    assert len(source.parts(2)) == 3
+    one = tokenize_to_cache(None, llama(), "text", 2, str(tmp_path / "one"), source=source)
+    two = tokenize_to_cache(None, llama(), "text", 2, str(tmp_path / "two"), source=source, num_workers=2)
+    assert one["num_documents"] == two["num_documents"] == 3 * len(TEXTS) and two["num_parts"] == 3
+    assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()

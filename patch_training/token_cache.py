@@ -310,7 +310,7 @@ class _Progress:
     def set_counts(self, documents: int, tokens: int) -> None:
         self.documents, self.tokens = documents, tokens
         rate = tokens / max(time.time() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{documents:,} documents, {tokens:,} tokens, {rate / 1e6:.2f}M tokens/s", refresh=False)
+        self.bar.set_postfix_str(f"{documents:,} documents, {tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
         self.bar.refresh()
 
     def part_done(self, part) -> None:

@@ -200,3 +200,17 @@ def test_a_hub_dataset_is_tokenised_in_parallel_by_shards(tmp_path):
     two = tokenize_to_cache(None, llama(), "text", 2, str(tmp_path / "two"), source=source, num_workers=2)
     assert one["num_documents"] == two["num_documents"] == 3 * len(TEXTS) and two["num_parts"] == 3
     assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_progress_bar_per_job(tmp_path, capsys, workers):
+    """`progress=True` shows one bar for the whole job (not one per worker): bytes with a total (so an ETA),
+    documents, tokens and tokens/s; `progress=False` (another rank, logging off) shows nothing."""
+    paths = [write_documents(tmp_path / f"d{i}.jsonl", TEXTS * 5) for i in range(3)]
+    source = DataSource.from_files(",".join(paths), "train_file")
+    tokenize_to_cache(None, llama(), "text", 4, str(tmp_path / "quiet"), source=source, num_workers=workers)
+    assert capsys.readouterr().err == ""
+    meta = tokenize_to_cache(None, llama(), "text", 4, str(tmp_path / "bar"), source=source, num_workers=workers, progress=True)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenising: 100%" in err and "tokenising" not in err.split("\n")[1], err
+    assert f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens" in err and "tokens/s" in err

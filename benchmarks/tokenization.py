@@ -12,6 +12,9 @@ with the time to the first block of a streamed start (a resume) near the start a
   of transformers' example has (loading into Arrow timed too).
 
 Every path gives the same token count (checked). TOKENIZERS_PARALLELISM=false: one thread per process.
+Two rates per row: tokens per wall-clock second, and tokens per CPU second (this process and its finished
+children, `resource.getrusage`), which a machine shared with other jobs disturbs far less; the load average at
+the start is recorded.
 
     python benchmarks/tokenization.py --data ../shared/data/corpus/train-00.jsonl.xz
 """
@@ -23,6 +26,7 @@ import json
 import lzma
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -46,6 +50,12 @@ def _init(name: str) -> None:
     from transformers import AutoTokenizer
 
     TOKENIZER = AutoTokenizer.from_pretrained(name)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def bare(texts: list[str], tokenizer_name: str, processes: int) -> tuple[float, int]:
@@ -83,9 +93,10 @@ def with_datasets_map(path: str, tokenizer, processes: int, cache: str) -> tuple
     return elapsed, sum(len(ids) for ids in mapped["input_ids"])
 
 
-def streamed(path: str, tokenizer, tokens: int, block: int) -> dict:
-    """Streamed loader tokens/s over `tokens` tokens, and time to the first block at two start positions with
-    the part index of a previous pass (a resume), and without it (what a resume cost before)."""
+def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int) -> dict:
+    """Streamed loader tokens/s over `tokens` tokens (which also writes the stream index), and time to the first
+    block at steps 10, 1000 and 1350 of a job reading one block per step, with that index (a resume) and without it
+    (what a resume cost before: every token before the start tokenised again)."""
     from patch_training.blocks import StreamingTokenBlocks
 
     source = DataSource.from_files(path, "data")
@@ -93,12 +104,14 @@ def streamed(path: str, tokenizer, tokens: int, block: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         index = os.path.join(folder, "stream_index.jsonl")
         start = time.perf_counter()
-        count = sum(len(b["input_ids"]) for b in StreamingTokenBlocks(source, tokenizer, "text", 0, tokens // block, block, index_file=index))
+        count = sum(len(b["input_ids"]) for b in StreamingTokenBlocks(source, tokenizer, "text", 0, tokens // block, block,
+                                                                            batch_size=batch_size, index_file=index))
         result["streamed_tokens_per_s"] = count / (time.perf_counter() - start)
-        for name, position in (("step_10", 10 * block), ("step_1000", 1000 * block)):
+        for name, position in (("step_10", 10 * block), ("step_1000", 1000 * block), ("step_1350", 1350 * block)):
             for label, index_file in (("index", index), ("no_index", None)):
                 start = time.perf_counter()
-                next(iter(StreamingTokenBlocks(source, tokenizer, "text", position, 1, block, index_file=index_file)))
+                next(iter(StreamingTokenBlocks(source, tokenizer, "text", position, 1, block, batch_size=batch_size,
+                                               index_file=index_file)))
                 result[f"first_block_s_{name}_{label}"] = time.perf_counter() - start
     return result
 
@@ -110,6 +123,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_documents", type=int, default=None, help="only the first N documents (quick runs)")
     parser.add_argument("--processes", default="1,2")
     parser.add_argument("--stream_block", type=int, default=2048, help="block length of the streamed-loader figures")
+    parser.add_argument("--stream_batch_size", type=int, default=64, help="documents per tokenizer call when streaming")
+    parser.add_argument("--only_streaming", action="store_true", help="only the streamed-loader figures")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -134,7 +149,7 @@ def main(argv=None) -> dict:
             with lzma.open(halves[-1], "wt", encoding="utf-8", preset=1) as handle:
                 handle.writelines(lines[len(lines) * i // 2 : len(lines) * (i + 1) // 2])
         expected = None
-        for processes in [int(p) for p in args.processes.split(",")]:
+        for processes in [] if args.only_streaming else [int(p) for p in args.processes.split(",")]:
             cases = {
                 "bare tokenizer (encode_batch, texts in memory)": lambda: bare(texts, args.tokenizer_name, processes),
                 "ours: one .jsonl.xz file": lambda: ours([compressed], tokenizer, processes, os.path.join(work, f"c{processes}")),
@@ -143,7 +158,9 @@ def main(argv=None) -> dict:
                 "datasets.map (load_dataset json + map)": lambda: with_datasets_map(plain, tokenizer, processes, os.path.join(work, f"hf{processes}")),
             }
             for name, run in cases.items():
+                cpu_start = cpu_seconds()
                 seconds, tokens = run()
+                cpu = cpu_seconds() - cpu_start
                 if name.startswith("bare"):
                     tokens += len(texts)  # + the EOS per document that the others count
                 if name.startswith("datasets"):
@@ -151,11 +168,12 @@ def main(argv=None) -> dict:
                 expected = expected or tokens
                 assert tokens == expected, (name, tokens, expected)
                 rows.append({"method": name, "processes": processes, "seconds": round(seconds, 2),
-                             "tokens_per_s": round(tokens / seconds)})
-                print(f"{name:50s} {processes} proc {seconds:7.2f} s {tokens / seconds / 1e6:6.3f}M tokens/s", flush=True)
-        results["tokens"] = expected
+                             "tokens_per_s": round(tokens / seconds), "cpu_seconds": round(cpu, 2),
+                             "tokens_per_cpu_s": round(tokens / cpu)})
+                print(f"{name:50s} {processes} proc {seconds:7.2f} s {tokens / seconds / 1e6:6.3f}M tokens/s "
+                      f"{tokens / cpu / 1e6:6.3f}M tokens/CPU-s", flush=True)
         results["rows"] = rows
-        results.update(streamed(plain, tokenizer, min(expected, 2_000_000), args.stream_block))
+        results.update(streamed(plain, tokenizer, 2_800_000, args.stream_block, args.stream_batch_size))
     for key, value in results.items():
         if key.startswith(("first_block", "streamed")):
             print(f"{key:40s} {value:,.3f}")

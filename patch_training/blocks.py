@@ -42,7 +42,7 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-MARK_TOKENS = 1 << 20  # a position mark inside a part every ~1M tokens (see StreamingTokenBlocks._chunks)
+MARK_TOKENS = 1 << 18  # a position mark inside a part every ~262k tokens (~1M index lines for 280B tokens) (see StreamingTokenBlocks._chunks)
 
 
 def _counted(documents, read: list[int]) -> Iterator:

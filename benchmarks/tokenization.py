@@ -107,6 +107,22 @@ def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int) -> 
         count = sum(len(b["input_ids"]) for b in StreamingTokenBlocks(source, tokenizer, "text", 0, tokens // block, block,
                                                                             batch_size=batch_size, index_file=index))
         result["streamed_tokens_per_s"] = count / (time.perf_counter() - start)
+        from patch_training.token_cache import iter_token_batches
+
+        start, seen = time.perf_counter(), 0
+        for batch in iter_token_batches(source.documents(), tokenizer, "text", batch_size):  # tokenising alone
+            seen += sum(map(len, batch))
+            if seen >= count:
+                break
+        result["tokenise_only_tokens_per_s"] = seen / (time.perf_counter() - start)
+        import numpy as np
+
+        chunks = [np.random.default_rng(i).integers(0, 32000, 150_000, dtype=np.uint16) for i in range(20)]
+        blocks = StreamingTokenBlocks(None, None, "text", 0, sum(map(len, chunks)) // block, block)
+        blocks._chunks = lambda: iter(chunks)  # block assembly alone, on tokens already made
+        start = time.perf_counter()
+        assembled = sum(len(b["input_ids"]) for b in blocks)
+        result["assembly_only_tokens_per_s"] = assembled / (time.perf_counter() - start)
         for name, position in (("step_10", 10 * block), ("step_1000", 1000 * block), ("step_1350", 1350 * block)):
             for label, index_file in (("index", index), ("no_index", None)):
                 start = time.perf_counter()
@@ -175,7 +191,7 @@ def main(argv=None) -> dict:
         results["rows"] = rows
         results.update(streamed(plain, tokenizer, 2_800_000, args.stream_block, args.stream_batch_size))
     for key, value in results.items():
-        if key.startswith(("first_block", "streamed")):
+        if key.startswith(("first_block", "streamed", "tokenise_only", "assembly")):
             print(f"{key:40s} {value:,.3f}")
     if args.output_json:
         with open(args.output_json, "w") as handle:

@@ -36,7 +36,9 @@ from patch_training.results import ALL_RESULTS_FILE, add_job_totals, report, sta
 from patch_training.resume import (
     PATCH_STAGE_DIR,
     STAGE_COMPLETE_FILE,
+    STREAM_INDEX_FILE,
     batch_identity,
+    data_files_identity,
     check_same_run,
     file_in_the_way,
     prepare_output_dir,
@@ -131,14 +133,15 @@ class DataArguments:
     train_file: str | None = field(
         default=None,
         metadata={
-            "help": "Training text: .txt (a document per line), .jsonl/.json (a JSON object per line, or one JSON list) "
-            "files, optionally .gz/.xz/.bz2 compressed, comma-separated "
-            "(or a JSON list in a config file)."
+            "help": "Training data: .txt (a document per line), .jsonl/.json (a JSON object per line, or one JSON "
+            "list), optionally .gz/.xz/.bz2/.zst compressed; .parquet; .arrow; a datasets.save_to_disk folder; a "
+            "folder of such files; a glob pattern such as 'data/*.jsonl.zst' (expanded in sorted order). Several, "
+            "comma-separated (or a JSON list in a config file), formats may mix."
         },
     )
     validation_file: str | None = field(
         default=None,
-        metadata={"help": "Validation text for token-level perplexity (e.g. data/wikitext-103-test.jsonl)."},
+        metadata={"help": "Validation data for token-level perplexity (e.g. data/wikitext-103-test.jsonl); the same formats as --train_file."},
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset name, instead of --train_file."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
@@ -152,20 +155,27 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Read and tokenise the training data on the fly (corpora that do not fit on disk). Needs "
-            "--max_steps, which then fixes the token budget that λ splits."
+            "--max_steps, which then fixes the token budget that λ splits. The tokens of each part of the data are "
+            "recorded in <output_dir>/stream_index.jsonl, so the token stage and a resume start at their stream "
+            "position without re-reading what came before."
         },
     )
     data_cache_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where tokenised data is cached (one folder per data set and tokenizer). Default: "
-            "$HF_HOME/patch_level_tokens or ~/.cache/huggingface/patch_level_tokens."
+            "help": "Where tokenised data is cached (one folder per data set, tokenizer and text column). Default: "
+            "$HF_HOME/patch_level_tokens or ~/.cache/huggingface/patch_level_tokens. On a filesystem shared by "
+            "several nodes, one process tokenises (a file lock) and the others wait, then read."
         },
     )
     tokenize_batch_size: int = field(default=1000, metadata={"help": "Documents per tokenizer call."})
     preprocessing_num_workers: int = field(
         default=1,
-        metadata={"help": "Processes that tokenise several training files in parallel, one file each (same cache)."},
+        metadata={
+            "help": "Processes that tokenise the training data in parallel: files, and parts of one large file "
+            "(Parquet row groups, Arrow record batches, byte ranges of an uncompressed .jsonl/.txt) or hub shards. "
+            "The cache is byte-identical to one process's."
+        },
     )
     max_eval_blocks: int | None = field(
         default=None, metadata={"help": "Evaluate on at most this many validation blocks (quick runs)."}
@@ -374,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(logging.WARNING)
     output_dir = check_output_dir(data_args, training_args)
     # Also checks the patch stage's batch settings (stage_batch_settings raises) before any data is read.
-    identity = run_identity((model_args, data_args, patch_args, training_args), batch_identity(patch_args, training_args))
+    identity = run_identity((model_args, data_args, patch_args, training_args),
+                            {**batch_identity(patch_args, training_args), **data_files_identity(data_args)})
 
     # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE
@@ -415,8 +426,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def train_dataset(plan):
         if data_args.streaming:
-            return StreamingTokenBlocks(train_source.documents, tokenizer, train_source.text_column, plan.start_token,
-                                        plan.num_blocks, plan.block_len, batch_size=data_args.tokenize_batch_size)
+            return StreamingTokenBlocks(train_source, tokenizer, train_source.text_column, plan.start_token,
+                                        plan.num_blocks, plan.block_len, batch_size=data_args.tokenize_batch_size,
+                                        index_file=os.path.join(output_dir, STREAM_INDEX_FILE),
+                                        write_index=training_args.should_save)
         return TokenBlocks(stream, plan.start_token, plan.num_blocks, plan.block_len)
 
     eval_datasets = (None, None)

@@ -2,8 +2,8 @@
 
 Each module has one reason to change; none imports `run_clm.py`, so a script of your own can use any of them:
 
-- `readers`: files (and hub datasets) -> documents (`DataSource`);
-- `token_cache`: documents -> the on-disk token cache, tokenised once;
+- `readers`: files of every format, folders, patterns (and hub datasets) -> documents, read whole or in parts (`DataSource`);
+- `token_cache`: documents -> the on-disk token cache, tokenised once (in parallel, once across nodes);
 - `blocks`: token stream -> training and validation blocks of T or K*T tokens;
 - `stages`: the λ split of the token budget (`plan_stages`) and each stage's batch and TrainingArguments;
 - `resume`: the output folder, the run identity, and which checkpoint a re-run resumes from;

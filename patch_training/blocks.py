@@ -3,13 +3,15 @@ the token cache or from documents tokenised on the fly (`--streaming`)."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from .cli import UsageError
-from .token_cache import iter_document_tokens
 
 
 class TokenBlocks(torch.utils.data.Dataset):
@@ -40,44 +42,168 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+MARK_TOKENS = 1 << 18  # a position mark inside a part every ~262k tokens (~1M index lines for 280B tokens) (see StreamingTokenBlocks._chunks)
+
+
+def _counted(documents, read: list[int]) -> Iterator:
+    """`documents`, counting in read[0] how many were taken (from its starting value)."""
+    for document in documents:
+        read[0] += 1
+        yield document
+
+
 class StreamingTokenBlocks(torch.utils.data.IterableDataset):
-    """Blocks of `block_len` tokens from documents tokenised on the fly: `make_documents()` gives an iterable of
-    documents (dicts holding `text_column`; e.g. `DataSource.documents`), tokenised `batch_size` per call. Skips the first `skip_tokens` of
-    the stream, then yields `num_blocks` blocks, re-reading the data if it runs out (next epoch).
+    """Blocks of `block_len` tokens from documents tokenised on the fly: stream tokens `skip_tokens` ...
+    `skip_tokens + num_blocks * block_len - 1`, the data re-read as often as needed (epoch after epoch).
+
+    `source`: a `DataSource` (read part by part: files, Parquet row groups, Arrow batches, byte ranges of an
+    uncompressed JSON-lines file; see `readers.file_parts`), or a function giving an iterable of documents
+    (dicts holding `text_column`), read whole. Documents are tokenised `batch_size` per call by the rule of the
+    token cache (`token_cache.iter_token_batches`) and blocks are cut with numpy slices.
+
+    Starting at stream token N costs time independent of N: the tokens of each part (the same every epoch)
+    (and a mark every ~MARK_TOKENS inside it) are recorded in `index_file` (JSON lines, keyed by the data and
+    tokenizer) as the stream first passes them, so a later stage or a resume opens the part holding token N
+    and tokenises only from the mark before N (at most ~MARK_TOKENS tokens). Where the
+    index does not yet reach N (a first run, or a `source` that is a function) the stream is read from the
+    start. `write_index`: whether this process writes the index (the process that saves checkpoints).
 
     One stream: read by at most one data-loader worker (several would each yield every block; `main`
     refuses that, and `__iter__` raises if it happens anyway)."""
 
     def __init__(
-        self, make_documents, tokenizer, text_column: str, skip_tokens: int, num_blocks: int, block_len: int,
-        batch_size: int = 1000,
+        self, source, tokenizer, text_column: str, skip_tokens: int, num_blocks: int, block_len: int,
+        batch_size: int = 1000, index_file: str | None = None, write_index: bool = True,
     ):
-        self.make_documents, self.tokenizer, self.text_column = make_documents, tokenizer, text_column
-        self.batch_size = batch_size
+        self.source, self.tokenizer, self.text_column = source, tokenizer, text_column
+        self.batch_size, self.index_file, self.write_index = batch_size, index_file, write_index
         self.skip_tokens, self.num_blocks, self.block_len = skip_tokens, num_blocks, block_len
 
     def __len__(self) -> int:
         return self.num_blocks
 
-    def _stream(self) -> Iterator[int]:
+    def _parts(self) -> tuple[list, str]:
+        """(the parts read in order, a key naming the data, the parts and the tokenizer)."""
+        from .readers import DataSource
+        from .token_cache import cache_key
+
+        if isinstance(self.source, DataSource):
+            parts = self.source.parts()
+            key = f"{cache_key(self.source.names, self.tokenizer, self.text_column)}|{len(parts)}"
+            return parts, key
+        return [None], ""
+
+    def _documents(self, part):
+        return self.source.part_documents(part) if part is not None else self.source()
+
+    def _load_index(self, key: str) -> tuple[list[int], dict[int, list[list[int]]]]:
+        """(tokens of each part read whole so far, {part: sorted [documents, tokens] marks}) from the index file,
+        an append-only JSON-lines file whose first line names the data and tokenizer; empty if it is another's."""
+        known: dict[int, int] = {}
+        marks: dict[int, set] = {}
+        if self.index_file and key and os.path.isfile(self.index_file):
+            try:
+                with open(self.index_file, encoding="utf-8") as handle:
+                    lines = [json.loads(line) for line in handle if line.strip()]
+            except (OSError, ValueError):  # a line cut by a crash: start a new index
+                lines = []
+            if lines and lines[0].get("key") == key:
+                for entry in lines[1:]:
+                    if "part_tokens" in entry:
+                        known[entry["part"]] = entry["part_tokens"]
+                    else:
+                        marks.setdefault(entry["part"], set()).add((entry["documents"], entry["tokens"]))
+                self._index_key = key
+        prefix = []
+        while len(prefix) in known:  # the parts read whole, from the first on
+            prefix.append(known[len(prefix)])
+        return prefix, {part: sorted(map(list, found), key=lambda m: m[1]) for part, found in marks.items()}
+
+    def _record(self, key: str, entry: dict) -> None:
+        """Append `entry` to the index file (started with the key line when it holds another data's index)."""
+        if not (self.index_file and key and self.write_index):
+            return
+        if getattr(self, "_index_key", None) != key:
+            with open(self.index_file, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps({"key": key}) + "\n")
+            self._index_key = key
+        with open(self.index_file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        """The token stream from `skip_tokens` on, as numpy arrays (one per tokenizer call).
+
+        The index records, per part, its tokens once read whole and a mark [documents, tokens] every ~MARK_TOKENS
+        inside it: a start inside a part skips, untokenised, its documents before the last mark at or before the
+        start (a compressed file is one part: those documents are still decompressed and parsed)."""
+        from .token_cache import eos_rule, iter_token_batches, token_dtype
+
+        parts, key = self._parts()
+        known, marks = self._load_index(key)
+        rule, dtype = eos_rule(self.tokenizer), token_dtype(len(self.tokenizer))
+        skip, part_index = self.skip_tokens, 0
+        epoch_tokens = sum(known) if len(known) == len(parts) else None
+        if epoch_tokens == 0:
+            raise UsageError("the streamed training data holds no text")
+        if epoch_tokens:
+            skip %= epoch_tokens
+        while part_index < len(known) and skip >= known[part_index]:  # jump over whole parts already counted
+            skip -= known[part_index]
+            part_index += 1
         while True:
-            produced = False
-            for ids in iter_document_tokens(self.make_documents(), self.tokenizer, self.text_column, self.batch_size):
-                produced = True
-                yield from ids
-            if not produced:
-                raise UsageError("the streamed training data holds no text")
+            if part_index == len(parts):
+                if sum(known) == 0:
+                    raise UsageError("the streamed training data holds no text")
+                part_index = 0
+            recording = part_index == len(known)  # this part's tokens are not known yet
+            part_marks = marks.get(part_index, [])
+            skip_documents = produced = 0
+            for documents, tokens in part_marks:  # the last mark at or before the start
+                if tokens <= skip:
+                    skip_documents, produced = documents, tokens
+            skip -= produced
+            next_mark = (part_marks[-1][1] if part_marks else 0) + MARK_TOKENS
+            read = [0]
+            documents = itertools.islice(_counted(self._documents(parts[part_index]), read), skip_documents, None)
+            for batch in iter_token_batches(documents, self.tokenizer, self.text_column, self.batch_size, rule):
+                chunk = np.array(list(itertools.chain.from_iterable(batch)), dtype=dtype)
+                produced += len(chunk)
+                if recording and produced >= next_mark:
+                    self._record(key, {"part": part_index, "documents": read[0], "tokens": produced})
+                    marks.setdefault(part_index, []).append([read[0], produced])
+                    next_mark = produced + MARK_TOKENS
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                yield chunk[skip:]
+                skip = 0
+            if recording:
+                known.append(produced)
+                self._record(key, {"part": part_index, "part_tokens": produced})
+            part_index += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
         if worker is not None and worker.num_workers > 1:
             raise UsageError(f"streamed blocks read by {worker.num_workers} data-loader workers would repeat: use at most 1")
-        stream = self._stream()
-        for _ in range(self.skip_tokens):
-            next(stream)
-        for _ in range(self.num_blocks):
-            ids = torch.tensor([next(stream) for _ in range(self.block_len)], dtype=torch.long)
-            yield {"input_ids": ids, "labels": ids.clone()}
+        pending: list[np.ndarray] = []
+        held = 0
+        blocks = 0
+        for chunk in self._chunks():
+            pending.append(chunk)
+            held += len(chunk)
+            if held < self.block_len:
+                continue
+            flat = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            whole = min(len(flat) // self.block_len, self.num_blocks - blocks)
+            for b in range(whole):
+                ids = torch.from_numpy(flat[b * self.block_len : (b + 1) * self.block_len].astype(np.int64))
+                yield {"input_ids": ids, "labels": ids.clone()}
+            blocks += whole
+            if blocks == self.num_blocks:
+                return
+            rest = flat[whole * self.block_len :]
+            pending, held = [rest], len(rest)
 
 
 def validation_blocks(stream: np.ndarray, block_size: int, patch_size: int, max_blocks: int | None = None):

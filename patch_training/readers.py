@@ -1,8 +1,21 @@
 """Files (and hub datasets) -> documents: the formats the training and validation data come in, read lazily,
-with one-line errors that name the file and the record."""
+with one-line errors that name the file and the record.
+
+Accepted: `.txt` (a document per line), `.jsonl`/`.json` (a JSON object per line, or one JSON list), each
+optionally compressed (`.gz`, `.xz`, `.bz2`, `.zst`); `.parquet` (pyarrow); `.arrow` (Arrow IPC, stream or file
+format: what `datasets` writes); a folder written by `datasets.save_to_disk` (read with `datasets.load_from_disk`);
+a folder of such files; a glob pattern. Folders and patterns expand in sorted order.
+
+A file is read in *parts* (`DataPart`) so that one large file can be tokenised by several processes and a
+stream can restart near a position: Parquet row groups, Arrow record batches, byte ranges of an uncompressed
+JSON-lines or text file aligned to line starts, contiguous shards of a saved dataset. A compressed file is one
+part. Reading the parts of a file in order gives exactly the documents of the whole file.
+"""
 
 from __future__ import annotations
 
+import glob
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -11,14 +24,20 @@ from dataclasses import dataclass
 from .cli import UsageError, first_line
 
 
-SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl")
+SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet", ".arrow")
+COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # what `datasets.save_to_disk` writes next to the data
+PART_BYTES = 64 * 1024 * 1024  # target size of a byte-range part of an uncompressed JSON-lines / text file
+PART_ROWS = 100_000  # target rows of a part of a saved dataset
 
 
-COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2")
+# ---------------------------------------------------------------------------------------------------------
+# File lists: names, folders, patterns -> files
+# ---------------------------------------------------------------------------------------------------------
 
 
 def split_file_list(spec: str) -> list[str]:
-    """'a.jsonl,b.jsonl' or a JSON list '["a.jsonl", "b.jsonl"]' -> list of paths."""
+    """'a.jsonl,b.jsonl' or a JSON list '["a.jsonl", "b.jsonl"]' -> list of entries (paths, folders, patterns)."""
     spec = spec.strip()
     if spec.startswith("["):
         try:
@@ -29,69 +48,414 @@ def split_file_list(spec: str) -> list[str]:
     return [part.strip() for part in spec.split(",") if part.strip()]
 
 
-def file_format(path: str) -> str:
-    """'text' or 'json' from the extension (compression suffixes allowed); UsageError otherwise."""
+def is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `datasets.save_to_disk` (it holds dataset_info.json or state.json,
+    or dataset_dict.json for several splits)."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (*SAVED_DATASET_FILES, "dataset_dict.json")
+    )
+
+
+def has_supported_name(path: str) -> bool:
     name = path.lower()
     for suffix in COMPRESSION_SUFFIXES:
         name = name.removesuffix(suffix)
+    return name.endswith(SUPPORTED_EXTENSIONS)
+
+
+def expand_data_files(spec: str, argument: str) -> list[str]:
+    """The files of `spec`, in order: each entry a file, a saved-dataset folder, a folder (its supported files,
+    recursively, sorted; hidden ones skipped) or a glob pattern (its matches, sorted). Paths keep the form given
+    (relative stays relative). UsageError for an entry naming nothing."""
+    entries = split_file_list(spec)
+    if not entries:
+        raise UsageError(f"--{argument} names no file")
+    files = []
+    for entry in entries:
+        if glob.has_magic(entry):
+            matches = sorted(glob.glob(entry, recursive=True))
+            if not matches:
+                raise UsageError(f"--{argument}: the pattern {entry} matches no file")
+            files.extend(m for m in matches if os.path.isfile(m) or is_saved_dataset(m))
+        elif os.path.isdir(entry) and not is_saved_dataset(entry):
+            found = sorted(
+                os.path.join(root, name)
+                for root, folders, names in os.walk(entry)
+                for name in names
+                if not name.startswith(".") and not any(part.startswith(".") for part in os.path.relpath(root, entry).split(os.sep) if part != ".")
+                and has_supported_name(name)
+            )
+            if not found:
+                raise UsageError(f"--{argument}: the folder {entry} holds no data file ({', '.join(SUPPORTED_EXTENSIONS)})")
+            files.extend(found)
+        else:
+            files.append(entry)
+    return files
+
+
+def file_format(path: str) -> str:
+    """'text', 'json', 'parquet', 'arrow' from the extension (compression suffixes allowed for text and JSON),
+    or 'saved' for a `datasets.save_to_disk` folder; UsageError otherwise."""
+    if is_saved_dataset(path):
+        return "saved"
+    name = path.lower()
+    compressed = False
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name, compressed = name.removesuffix(suffix), True
     if name.endswith(".txt"):
         return "text"
     if name.endswith((".json", ".jsonl")):
         return "json"
+    if name.endswith((".parquet", ".arrow")) and not compressed:
+        return name.rsplit(".", 1)[1]
     raise UsageError(
-        f"unsupported extension for {path}: use one of {', '.join(SUPPORTED_EXTENSIONS)} "
-        f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)})"
+        f"unsupported extension for {path}: use one of {', '.join(SUPPORTED_EXTENSIONS)} (.txt, .json and .jsonl "
+        f"optionally compressed: {', '.join(COMPRESSION_SUFFIXES)}) or a datasets.save_to_disk folder"
     )
 
 
 def check_data_files(spec: str, argument: str) -> tuple[list[str], str]:
-    """Resolve and check a file list: exists, readable, one supported format. Returns (paths, format)."""
-    paths = split_file_list(spec)
-    if not paths:
-        raise UsageError(f"--{argument} names no file")
+    """Resolve and check a file list: each entry exists, is readable and has a supported format. Returns
+    (absolute paths, format): the one format of all files, or 'mixed'."""
+    paths = expand_data_files(spec, argument)
     formats = set()
     for path in paths:
-        if not os.path.isfile(path):
-            raise UsageError(f"--{argument}: file {path} does not exist")
+        if not (os.path.isfile(path) or is_saved_dataset(path)):
+            what = "is a folder with no data file" if os.path.isdir(path) else "does not exist"
+            raise UsageError(f"--{argument}: file {path} {what}")
         if not os.access(path, os.R_OK):
             raise UsageError(f"--{argument}: file {path} is not readable")
         formats.add(file_format(path))
-    if len(formats) > 1:
-        raise UsageError(f"--{argument}: mix of text and JSON files ({', '.join(paths)}); use one format")
-    return [os.path.abspath(p) for p in paths], formats.pop()
+    return [os.path.abspath(p) for p in paths], formats.pop() if len(formats) == 1 else "mixed"
+
+
+def source_fingerprint(path: str) -> str:
+    """What identifies the content of a data file or saved-dataset folder without reading it: path, size and
+    mtime of the file, or of every file in the folder."""
+    if os.path.isdir(path):
+        stats = []
+        for root, _, names in sorted(os.walk(path)):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                stat = os.stat(full)
+                stats.append(f"{os.path.relpath(full, path)}:{stat.st_size}:{stat.st_mtime_ns}")
+        return f"{path}|" + ",".join(stats)
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parts of files
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataPart:
+    """A piece of one data file read on its own: rows/batches/row groups [start, stop) of a Parquet, Arrow or
+    saved dataset, bytes [start, stop) of an uncompressed JSON-lines or text file (the lines that start in that
+    range), or the whole file (start = stop = None). `size`: bytes (or rows), for progress."""
+
+    path: str
+    fmt: str
+    start: int | None = None
+    stop: int | None = None
+    size: int = 0
 
 
 def open_text(path: str):
-    """Open a text file for reading, decompressing .gz/.xz/.bz2 on the fly."""
+    """Open a text file for reading, decompressing .gz/.xz/.bz2/.zst on the fly; a UTF-8 byte-order mark is
+    dropped; lines end at '\\n' only (as in the byte-range reader), a '\\r' before it is the caller's to strip."""
     import bz2
     import gzip
     import lzma
 
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".zst":
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path), 1 << 20), encoding="utf-8-sig", newline="\n")
     openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
-    opener = openers.get(os.path.splitext(path)[1].lower(), open)
-    return opener(path, "rt", encoding="utf-8")
+    opener = openers.get(suffix, open)
+    return opener(path, "rt", encoding="utf-8-sig", newline="\n")
 
 
-def iter_local_documents(paths: list[str], fmt: str, text_column: str) -> Iterator[dict]:
-    """Documents of local files, read lazily in order: a .txt line, or a JSON object of a .jsonl line (a .json
-    file may also hold one JSON list of objects). The text column must exist and hold text (or null: skipped);
-    errors name file and line, including a file that is not UTF-8 or a damaged compressed file."""
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file (one or more frames), raising EOFError for a file cut inside a frame,
+    which `zstandard`'s stream reader lets through as a silently shorter text."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._file, self._zstd = open(path, "rb"), zstandard.ZstdDecompressor()
+        self._frame, self._buffer, self._offset, self._in_frame = self._zstd.decompressobj(), b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            compressed = self._file.read(1 << 20)
+            if not compressed:
+                if self._in_frame:
+                    raise EOFError("Compressed file ended before the end of its last zstd frame")
+                return 0
+            while compressed:
+                self._in_frame = True
+                self._buffer += self._frame.decompress(compressed)
+                compressed = b""
+                if self._frame.eof:
+                    compressed, self._in_frame = self._frame.unused_data, False
+                    self._frame = self._zstd.decompressobj()
+        size = min(len(target), len(self._buffer) - self._offset)
+        target[:size] = self._buffer[self._offset : self._offset + size]
+        self._offset += size
+        if self._offset == len(self._buffer):
+            self._buffer, self._offset = b"", 0
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _is_compressed(path: str) -> bool:
+    return path.lower().endswith(COMPRESSION_SUFFIXES)
+
+
+def _arrow_reader(path: str):
+    """An Arrow IPC reader over a memory map: the file format if the file has its footer, else the stream
+    format (what `datasets` writes). Both give `num_record_batches` lazily via `batches()` below."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path)
+    try:
+        return pa.ipc.open_file(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_stream(source)
+
+
+def _arrow_batches(reader) -> Iterator:
+    if hasattr(reader, "num_record_batches"):
+        for index in range(reader.num_record_batches):
+            yield reader.get_batch(index)
+    else:
+        yield from reader
+
+
+def _load_saved(path: str):
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(path)
+    except Exception as error:  # datasets raises FileNotFoundError, ValueError, its own errors
+        raise UsageError(f"{path} cannot be read as a datasets.save_to_disk folder: {first_line(error)}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise UsageError(f"{path} holds the splits {list(dataset)}: name one of their folders, e.g. {os.path.join(path, next(iter(dataset)))}")
+    return dataset
+
+
+def file_parts(path: str, fmt: str | None = None, target_parts: int = 1) -> list[DataPart]:
+    """The parts of one file, in order: at least `target_parts` where the format can be split (Parquet row
+    groups, Arrow record batches, byte ranges of an uncompressed JSON-lines/text file of at most PART_BYTES,
+    contiguous shards of a saved dataset); a compressed file or a JSON list is one part."""
+    fmt = fmt or file_format(path)
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            metadata = pq.ParquetFile(path).metadata
+            groups = metadata.num_row_groups
+            return [DataPart(path, fmt, g, g + 1, metadata.row_group(g).total_byte_size) for g in range(groups)] or [DataPart(path, fmt, 0, 0)]
+        if fmt == "arrow":
+            reader = _arrow_reader(path)
+            count = reader.num_record_batches if hasattr(reader, "num_record_batches") else sum(1 for _ in reader)
+            size = os.path.getsize(path) // max(count, 1)
+            return [DataPart(path, fmt, b, b + 1, size) for b in range(count)] or [DataPart(path, fmt, 0, 0)]
+        if fmt == "saved":
+            rows = len(_load_saved(path))
+            pieces = max(target_parts, -(-rows // PART_ROWS), 1)
+            bounds = [rows * i // pieces for i in range(pieces + 1)]
+            return [DataPart(path, fmt, a, b, b - a) for a, b in zip(bounds, bounds[1:]) if b > a] or [DataPart(path, fmt, 0, 0)]
+    except UsageError:
+        raise
+    except Exception as error:  # pyarrow's ArrowInvalid / OSError for a damaged or mislabelled file
+        raise UsageError(f"{path} cannot be read as {fmt}: {first_line(error)}") from None
+    size = os.path.getsize(path)
+    if _is_compressed(path) or size == 0 or (fmt == "json" and _first_character(path) == "["):
+        return [DataPart(path, fmt, size=size)]
+    pieces = max(target_parts, -(-size // PART_BYTES))
+    bounds = [size * i // pieces for i in range(pieces + 1)]
+    return [DataPart(path, fmt, a, b, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _first_character(path: str) -> str:
+    """The first character other than white space (and a byte-order mark) of an uncompressed file, as bytes read."""
+    with open(path, "rb") as handle:
+        chunk = handle.read(4096).removeprefix(b"\xef\xbb\xbf")
+        while chunk and not chunk.strip():
+            chunk = handle.read(4096)
+    return chunk.strip()[:1].decode("latin-1")
+
+
+def data_parts(paths: list[str], target_parts: int = 1) -> list[DataPart]:
+    """The parts of all `paths`, in order (each file split into about `target_parts` / len(paths) or more)."""
+    per_file = max(1, -(-target_parts // max(len(paths), 1)))
+    return [part for path in paths for part in file_parts(path, None, per_file)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Documents
+# ---------------------------------------------------------------------------------------------------------
+
+
+def iter_local_documents(paths: list[str], fmt: str | None, text_column: str) -> Iterator[dict]:
+    """Documents of local files, read lazily in order: a .txt line, a JSON object of a .jsonl line (a .json
+    file may also hold one JSON list of objects), a row of a Parquet/Arrow file or saved dataset. `fmt`: the
+    format of every file, or None/'mixed' to tell it from each name. The text column must exist and hold text
+    (or null: skipped); errors name file and line/row."""
+    for path in paths:
+        own = file_format(path) if fmt in (None, "mixed") else fmt
+        yield from iter_part_documents(DataPart(path, own), text_column)
+
+
+def iter_part_documents(part: DataPart, text_column: str) -> Iterator[dict]:
+    """The documents of one part (see `iter_local_documents`), with one-line errors naming file and record."""
     import lzma
 
-    for path in paths:
-        try:
-            yield from _documents_of_file(path, fmt, text_column)
-        except UnicodeDecodeError as error:
-            raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of its text)") from None
-        except (EOFError, lzma.LZMAError, OSError) as error:  # a truncated .gz/.xz/.bz2, or plain text named .gz
-            raise UsageError(f"{path} cannot be read: {first_line(error)} (a damaged or mislabelled compressed file?)") from None
+    path = part.path
+    try:
+        if part.fmt in ("parquet", "arrow", "saved"):
+            yield from _table_documents(part, text_column)
+        elif part.start is not None:
+            yield from _line_range_documents(part, text_column)
+        else:
+            yield from _documents_of_file(path, part.fmt, text_column)
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of its text)") from None
+    except UsageError:
+        raise
+    except (EOFError, lzma.LZMAError, OSError) as error:  # a truncated .gz/.xz/.bz2/.zst, or plain text named .gz
+        raise UsageError(f"{path} cannot be read: {first_line(error)} (a damaged or mislabelled compressed file?)") from None
+    except Exception as error:  # zstandard.ZstdError, pyarrow.ArrowInvalid for a damaged file
+        raise UsageError(f"{path} cannot be read: {first_line(error)} (a damaged file?)") from None
+
+
+def _check_text(path: str, where: str, record, text_column: str) -> dict:
+    if not isinstance(record, dict) or text_column not in record:
+        keys = list(record) if isinstance(record, dict) else type(record).__name__
+        raise UsageError(f"{path}, {where}: no {text_column!r} field (found {keys}); set --text_column_name")
+    if record[text_column] is not None and not isinstance(record[text_column], str):
+        raise UsageError(f"{path}, {where}: its {text_column!r} is a {type(record[text_column]).__name__}, not text")
+    return record
+
+
+def _table_documents(part: DataPart, text_column: str) -> Iterator[dict]:
+    """Rows of a Parquet row group, Arrow record batch or saved-dataset range; only the text column is read."""
+    import pyarrow as pa
+
+    path = part.path
+    if part.fmt == "saved":
+        dataset = _load_saved(path)
+        start, stop = (0, len(dataset)) if part.start is None else (part.start, part.stop)
+        _check_column(path, dataset.features.arrow_schema if hasattr(dataset.features, "arrow_schema") else dataset.data.schema, text_column)
+        table = dataset.data.table if part.start is None else dataset.data.table.slice(start, stop - start)
+        batches = ((start, batch) for batch in [table.select([text_column])])
+    elif part.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        handle = pq.ParquetFile(path)
+        _check_column(path, handle.schema_arrow, text_column)
+        groups = range(handle.metadata.num_row_groups) if part.start is None else range(part.start, part.stop)
+        first_rows = [0]
+        for g in range(handle.metadata.num_row_groups):
+            first_rows.append(first_rows[-1] + handle.metadata.row_group(g).num_rows)
+        batches = ((first_rows[g], handle.read_row_group(g, columns=[text_column])) for g in groups)
+    else:
+        reader = _arrow_reader(path)
+        _check_column(path, reader.schema, text_column)
+
+        def arrow_batches():
+            row = 0
+            for index, batch in enumerate(_arrow_batches(reader)):
+                if part.start is None or part.start <= index < part.stop:
+                    yield row, batch.select([text_column])
+                elif part.stop is not None and index >= part.stop:
+                    return
+                row += batch.num_rows
+
+        batches = arrow_batches()
+    for first_row, batch in batches:
+        column = batch.column(0)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        for offset, text in enumerate(column.to_pylist()):
+            if text is not None and not isinstance(text, str):
+                raise UsageError(f"{path}, row {first_row + offset + 1}: its {text_column!r} is a {type(text).__name__}, not text")
+            yield {text_column: text}
+
+
+def _check_column(path: str, schema, text_column: str) -> None:
+    """UsageError unless `schema` has a string column `text_column` (named with the columns found)."""
+    import pyarrow as pa
+
+    if text_column not in schema.names:
+        raise UsageError(f"{path}: no {text_column!r} column (found {schema.names}); set --text_column_name")
+    kind = schema.field(text_column).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind) or pa.types.is_null(kind)):
+        raise UsageError(f"{path}: its {text_column!r} column holds {kind}, not text")
+
+
+def _line_range_documents(part: DataPart, text_column: str) -> Iterator[dict]:
+    """Documents of the lines of an uncompressed file that start in bytes [part.start, part.stop)."""
+    path = part.path
+    with open(path, "rb") as handle:
+        position = part.start
+        if position > 0:
+            handle.seek(position - 1)
+            position += len(handle.readline()) - 1  # to the start of the first line beginning at or after start
+        elif handle.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not text
+            handle.seek(0)
+        else:
+            position = 3
+        while position < part.stop:
+            raw = handle.readline()
+            if not raw:
+                break
+            line_start, position = position, position + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {line_start + error.start})") from None
+            line = line.rstrip("\n").removesuffix("\r") if part.fmt == "text" else line
+            if not line.strip():
+                continue
+            if part.fmt == "text":
+                yield {text_column: line}
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{path}, line {_line_number(path, line_start)}: not valid JSON ({error})") from None
+            if not (isinstance(record, dict) and isinstance(record.get(text_column, 0), (str, type(None)))):
+                _check_text(path, f"record {_line_number(path, line_start)}", record, text_column)  # raises
+            yield record
+
+
+def _line_number(path: str, byte_offset: int) -> int:
+    """The 1-based line number of the line starting at `byte_offset` (counted only when an error is reported)."""
+    with open(path, "rb") as handle:
+        return handle.read(byte_offset).count(b"\n") + 1
 
 
 def _documents_of_file(path: str, fmt: str, text_column: str) -> Iterator[dict]:
     with open_text(path) as handle:
         if fmt == "text":
             for line in handle:
-                line = line.rstrip("\n")
+                line = line.rstrip("\n").removesuffix("\r")
                 if line.strip():
                     yield {text_column: line}
             return
@@ -105,19 +469,12 @@ def _documents_of_file(path: str, fmt: str, text_column: str) -> Iterator[dict]:
                 raise UsageError(f"{path}: not a valid JSON list ({error})") from None
             numbered = enumerate(records, start=1)
         else:
-            numbered = _json_lines(first, handle)
+            numbered = _json_lines(path, first, handle)
         for number, record in numbered:
-            if not isinstance(record, dict) or text_column not in record:
-                keys = list(record) if isinstance(record, dict) else type(record).__name__
-                raise UsageError(f"{path}, record {number}: no {text_column!r} field (found {keys}); set --text_column_name")
-            if record[text_column] is not None and not isinstance(record[text_column], str):
-                raise UsageError(
-                    f"{path}, record {number}: its {text_column!r} is a {type(record[text_column]).__name__}, not text"
-                )
-            yield record
+            yield _check_text(path, f"record {number}", record, text_column)
 
 
-def _json_lines(first: str, handle) -> Iterator[tuple[int, dict]]:
+def _json_lines(path: str, first: str, handle) -> Iterator[tuple[int, dict]]:
     """(line number, object) of a JSON-lines file whose first character was already read."""
     for number, line in enumerate(_prepend(first, handle), start=1):
         if not line.strip():
@@ -125,7 +482,7 @@ def _json_lines(first: str, handle) -> Iterator[tuple[int, dict]]:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as error:
-            raise UsageError(f"{handle.name}, line {number}: not valid JSON ({error})") from None
+            raise UsageError(f"{path}, line {number}: not valid JSON ({error})") from None
 
 
 def _prepend(first: str, handle) -> Iterator[str]:
@@ -134,11 +491,16 @@ def _prepend(first: str, handle) -> Iterator[str]:
     yield from handle
 
 
+# ---------------------------------------------------------------------------------------------------------
+# A data set
+# ---------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class DataSource:
-    """Where the documents of a data set come from: local files of one format (`paths`, `fmt`, as
-    `check_data_files` returns them), or a hub dataset read through `datasets` (`dataset_name`, its
-    configuration and split). `text_column` is the field holding each document's text."""
+    """Where the documents of a data set come from: local files (`paths`, `fmt`, as `check_data_files` returns
+    them; `fmt` may be 'mixed'), or a hub dataset read through `datasets` (`dataset_name`, its configuration
+    and split). `text_column` is the field holding each document's text."""
 
     text_column: str = "text"
     paths: tuple[str, ...] | None = None
@@ -149,23 +511,41 @@ class DataSource:
 
     @classmethod
     def from_files(cls, spec: str, argument: str, text_column: str = "text") -> DataSource:
-        """The checked local files of `spec` ('a.jsonl,b.jsonl' or a JSON list), named `--argument` in errors."""
+        """The checked local files of `spec` (paths, folders, glob patterns: 'a.jsonl,b/*.parquet' or a JSON
+        list), named `--argument` in errors."""
         paths, fmt = check_data_files(spec, argument)
         return cls(text_column=text_column, paths=tuple(paths), fmt=fmt)
 
     @property
     def names(self) -> list[str]:
-        """The sources, as the token cache's key names them: absolute paths, or hub:<name>:<config>:<split>."""
+        """The sources: absolute paths, or hub:<name>:<config>:<split>."""
         if self.paths is not None:
             return list(self.paths)
         return [f"hub:{self.dataset_name}:{self.dataset_config_name}:{self.dataset_split}"]
 
-    def documents(self, streaming: bool = True):
-        """An iterable of documents (dicts holding `text_column`): local files read lazily, or the hub dataset
-        (`streaming`: without downloading it whole). UsageError for a dataset that cannot be loaded or lacks
-        the text column."""
+    @property
+    def fingerprints(self) -> list[str]:
+        """What identifies the data's content for the token cache: each file's (or folder's files') path, size
+        and mtime; the hub name for a hub dataset."""
+        return [source_fingerprint(name) for name in self.names]
+
+    def parts(self, target_parts: int = 1) -> list:
+        """The pieces the data is read in, in order (at least `target_parts` where files can be split): `DataPart`s
+        of local files, or ('hub', shard index, number of shards) of a hub dataset."""
         if self.paths is not None:
-            return iter_local_documents(list(self.paths), self.fmt, self.text_column)
+            return data_parts(list(self.paths), target_parts)
+        shards = getattr(self._hub_dataset(streaming=True), "num_shards", 1) or 1
+        return [("hub", index, shards) for index in range(shards)]
+
+    def part_documents(self, part) -> Iterator[dict]:
+        """The documents of one of `parts()`."""
+        if isinstance(part, DataPart):
+            return iter_part_documents(part, self.text_column)
+        _, index, shards = part
+        dataset = self._hub_dataset(streaming=True)
+        return iter(dataset.shard(num_shards=shards, index=index) if shards > 1 else dataset)
+
+    def _hub_dataset(self, streaming: bool):
         import datasets
 
         try:
@@ -178,3 +558,11 @@ class DataSource:
         if self.text_column not in columns:
             raise UsageError(f"--text_column_name {self.text_column!r} is not a column of the data (columns: {columns})")
         return dataset
+
+    def documents(self, streaming: bool = True):
+        """An iterable of documents (dicts holding `text_column`): local files read lazily, or the hub dataset
+        (`streaming`: without downloading it whole). UsageError for a dataset that cannot be loaded or lacks
+        the text column."""
+        if self.paths is not None:
+            return iter_local_documents(list(self.paths), self.fmt, self.text_column)
+        return self._hub_dataset(streaming)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .cli import UsageError, first_line
+from .readers import expand_data_files
 from .results import ALL_RESULTS_FILE
 from .stages import global_batch_size, stage_batch_settings
 
@@ -20,6 +21,7 @@ logger = logging.getLogger("run_clm")
 PATCH_STAGE_DIR = "patch_stage"
 STAGE_COMPLETE_FILE = "stage_complete.json"
 RUN_ARGS_FILE = "run_args.json"
+STREAM_INDEX_FILE = "stream_index.jsonl"  # --streaming: tokens per part of the data (blocks.StreamingTokenBlocks)
 
 
 # Settings that may change between attempts of one run: they change how the run is launched, logged, saved or
@@ -122,6 +124,16 @@ def batch_identity(patch_args, training_args) -> dict:
     }
 
 
+def data_files_identity(data_args) -> dict:
+    """The files that the folders and glob patterns of --train_file and --validation_file expand to, in order
+    (`readers.expand_data_files`): a new shard matched by the same pattern is another run."""
+    def files(spec, argument):
+        return expand_data_files(spec, argument) if spec else None
+
+    return {"train_files": files(data_args.train_file, "train_file"),
+            "validation_files": files(data_args.validation_file, "validation_file")}
+
+
 def same_setting(old, new) -> bool:
     """Whether a recorded setting equals the current one. Records written before the identity was derived from
     the parsed arguments held enums as str(enum) ("SchedulerType.LINEAR" for "linear")."""
@@ -155,7 +167,7 @@ OWN_OUTPUTS = (
     "trainer_state.json", "training_args.bin", "config.json", "generation_config.json",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "chat_template.jinja", "checkpoint-*", "runs", PATCH_STAGE_DIR,
+    "chat_template.jinja", "checkpoint-*", "runs", PATCH_STAGE_DIR, STREAM_INDEX_FILE,
 )
 
 

@@ -1,63 +1,144 @@
 """Documents -> token ids -> the on-disk token cache: one flat binary token stream per data set and tokenizer,
-written once (in parallel over files) and memory-mapped by every rank."""
+written once (in parallel over the parts of the data: files, Parquet row groups, Arrow batches, byte ranges of a
+large JSON-lines file, hub shards), under a lock so that one process on one node writes it, and memory-mapped by
+every rank of every node."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import socket
 import time
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
 
-from .readers import DataSource, iter_local_documents
+from .cli import UsageError
+from .readers import DataSource
 
 logger = logging.getLogger("run_clm")
 
 
 CACHE_FORMAT_VERSION = 1
+# The document -> tokens rule of `document_token_ids` (bump when it changes: every cache is then rebuilt).
+# 2: exactly one EOS per document (none added when the tokenizer appends its own); a tokenizer without EOS refused.
+TOKENIZATION_RULE_VERSION = 2
+LOCK_TIMEOUT_S = -1  # wait for another node's tokenisation as long as it takes
 
 
-def iter_document_tokens(documents, tokenizer, text_column: str, batch_size: int) -> Iterator[list[int]]:
-    """Token ids of each document: the tokenizer's own special tokens (BOS for LLaMA), the text, then EOS."""
+# ---------------------------------------------------------------------------------------------------------
+# The document -> tokens rule
+# ---------------------------------------------------------------------------------------------------------
+
+
+def eos_rule(tokenizer) -> tuple[int, bool]:
+    """(EOS id, whether the tokenizer already ends every encoded text with it). Document boundaries are exactly
+    one EOS: we append it unless the tokenizer does (a post-processor with `$A </s>`, `add_eos_token=True`).
+    UsageError for a tokenizer without an EOS token (nothing would mark where a document ends)."""
     eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UsageError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token, which marks each document's end "
+            "in the token stream: use a tokenizer with one (or set its eos_token)"
+        )
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    appends = bool(with_special) and with_special[-1] == eos and not (without and without[-1] == eos)
+    return eos, appends
+
+
+def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, rule=None) -> Iterator[list[list[int]]]:
+    """Token ids of the documents, `batch_size` documents per tokenizer call: per document the tokenizer's own
+    special tokens (BOS for LLaMA), the text, and one EOS (see `eos_rule`). Empty texts and nulls are skipped."""
+    eos, appends = rule or eos_rule(tokenizer)
     batch: list[str] = []
+    encode_batch = batch_encoder(tokenizer)
 
     def encode(texts):
-        for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
-            yield ids + [eos] if eos is not None else ids
+        ids = encode_batch(texts)
+        return ids if appends else [row + [eos] for row in ids]
 
     for example in documents:
         text = example[text_column]
         if text:
             batch.append(text)
         if len(batch) >= batch_size:
-            yield from encode(batch)
+            yield encode(batch)
             batch = []
     if batch:
-        yield from encode(batch)
+        yield encode(batch)
+
+
+def batch_encoder(tokenizer):
+    """texts -> token ids with the tokenizer's special tokens: `tokenizer(texts)["input_ids"]`, or, for a fast
+    tokenizer with no truncation or padding set in its backend (then the two are the same), the backend's
+    `encode_batch` directly, which skips building attention masks and a BatchEncoding per call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return lambda texts: [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
+    return lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
+def iter_document_tokens(documents, tokenizer, text_column: str, batch_size: int) -> Iterator[list[int]]:
+    """Token ids of each document (see `iter_token_batches`)."""
+    for batch in iter_token_batches(documents, tokenizer, text_column, batch_size):
+        yield from batch
 
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
-def cache_key(sources: list[str], tokenizer, text_column: str) -> str:
-    """A hash of what the token stream depends on: the data (path, size, mtime), the tokenizer, the column."""
+# ---------------------------------------------------------------------------------------------------------
+# The cache key
+# ---------------------------------------------------------------------------------------------------------
+
+# Tokenizer settings that name where it was loaded from, not what it does.
+_LOCATION_KWARGS = {"name_or_path", "tokenizer_file", "vocab_file", "merges_file", "_commit_hash", "cache_dir", "local_files_only", "is_local"}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides what tokens a text becomes: for a fast tokenizer its full serialized
+    state (`backend_tokenizer.to_str()`: normalizer, pre-tokenizer, model, post-processor, added tokens), for a
+    slow one the bytes of every file `save_pretrained` writes; plus the class, the special tokens and the init
+    settings (add_bos_token, add_eos_token, ...), without the paths it was loaded from."""
+    import tempfile
+
     digest = hashlib.sha256()
-    digest.update(f"v{CACHE_FORMAT_VERSION}|{text_column}|".encode())
+    digest.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            for name in sorted(tokenizer.save_pretrained(folder)):
+                if os.path.basename(name) != "tokenizer_config.json":  # holds the load path; settings hashed below
+                    with open(name, "rb") as handle:
+                        digest.update(os.path.basename(name).encode() + handle.read())
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in _LOCATION_KWARGS}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(json.dumps([tokenizer.all_special_tokens, tokenizer.all_special_ids, tokenizer.bos_token_id,
+                              tokenizer.eos_token_id], default=str).encode())
+    return digest.hexdigest()
+
+
+def cache_key(sources: list[str], tokenizer, text_column: str) -> str:
+    """A hash of what the token stream depends on: the data (`sources`: for files their fingerprints, path +
+    size + mtime, see `readers.source_fingerprint`), the tokenizer (`tokenizer_fingerprint`), the text column,
+    and our own document -> tokens rule (`TOKENIZATION_RULE_VERSION`)."""
+    from .readers import source_fingerprint
+
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_FORMAT_VERSION}|rule{TOKENIZATION_RULE_VERSION}|{text_column}|".encode())
     for source in sources:
-        if os.path.isfile(source):
-            stat = os.stat(source)
-            digest.update(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
-        else:
-            digest.update(f"{source}|".encode())
-    vocab = tokenizer.get_vocab()
-    digest.update(json.dumps(sorted(vocab.items())).encode())
-    digest.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{type(tokenizer).__name__}".encode())
+        digest.update(f"{source_fingerprint(source)}|".encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:20]
 
 
@@ -66,39 +147,76 @@ def default_cache_dir() -> str:
     return os.path.join(home, "patch_level_tokens")
 
 
-def write_token_file(documents, tokenizer, text_column: str, batch_size: int, path: str) -> tuple[int, int]:
-    """Append the token ids of `documents` to the flat binary file `path`. Returns (tokens, documents)."""
+# ---------------------------------------------------------------------------------------------------------
+# Writing the cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_token_file(documents, tokenizer, text_column: str, batch_size: int, path: str, mode: str = "wb",
+                     on_batch=None, rule=None) -> tuple[int, int]:
+    """Write (`mode` "ab": append) the token ids of `documents` to the flat binary file `path`.
+    `on_batch(documents, tokens)` is called after each tokenizer call. Returns (tokens, documents)."""
     dtype = token_dtype(len(tokenizer))
     num_tokens = num_documents = 0
-    with open(path, "wb") as out:
-        for ids in iter_document_tokens(documents, tokenizer, text_column, batch_size):
-            out.write(np.asarray(ids, dtype=dtype).tobytes())
-            num_tokens += len(ids)
-            num_documents += 1
+    with open(path, mode) as out:
+        for batch in iter_token_batches(documents, tokenizer, text_column, batch_size, rule):
+            flat = np.array(list(itertools.chain.from_iterable(batch)), dtype=dtype)
+            out.write(flat.tobytes())
+            num_tokens += len(flat)
+            num_documents += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch), len(flat))
     return num_tokens, num_documents
 
 
-def _tokenize_one_file(job: tuple) -> tuple[int, int]:
-    """Worker of the parallel tokenisation: one local file into one part file."""
-    path, fmt, tokenizer, text_column, batch_size, part = job
-    return write_token_file(iter_local_documents([path], fmt, text_column), tokenizer, text_column, batch_size, part)
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, counter) -> None:
+    """Per worker process, once: the tokenizer and the shared (documents, tokens) counter of the progress bar."""
+    _WORKER.update(tokenizer=tokenizer, counter=counter, rule=eos_rule(tokenizer))
+
+
+def _count(counter, documents: int, tokens: int) -> None:
+    with counter.get_lock():
+        counter[0] += documents
+        counter[1] += tokens
+
+
+def _tokenize_part(job: tuple) -> tuple[int, int]:
+    """Worker of the parallel tokenisation: one part of the data into one part file."""
+    source, part, text_column, batch_size, part_file = job
+    tokenizer, counter = _WORKER["tokenizer"], _WORKER["counter"]
+    return write_token_file(source.part_documents(part), tokenizer, text_column, batch_size, part_file,
+                            on_batch=lambda d, t: _count(counter, d, t), rule=_WORKER["rule"])
+
+
+def temporary_name(folder: str) -> str:
+    """A temporary name beside `folder`, unique across hosts sharing the filesystem and processes of one host."""
+    return f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def tokenize_to_cache(
     documents, tokenizer, text_column: str, batch_size: int, folder: str,
     paths: list[str] | None = None, fmt: str | None = None, num_workers: int = 1,
+    source: DataSource | None = None, progress: bool = False,
 ) -> dict:
     """Tokenise every document once into `<folder>/tokens.bin` (flat uint16/uint32 stream) + `meta.json`.
 
-    With several local `paths` and `num_workers` > 1, the files are tokenised in parallel processes, one file
-    each, and their streams concatenated in order: the same bytes as one process. Written to a temporary
-    folder and renamed, so an interrupted run never leaves a half-written cache.
+    The documents are `source`'s, or those of local `paths`, or the iterable `documents`. With `num_workers` > 1
+    the data's parts (files, Parquet row groups, Arrow record batches, byte ranges of an uncompressed JSON-lines
+    or text file, hub shards; see `readers.file_parts`) are tokenised in parallel processes and their streams
+    concatenated in order: the same bytes as one process. `progress`: a tqdm bar (documents, tokens, tokens/s,
+    ETA from the bytes read). Written to a temporary folder (unique across hosts) and renamed, so an interrupted
+    run never leaves a half-written cache; an existing `folder` is kept.
     """
-    tmp_folder = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_folder, ignore_errors=True)
+    eos_rule(tokenizer)  # refuse a tokenizer without EOS before any work
+    if source is None and paths is not None:
+        source = DataSource(text_column=text_column, paths=tuple(paths), fmt=fmt)
+    tmp_folder = temporary_name(folder)
     os.makedirs(tmp_folder)
     try:
-        meta = _tokenize_into(tmp_folder, documents, tokenizer, text_column, batch_size, paths, fmt, num_workers)
+        meta = _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_size, num_workers, progress)
     except BaseException:  # bad data, Ctrl-C: no half-written temporary folder left behind
         shutil.rmtree(tmp_folder, ignore_errors=True)
         raise
@@ -109,33 +227,109 @@ def tokenize_to_cache(
     return meta
 
 
-def _tokenize_into(tmp_folder, documents, tokenizer, text_column, batch_size, paths, fmt, num_workers) -> dict:
+def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_size, num_workers, progress) -> dict:
     """The body of `tokenize_to_cache`: tokens.bin and meta.json in `tmp_folder`; returns the meta."""
     tokens_file = os.path.join(tmp_folder, "tokens.bin")
     start = time.time()
-    if paths is not None and num_workers > 1 and len(paths) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        parts = [os.path.join(tmp_folder, f"part-{i:05d}.bin") for i in range(len(paths))]
-        jobs = [(path, fmt, tokenizer, text_column, batch_size, part) for path, part in zip(paths, parts)]
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(paths))) as pool:
-            counts = list(pool.map(_tokenize_one_file, jobs))
-        with open(tokens_file, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as handle:
-                    shutil.copyfileobj(handle, out, 64 * 1024 * 1024)
-                os.remove(part)
+    parts = None  # one hub stream read by one process, or the given `documents`
+    if source is not None and (source.paths is not None or num_workers > 1):
+        parts = source.parts(num_workers)
+    elif source is not None:
+        documents = source.documents(streaming=True)
+    bar = _progress_bar(parts, progress)
+    if parts is not None and num_workers > 1 and len(parts) > 1:
+        counts = _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_folder, tokens_file,
+                                    min(num_workers, len(parts)), bar)
     else:
-        counts = [write_token_file(documents, tokenizer, text_column, batch_size, tokens_file)]
+        rule = eos_rule(tokenizer)
+        open(tokens_file, "wb").close()
+        counts = []
+        for part in parts if parts is not None else [None]:
+            docs = documents if part is None else source.part_documents(part)
+            counts.append(write_token_file(docs, tokenizer, text_column, batch_size, tokens_file, "ab",
+                                           on_batch=bar.add if bar else None, rule=rule))
+            if bar:
+                bar.part_done(part)
+    if bar:
+        bar.close()
     meta = {
         "num_tokens": sum(c[0] for c in counts),
         "num_documents": sum(c[1] for c in counts),
         "dtype": np.dtype(token_dtype(len(tokenizer))).name,
         "tokenize_seconds": round(time.time() - start, 2),
+        "num_workers": num_workers,
+        "num_parts": len(parts) if parts is not None else 1,
     }
     with open(os.path.join(tmp_folder, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
     return meta
+
+
+def _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_folder, tokens_file, workers, bar):
+    """Each part into its own part file by a pool of `workers` processes, then concatenated in order."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    part_files = [os.path.join(tmp_folder, f"part-{i:06d}.bin") for i in range(len(parts))]
+    counter = multiprocessing.Array("q", 2)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tokenizer, counter)) as pool:
+        futures = {pool.submit(_tokenize_part, (source, part, text_column, batch_size, part_file)): part
+                   for part, part_file in zip(parts, part_files)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()  # a worker's UsageError, raised here
+                if bar:
+                    bar.part_done(futures[future])
+            if bar:
+                bar.set_counts(counter[0], counter[1])
+        counts = [future.result() for future in futures]
+    with open(tokens_file, "wb") as out:
+        for part_file in part_files:
+            with open(part_file, "rb") as handle:
+                shutil.copyfileobj(handle, out, 64 * 1024 * 1024)
+            os.remove(part_file)
+    return counts
+
+
+class _Progress:
+    """One tqdm bar for a whole tokenisation job (not one per worker): bytes of the data read (so an ETA where
+    the size is known) with documents, tokens and tokens/s after it."""
+
+    def __init__(self, total: int | None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenising", mininterval=1.0)
+        self.documents = self.tokens = 0
+        self.start = time.time()
+
+    def add(self, documents: int, tokens: int) -> None:
+        self.set_counts(self.documents + documents, self.tokens + tokens)
+
+    def set_counts(self, documents: int, tokens: int) -> None:
+        self.documents, self.tokens = documents, tokens
+        rate = tokens / max(time.time() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{documents:,} documents, {tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+        self.bar.refresh()
+
+    def part_done(self, part) -> None:
+        self.bar.update(getattr(part, "size", 0) or 0)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_bar(parts, progress: bool) -> _Progress | None:
+    if not progress:
+        return None
+    sizes = [getattr(part, "size", 0) for part in parts or []]
+    return _Progress(sum(sizes) if sizes and all(sizes) else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the cache
+# ---------------------------------------------------------------------------------------------------------
 
 
 def load_token_stream(folder: str) -> np.memmap:
@@ -149,21 +343,31 @@ def load_token_stream(folder: str) -> np.memmap:
 def cached_token_stream(
     source: DataSource, tokenizer, training_args, cache_dir: str | None = None, batch_size: int = 1000, num_workers: int = 1,
 ) -> tuple[np.ndarray, str]:
-    """The token stream of `source`, tokenised once (by the main process: `training_args.main_process_first`)
-    into `<cache_dir>/<cache_key>` and then memory-mapped. Returns (stream of token ids, cache folder).
-    `batch_size`: documents per tokenizer call; `num_workers`: processes, one file each."""
-    sources = source.names
+    """The token stream of `source`, tokenised once into `<cache_dir>/<cache_key>` and then memory-mapped.
+    Returns (stream of token ids, cache folder).
+
+    Once per cache whatever the number of processes and nodes: on each node the local main process goes first
+    (`training_args.main_process_first`), and across nodes sharing the cache folder a file lock
+    (`<cache_dir>/<key>.lock`, the `filelock` package) lets one of them tokenise while the others wait and then
+    read. `batch_size`: documents per tokenizer call; `num_workers`: processes, one part of the data each."""
+    from filelock import FileLock
+
     cache_root = cache_dir or default_cache_dir()
-    folder = os.path.join(cache_root, cache_key(sources, tokenizer, source.text_column))
+    key = cache_key(source.names, tokenizer, source.text_column)
+    folder = os.path.join(cache_root, key)
     with training_args.main_process_first(desc="tokenisation"):
         if not os.path.isdir(folder):
-            logger.info("Tokenising %s into %s", ", ".join(sources), folder)
             os.makedirs(cache_root, exist_ok=True)
-            meta = tokenize_to_cache(
-                source.documents(streaming=True), tokenizer, source.text_column, batch_size, folder,
-                paths=None if source.paths is None else list(source.paths), fmt=source.fmt, num_workers=num_workers,
-            )
-            logger.info("Tokenised %d documents into %d tokens in %.1fs", meta["num_documents"], meta["num_tokens"], meta["tokenize_seconds"])
+            with FileLock(os.path.join(cache_root, f"{key}.lock"), timeout=LOCK_TIMEOUT_S):
+                if not os.path.isdir(folder):  # not written by another node while this one waited
+                    logger.info("Tokenising %s into %s", ", ".join(source.names), folder)
+                    meta = tokenize_to_cache(
+                        None, tokenizer, source.text_column, batch_size, folder, num_workers=num_workers, source=source,
+                        progress=bool(getattr(training_args, "should_log", False)) and logger.isEnabledFor(logging.INFO),
+                    )
+                    logger.info("Tokenised %d documents into %d tokens in %.1fs", meta["num_documents"], meta["num_tokens"], meta["tokenize_seconds"])
+                else:
+                    logger.info("Reading tokenised data from the cache %s (written by another node)", folder)
         else:
             logger.info("Reading tokenised data from the cache %s", folder)
     return load_token_stream(folder), folder

@@ -1,35 +1,32 @@
 #!/usr/bin/env python
-"""Prepare the paper's training data: the Pile as JSONL shards, tokenised once into run_clm.py's cache.
+"""Prepare the paper's training data: the Pile's JSONL shards as the hub ships them, tokenised once into
+run_clm.py's cache.
 
 The Pile itself is no longer distributed; `monology/pile-uncopyrighted` is the Pile without its
-copyrighted subsets (about 25% fewer tokens). Three steps, each skipped when its output exists:
+copyrighted subsets (about 25% fewer tokens). Two steps, each skipped when its output exists:
 
-1. get the 30 training shards `train/NN.jsonl.zst` from the Hugging Face hub (`--shards`), or read local
-   JSONL files instead (`--input_files`, optionally .gz/.xz/.bz2/.zst: works offline);
-2. write `<output_dir>/train-NN.jsonl.gz`, one per input, keeping only the text, with every document longer
-   than `--max_words` words split into pieces of at most that many (as the authors' process.py does, so
-   that no single tokenizer call stalls on a huge document); joining the pieces with spaces gives it back;
-3. tokenise the shards (and `--validation_file`) with run_clm.py's own `cached_token_stream`, into the
+1. get the 30 training shards `train/NN.jsonl.zst` from the Hugging Face hub (`--shards`) into
+   `<output_dir>/train/`, kept as they are: run_clm.py reads .jsonl.zst (and .gz/.xz/.bz2, Parquet, Arrow);
+   or use local files instead (`--input_files`: works offline);
+2. tokenise the shards (and `--validation_file`) with run_clm.py's own `cached_token_stream`, into the
    cache folder that run_clm.py then reads instead of tokenising again: the same files in the same order,
    the same tokenizer and `--data_cache_dir` as the training configs (configs/train/llama-*.json).
 
-    python scripts/prepare_pile.py                                   # hub: all 30 shards into data/pile/
-    python scripts/prepare_pile.py --input_files ../shared/data/corpus/*.jsonl.xz --output_dir data/corpus
+    python scripts/prepare_pile.py                                   # hub: all 30 shards into data/pile/train/
+    python scripts/prepare_pile.py --input_files ../shared/data/corpus/*.jsonl.xz --data_cache_dir data/corpus/tokens
 
 --input_files are relative to the current folder, the other paths to the repository root (as in the
-configs). The hub download needs `huggingface_hub` and `zstandard`.
+configs). The hub download needs `huggingface_hub`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,61 +56,20 @@ def parse_shards(spec: str) -> list[int]:
 
 
 def shard_path(output_dir: str, index: int) -> str:
-    """The prepared shard of input `index`: what the training configs list as train_file."""
-    return os.path.join(output_dir, f"train-{index:02d}.jsonl.gz")
+    """Hub shard `index` as downloaded: what the training configs list as train_file."""
+    return os.path.join(output_dir, "train", f"{index:02d}.jsonl.zst")
 
 
-def open_text(path: str):
-    """A text reader for a plain or compressed file: run_clm.py's reader, plus .zst (the hub's shards)."""
-    if path.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise SystemExit(f"prepare_pile.py: reading {path} needs zstandard: pip install zstandard") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    from patch_training.readers import open_text as open_plain_or_compressed
-
-    return open_plain_or_compressed(path)
-
-
-def split_words(text: str, max_words: int) -> list[str]:
-    """Pieces of at most `max_words` space-separated words; " ".join(pieces) == text."""
-    words = text.split(" ")
-    return [" ".join(words[start : start + max_words]) for start in range(0, len(words), max_words)]
-
-
-def write_shard(source: str, target: str, text_column: str, max_words: int) -> dict:
-    """source JSONL -> target .jsonl.gz of {"text": piece}; written under a temporary name, then renamed."""
-    if os.path.isfile(target):  # done before: keep it (and its mtime, part of the token cache's key)
-        return {"source": source, "target": target, "skipped": True}
-    documents = pieces = 0
-    tmp = f"{target}.tmp-{os.getpid()}"
-    with open_text(source) as reader, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=3) as writer:
-        for line in reader:
-            if not line.strip():
-                continue
-            text = json.loads(line).get(text_column)
-            if not text:
-                continue
-            documents += 1
-            for piece in split_words(text, max_words):
-                writer.write(json.dumps({"text": piece}, ensure_ascii=False) + "\n")
-                pieces += 1
-    os.replace(tmp, target)
-    return {"source": source, "target": target, "documents": documents, "pieces": pieces, "skipped": False}
-
-
-def download_and_write(index: int, raw_dir: str, output_dir: str, max_words: int, keep_raw: bool) -> dict:
+def download(index: int, output_dir: str) -> dict:
+    """Hub shard `index` into `shard_path(output_dir, index)` (kept if there: its mtime is part of the cache key)."""
     target = shard_path(output_dir, index)
+    source = f"{HUB_DATASET}:train/{index:02d}.jsonl.zst"
     if os.path.isfile(target):
-        return {"source": f"{HUB_DATASET}:train/{index:02d}.jsonl.zst", "target": target, "skipped": True}
+        return {"source": source, "target": target, "skipped": True}
     from huggingface_hub import hf_hub_download
 
-    source = hf_hub_download(HUB_DATASET, f"train/{index:02d}.jsonl.zst", repo_type="dataset", local_dir=raw_dir)
-    result = write_shard(source, target, "text", max_words)
-    if not keep_raw:
-        os.remove(source)
-    return result
+    hf_hub_download(HUB_DATASET, f"train/{index:02d}.jsonl.zst", repo_type="dataset", local_dir=output_dir)
+    return {"source": source, "target": target, "skipped": False}
 
 
 def tokenize(shards: list[str], validation_file: str | None, args) -> dict:
@@ -127,7 +83,7 @@ def tokenize(shards: list[str], validation_file: str | None, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
     training_args = TrainingArguments(output_dir=args.output_dir, use_cpu=True, report_to="none")
     cache = dict(cache_dir=args.data_cache_dir, batch_size=args.tokenize_batch_size)
-    train = DataSource.from_files(",".join(shards), "train_file", "text")
+    train = DataSource.from_files(json.dumps(shards), "train_file", args.text_column)
     stream, folder = cached_token_stream(train, tokenizer, training_args, num_workers=max(1, args.num_workers), **cache)
     summary = {"train_tokens": len(stream), "train_cache": folder}
     if validation_file is not None:
@@ -141,24 +97,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--shards", default=f"0-{HUB_SHARDS - 1}", help="hub shards to get, e.g. 0-29 or 0,1 (default: all)")
-    source.add_argument("--input_files", nargs="+", help="local JSONL files to prepare instead of the hub's shards")
-    parser.add_argument("--output_dir", default="data/pile", help="where the prepared shards go (default: data/pile)")
+    source.add_argument("--input_files", nargs="+", help="local data files (any format run_clm.py reads) to tokenise instead of the hub's shards")
+    parser.add_argument("--output_dir", default="data/pile", help="where the hub's shards go, in train/ (default: data/pile)")
     parser.add_argument("--data_cache_dir", default="data/pile/tokens", help="run_clm.py's --data_cache_dir (default: data/pile/tokens)")
     parser.add_argument("--tokenizer_name", default="data/llama2_tokenizer", help="run_clm.py's --tokenizer_name")
     parser.add_argument("--validation_file", default="data/wikitext-103-test.jsonl", help="also cached; 'none' to skip")
-    parser.add_argument("--text_column", default="text", help="the JSON key of the text in --input_files")
-    parser.add_argument("--max_words", type=int, default=10000, help="split longer documents (default: 10000, as the authors)")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="shards prepared (and tokenised) at once")
+    parser.add_argument("--text_column", default="text", help="the column (JSON key) of the text in --input_files: pass the same --text_column_name to run_clm.py")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="shards downloaded, and processes tokenising, at once")
     parser.add_argument("--tokenize_batch_size", type=int, default=1000, help="documents per tokenizer call")
-    parser.add_argument("--keep_raw", action="store_true", help="keep the downloaded .zst shards (in <output_dir>/raw)")
-    parser.add_argument("--no_tokenize", action="store_true", help="only write the shards")
+    parser.add_argument("--no_tokenize", action="store_true", help="only download the shards")
     args = parser.parse_args(argv)
-    for name in ("max_words", "num_workers", "tokenize_batch_size"):
+    for name in ("num_workers", "tokenize_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.input_files:  # relative to where the command runs; everything else to the repository root
         args.input_files = [os.path.abspath(path) for path in args.input_files]
-        missing = [path for path in args.input_files if not os.path.isfile(path)]
+        missing = [path for path in args.input_files if not os.path.exists(path)]
         if missing:
             parser.error(f"--input_files: no such file: {', '.join(missing)}")
     else:
@@ -172,27 +126,18 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--tokenizer_name {args.tokenizer_name}: no such folder (relative paths start at the repository root)")
         if args.validation_file.lower() != "none" and not os.path.isfile(args.validation_file):
             parser.error(f"--validation_file {args.validation_file}: no such file ('none' to skip it)")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # one process tokenises: let it use every core
-    os.makedirs(args.output_dir, exist_ok=True)
+    # One process tokenises: let it use every core; several: one core each (and no fork of a busy tokenizer).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if args.num_workers == 1 else "false")
 
     start = time.time()
-    with ProcessPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
-        if args.input_files:
-            jobs = [
-                pool.submit(write_shard, path, shard_path(args.output_dir, index), args.text_column, args.max_words)
-                for index, path in enumerate(args.input_files)
-            ]
-        else:
-            raw_dir = os.path.join(args.output_dir, "raw")
-            jobs = [
-                pool.submit(download_and_write, index, raw_dir, args.output_dir, args.max_words, args.keep_raw)
-                for index in parse_shards(args.shards)
-            ]
-        results = [job.result() for job in jobs]
-    for result in results:
-        state = "kept" if result["skipped"] else f"{result['documents']} documents -> {result['pieces']} pieces"
-        print(f"[prepare_pile] {result['source']} -> {result['target']}: {state}", flush=True)
-    shards = [result["target"] for result in results]
+    if args.input_files:
+        shards = args.input_files
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
+            results = list(pool.map(lambda index: download(index, args.output_dir), parse_shards(args.shards)))
+        for result in results:
+            print(f"[prepare_pile] {result['source']} -> {result['target']}: {'kept' if result['skipped'] else 'downloaded'}", flush=True)
+        shards = [result["target"] for result in results]
     summary = {"shards": shards, "prepare_seconds": round(time.time() - start, 1)}
 
     if not args.no_tokenize:

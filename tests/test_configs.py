@@ -5,9 +5,7 @@ configs by DeepSpeed's own config class once the Trainer has filled their "auto"
 by `accelerate launch`'s own parsing, shell scripts by `bash -n` and shellcheck. Nothing here trains.
 """
 
-import gzip
 import json
-import lzma
 import os
 import shutil
 import subprocess
@@ -443,13 +441,9 @@ def test_run_paper_runs_the_baseline_then_the_patch_runs_of_a_size():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_split_words_keeps_the_text():
-    text = "a b  c\nd " * 7
-    pieces = prepare_pile.split_words(text, 4)
-    assert " ".join(pieces) == text
-    assert all(len(piece.split(" ")) <= 4 for piece in pieces)
-    assert prepare_pile.split_words("short text", 10000) == ["short text"]
+def test_parse_shards():
     assert prepare_pile.parse_shards("0-2,5") == [0, 1, 2, 5]
+    assert prepare_pile.shard_path("data/pile", 3) == "data/pile/train/03.jsonl.zst", "the hub's own file, as it ships"
 
 
 @pytest.mark.parametrize(
@@ -476,31 +470,29 @@ def test_prepare_refuses_bad_input_before_writing(tmp_path, monkeypatch, capsys,
 
 
 def test_prepare_then_run_clm_reads_the_cache_without_tokenising(tmp_path, monkeypatch):
-    """Offline prepare of two local shards (one xz-compressed), then run_clm.py (the patch run of the tiny
-    config, two steps) finds both token streams in the cache: it never tokenises."""
+    """Offline prepare of two local shards as they are (one .jsonl.zst, as the hub ships the Pile; one .jsonl),
+    then run_clm.py (the patch run of the tiny config, two steps) finds both token streams in the cache: it
+    never tokenises."""
     import run_clm
+    import zstandard
     from patch_training import token_cache
 
     documents = [json.loads(line) for line in (REPO_ROOT / "data" / "sample_train.jsonl").read_text().splitlines()]
-    first, second = tmp_path / "a.jsonl.xz", tmp_path / "b.jsonl"
-    with lzma.open(first, "wt", encoding="utf-8") as handle:
-        handle.writelines(json.dumps({"text": d["text"], "meta": {"source": d["source"]}}) + "\n" for d in documents[:25])
+    first, second = tmp_path / "a.jsonl.zst", tmp_path / "b.jsonl"
+    first.write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d["text"], "meta": {"source": d["source"]}}) + "\n" for d in documents[:25]).encode()))
     second.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in documents[25:]))
-    out, cache = tmp_path / "prepared", tmp_path / "cache"
-    argv = ["--input_files", str(first), str(second), "--output_dir", str(out), "--data_cache_dir", str(cache),
-            "--max_words", "2000", "--num_workers", "2"]
+    cache = tmp_path / "cache"
+    argv = ["--input_files", str(first), str(second), "--output_dir", str(tmp_path / "unused"),
+            "--data_cache_dir", str(cache), "--num_workers", "2"]
     summary = prepare_pile.main(argv)
 
-    assert summary["shards"] == [prepare_pile.shard_path(str(out), 0), prepare_pile.shard_path(str(out), 1)]
-    pieces = [json.loads(line) for shard in summary["shards"] for line in gzip.open(shard, "rt", encoding="utf-8")]
-    assert all(set(piece) == {"text"} for piece in pieces), "only the text is kept"
-    assert max(len(piece["text"].split(" ")) for piece in pieces) <= 2000
-    assert len(pieces) > len(documents), "long documents were split"
-    assert " ".join(piece["text"] for piece in pieces) == " ".join(d["text"] for d in documents)
+    assert summary["shards"] == [str(first), str(second)], "the files are read as they are, not rewritten"
     meta = json.loads((Path(summary["train_cache"]) / "meta.json").read_text())
     assert meta["num_tokens"] == summary["train_tokens"] > 100_000
+    assert meta["num_documents"] == len(documents)
 
-    # Preparing again changes nothing (the shards keep their mtime, part of the cache key).
+    # Preparing again changes nothing and finds the same cache.
     mtimes = [os.stat(shard).st_mtime_ns for shard in summary["shards"]]
     assert prepare_pile.main(argv)["train_cache"] == summary["train_cache"]
     assert [os.stat(shard).st_mtime_ns for shard in summary["shards"]] == mtimes

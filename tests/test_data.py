@@ -110,3 +110,70 @@ def test_parallel_tokenisation_gives_the_same_stream(tmp_path):
     assert sequential["num_documents"] == 12
     assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
     assert not list((tmp_path / "two").glob("part-*"))
+
+
+def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
+    """Starting a streamed stage (or resuming one) at stream token N reads at most one part of the data, whatever
+    N (the part index written by an earlier pass), and yields the blocks of the cache from N; without the index it
+    read everything before N. Also across the end of an epoch, and inside a part via the position marks."""
+    from transformers import AutoTokenizer
+
+    from patch_training import blocks, readers
+
+    monkeypatch.setattr(readers, "PART_BYTES", 20_000)
+    monkeypatch.setattr(blocks, "MARK_TOKENS", 500)
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    source = DataSource.from_files(TRAIN_FILE, "train_file")
+    parts = source.parts()
+    assert len(parts) > 5
+    tokens, _ = cached_token_stream(source, tokenizer, RunTrainingArguments(output_dir=str(tmp_path), report_to="none"),
+                                    cache_dir=str(tmp_path / "cache"))
+    read = []
+    original = DataSource.part_documents
+
+    def counting(self, part):
+        for document in original(self, part):
+            read.append(1)
+            yield document
+
+    monkeypatch.setattr(DataSource, "part_documents", counting)
+    from patch_training import token_cache
+
+    tokenised = []
+    batches = token_cache.iter_token_batches
+
+    def counting_batches(*args, **kwargs):
+        for batch in batches(*args, **kwargs):
+            tokenised.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(token_cache, "iter_token_batches", counting_batches)
+    index = tmp_path / "stream_index.jsonl"
+    block = 64
+
+    def first_block(start, index_file, count=read):
+        read.clear()
+        tokenised.clear()
+        stream = StreamingTokenBlocks(source, tokenizer, "text", start, 1, block, batch_size=4, index_file=index_file)
+        ids = next(iter(stream))["input_ids"].tolist()
+        assert ids == TokenBlocks(tokens, start, 1, block)[0]["input_ids"].tolist(), start
+        return len(read) if count is read else sum(tokenised)
+
+    far = len(tokens) - 3 * block
+    without_index = first_block(far, None)
+    assert without_index > 40, "no index: every document before N is read"
+    list(StreamingTokenBlocks(source, tokenizer, "text", 0, len(tokens) // block + 2, block, batch_size=4, index_file=str(index)))
+    entries = [json.loads(line) for line in index.read_text().splitlines()]
+    assert sorted(e["part"] for e in entries if "part_tokens" in e) == list(range(len(parts)))
+    assert any("documents" in e for e in entries), "marks inside parts"
+    documents_per_part = max(sum(1 for _ in original(source, p)) for p in parts)
+    costs = [first_block(start, str(index)) for start in (10, 5_000, far, len(tokens) + 777, 3 * len(tokens) - 100)]
+    assert max(costs) <= documents_per_part + 2 < without_index, costs
+
+    # A first pass stopped inside a part (an interrupted job) leaves marks that a resume uses: the documents
+    # before the last mark are read but not tokenised.
+    monkeypatch.setattr(readers, "PART_BYTES", 10**9)
+    one_part = tmp_path / "one_part.jsonl"
+    list(StreamingTokenBlocks(source, tokenizer, "text", 0, far // block, block, batch_size=4, index_file=str(one_part)))
+    assert not [line for line in one_part.read_text().splitlines() if "part_tokens" in line]
+    assert first_block(far - block, str(one_part), tokenised) < first_block(far - block, None, tokenised) / 4

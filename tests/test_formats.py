@@ -1,0 +1,199 @@
+"""Data formats (`patch_training.readers`): every format and compression gives the same documents and the same
+tokens; folders and glob patterns expand in sorted order; one large file split into parts (Parquet row groups,
+Arrow record batches, JSON-lines byte ranges, saved-dataset shards) tokenises byte for byte as one process; a
+damaged file of each format is one line naming the file."""
+
+import bz2
+import gzip
+import json
+import lzma
+
+import pytest
+from conftest import TOKENIZER_DIR
+
+from patch_training import readers
+from patch_training.cli import UsageError
+from patch_training.readers import DataSource, check_data_files, file_parts, iter_local_documents, iter_part_documents
+from patch_training.token_cache import tokenize_to_cache
+
+TEXTS = [f"Document {i}: naïve café — “quoted” {'word ' * (i % 7)}日本語 {i * i}" for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def write_all_formats(folder) -> dict:
+    """The documents TEXTS in each format the readers accept: {name: path}."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    jsonl = "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(TEXTS))
+    txt = "".join(t + "\n" for t in TEXTS)
+    files = {}
+
+    def put(name, data: bytes):
+        (folder / name).write_bytes(data)
+        files[name] = str(folder / name)
+
+    put("a.jsonl", jsonl.encode())
+    put("a.json", json.dumps([{"text": t} for t in TEXTS]).encode())
+    put("a.txt", txt.encode())
+    put("crlf_bom.txt", b"\xef\xbb\xbf" + txt.replace("\n", "\r\n").encode())
+    put("bom.jsonl", b"\xef\xbb\xbf" + jsonl.encode())
+    put("a.jsonl.gz", gzip.compress(jsonl.encode()))
+    put("a.jsonl.xz", lzma.compress(jsonl.encode()))
+    put("a.jsonl.bz2", bz2.compress(jsonl.encode()))
+    put("a.jsonl.zst", zstandard.ZstdCompressor().compress(jsonl.encode()))
+    put("a.txt.zst", zstandard.ZstdCompressor().compress(txt.encode()))
+    table = pa.table({"id": list(range(len(TEXTS))), "text": TEXTS})
+    pq.write_table(table, folder / "a.parquet", row_group_size=25)
+    files["a.parquet"] = str(folder / "a.parquet")
+    for name, writer in (("stream.arrow", pa.ipc.new_stream), ("file.arrow", pa.ipc.new_file)):
+        with writer(str(folder / name), table.schema) as out:
+            for batch in table.to_batches(max_chunksize=30):
+                out.write_batch(batch)
+        files[name] = str(folder / name)
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(folder / "saved"), num_shards=2)
+    files["saved"] = str(folder / "saved")
+    return files
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("formats")
+    return write_all_formats(folder)
+
+
+def test_every_format_gives_the_documents_and_the_tokens(formats, tokenizer, tmp_path):
+    """Each format and compression reads back exactly the texts written (null-free, in order), and tokenises
+    into the same token stream; datasets' own readers agree on the Parquet and Arrow files."""
+    import datasets
+
+    streams = {}
+    for name, path in formats.items():
+        paths, fmt = check_data_files(path, "train_file")
+        assert [d["text"] for d in iter_local_documents(paths, fmt, "text")] == TEXTS, name
+        tokenize_to_cache(None, tokenizer, "text", 16, str(tmp_path / name), source=DataSource.from_files(path, "train_file"))
+        streams[name] = (tmp_path / name / "tokens.bin").read_bytes()
+    assert len(set(streams.values())) == 1, {name: len(s) for name, s in streams.items()}
+    for name, kind in (("a.parquet", "parquet"), ("stream.arrow", "arrow")):
+        theirs = datasets.load_dataset(kind, data_files=formats[name], split="train", cache_dir=str(tmp_path / "hf"))
+        assert theirs["text"] == TEXTS
+
+
+def test_folders_patterns_and_mixed_lists(formats, tmp_path):
+    """A folder and a glob pattern expand to their files in sorted order; a list may mix formats; an empty
+    pattern or folder is one line."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for index in (2, 0, 1):
+        (folder / f"{index:02d}.jsonl").write_text(json.dumps({"text": f"shard {index}"}) + "\n")
+    (folder / ".hidden.jsonl").write_text("not read\n")
+    (folder / "README.md").write_text("not data\n")
+    expected = [str(folder / f"{i:02d}.jsonl") for i in range(3)]
+    assert check_data_files(str(folder), "train_file") == (expected, "json")
+    assert check_data_files(str(folder / "*.jsonl"), "train_file") == (expected, "json")
+    paths, fmt = check_data_files(json.dumps([formats["a.parquet"], str(folder / "0[12].jsonl"), formats["saved"]]), "train_file")
+    assert fmt == "mixed" and paths == [formats["a.parquet"], *expected[1:], formats["saved"]]
+    texts = [d["text"] for d in iter_local_documents(paths, fmt, "text")]
+    assert texts == TEXTS + ["shard 1", "shard 2"] + TEXTS
+    with pytest.raises(UsageError, match=r"^--train_file: the pattern .*/nothing-\*\.zst matches no file$"):
+        check_data_files(str(tmp_path / "nothing-*.zst"), "train_file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"the folder .*/empty holds no data file"):
+        check_data_files(str(tmp_path / "empty"), "train_file")
+
+
+def test_byte_ranges_cover_every_line_once(tmp_path):
+    """However an uncompressed file is cut, the parts' documents are the file's: each line read by exactly the
+    part where it starts (multi-byte characters and empty lines included)."""
+    lines = [("é" * (i % 5)) + f"line {i} " + "x" * (i * 37 % 101) for i in range(300)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+    for pieces in (1, 2, 3, 7, 50, 997):
+        parts = file_parts(str(path), "text", pieces)
+        assert len(parts) == min(pieces, path.stat().st_size)
+        assert [d["text"] for part in parts for d in iter_part_documents(part, "text")] == lines, pieces
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.txt", "a.parquet", "stream.arrow", "file.arrow", "saved"])
+def test_one_file_tokenised_in_parallel_gives_the_same_bytes(formats, tokenizer, tmp_path, name, monkeypatch):
+    """One file split into parts (row groups, record batches, byte ranges, dataset shards) and tokenised by 2
+    processes gives byte for byte the stream of 1 process."""
+    monkeypatch.setattr(readers, "PART_ROWS", 40)
+    source = DataSource.from_files(formats[name], "train_file")
+    one = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "one"), source=source)
+    two = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "two"), source=source, num_workers=2)
+    assert two["num_parts"] >= 2 and two["num_documents"] == len(TEXTS)
+    assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
+    assert one["num_tokens"] == two["num_tokens"]
+
+
+def damaged(formats, tmp_path) -> list:
+    """(path, expected message) for a damaged or wrong file of each format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cases = []
+    for name in ("a.jsonl.gz", "a.jsonl.xz", "a.jsonl.bz2", "a.jsonl.zst", "a.parquet", "stream.arrow", "file.arrow"):
+        data = open(formats[name], "rb").read()
+        path = tmp_path / f"cut-{name}"
+        path.write_bytes(data[: len(data) // 2])
+        cases.append((path, "cannot be read"))
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"this is not parquet at all" * 10)
+    cases.append((garbage, "cannot be read"))
+    no_text = tmp_path / "no_text.parquet"
+    pq.write_table(pa.table({"content": ["a"], "id": [1]}), no_text)
+    cases.append((no_text, r"no 'text' column \(found \['content', 'id'\]\); set --text_column_name"))
+    numbers = tmp_path / "numbers.arrow"
+    with pa.ipc.new_stream(str(numbers), pa.schema([("text", pa.int64())])) as out:
+        out.write_batch(pa.record_batch([pa.array([1, 2])], names=["text"]))
+    cases.append((numbers, "its 'text' column holds int64, not text"))
+    saved = tmp_path / "broken_saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{not json")
+    cases.append((saved, "cannot be read as a datasets.save_to_disk folder"))
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"text": "ok"}\n' * 3 + '{"text": 5}\n')
+    cases.append((bad_line, r"bad.jsonl, record 4: its 'text' is a int, not text"))
+    return cases
+
+
+def test_damaged_files_are_one_line_naming_the_file(formats, tokenizer, tmp_path):
+    """A damaged file of each format (cut in half, not that format, a missing or non-text column, a broken
+    saved dataset) is refused with one line naming it, whether read whole or in parallel parts; no cache left."""
+    for path, message in damaged(formats, tmp_path):
+        for workers in (1, 2):
+            with pytest.raises(UsageError, match=message) as error:
+                source = DataSource.from_files(str(path), "train_file")
+                tokenize_to_cache(None, tokenizer, "text", 8, str(tmp_path / "cache" / path.name), source=source, num_workers=workers)
+            assert str(path) in str(error.value) and "\n" not in str(error.value), (path, str(error.value))
+            assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), path
+
+
+def test_run_identity_holds_the_files_a_pattern_expands_to(tmp_path):
+    """run_args.json records the expanded file list: a new shard matched by the same pattern is another run
+    (a resume would otherwise silently train on other data), refused in one line."""
+    import run_clm
+    from conftest import REPO_ROOT
+
+    from patch_training.resume import check_same_run, prepare_output_dir, run_identity
+
+    for index in (1, 0):
+        (tmp_path / f"{index:02d}.jsonl").write_text(json.dumps({"text": f"shard {index}"}) + "\n")
+    argv = ["--config_name", str(REPO_ROOT / "configs/model/llama-tiny.json"), "--train_file", str(tmp_path / "*.jsonl"),
+            "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none"]
+    identity = run_identity(*run_clm.parse_arguments(argv))
+    assert identity["train_files"] == [str(tmp_path / "00.jsonl"), str(tmp_path / "01.jsonl")]
+    prepare_output_dir(str(tmp_path / "run"), identity, overwrite=False, is_main=True)
+    check_same_run(str(tmp_path / "run"), run_identity(*run_clm.parse_arguments(argv)))
+    (tmp_path / "02.jsonl").write_text(json.dumps({"text": "a new shard"}) + "\n")
+    with pytest.raises(UsageError, match=r"holds a different run \(train_files: .*02.jsonl"):
+        check_same_run(str(tmp_path / "run"), run_identity(*run_clm.parse_arguments(argv)))

@@ -1,0 +1,215 @@
+"""The token cache (`patch_training.token_cache`): it holds exactly what the tokenizer makes of each document
+(any change of the tokenizer, the text column or our rule gives a new cache; reloading the same tokenizer does
+not), document boundaries are exactly one EOS whatever the tokenizer does by itself, and two nodes sharing the
+cache folder tokenise once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import DATA_DIR, REPO_ROOT, TOKENIZER_DIR
+
+from patch_training.cli import UsageError
+from patch_training.readers import DataSource
+from patch_training.token_cache import cache_key, cached_token_stream, tokenize_to_cache
+from patch_training.training_args import RunTrainingArguments
+
+TEXTS = ["The first document.", "A second one, a little longer than the first.", "3", "Ünïcödé and </s> as <doc> text"]
+
+
+def llama(**kwargs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), **kwargs)
+
+
+def with_post_processor(template: str):
+    """The LLaMA-2 tokenizer with another post-processor ("$A": no BOS; "<s> $A </s>": BOS and EOS)."""
+    from tokenizers import processors
+
+    tokenizer = llama()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", 1), ("</s>", 2)])
+    return tokenizer
+
+
+def tiny_word_level(eos: str | None):
+    """A WordLevel tokenizer built here (no BOS; an EOS token only if `eos`), like GPT-NeoX/Qwen-style ones."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in TEXTS for w in t.split()})
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token=eos)
+
+
+def variants() -> dict:
+    """Tokenizers with the LLaMA-2 vocabulary that turn (some) texts into other tokens."""
+    from tokenizers import normalizers
+
+    lower = llama()
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    special = llama()
+    special.add_special_tokens({"additional_special_tokens": ["<doc>"]})
+    other_eos = llama()
+    other_eos.eos_token = "<unk>"
+    return {
+        "llama": llama(), "no_bos": with_post_processor("$A"), "bos_eos": with_post_processor("<s> $A </s>"),
+        "add_eos_token": llama(add_eos_token=True), "lowercase": lower, "special_token": special, "other_eos": other_eos,
+    }
+
+
+def write_documents(path, texts=TEXTS):
+    path.write_text("".join(json.dumps({"text": t, "body": t.upper()}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_every_tokenizer_change_gives_a_new_cache_and_reloading_does_not(tmp_path):
+    """The kind of the BOS bug (two tokenizers with one vocabulary but different post-processors shared one cache
+    entry): every change of what tokens a document becomes gives a new key, the text column too; the same
+    tokenizer loaded again, or saved and loaded from another folder, gives the same key."""
+    data = [write_documents(tmp_path / "docs.jsonl")]
+    tokenizers = variants()
+    keys = {name: cache_key(data, tok, "text") for name, tok in tokenizers.items()}
+    assert len(set(keys.values())) == len(keys), keys
+    assert cache_key(data, tokenizers["llama"], "body") != keys["llama"]
+    assert cache_key(data, llama(), "text") == keys["llama"]
+    tokenizers["llama"].save_pretrained(tmp_path / "copy")
+    from transformers import AutoTokenizer
+
+    assert cache_key(data, AutoTokenizer.from_pretrained(str(tmp_path / "copy")), "text") == keys["llama"]
+    # and each variant's tokens really differ from LLaMA's on these texts
+    streams = {name: [tok(t)["input_ids"] for t in TEXTS] for name, tok in tokenizers.items()}
+    assert all(streams[name] != streams["llama"] for name in streams if name not in ("llama", "other_eos"))
+
+
+def test_cached_streams_of_two_post_processors_differ(tmp_path):
+    """Regression (issue 13): the second tokenizer silently read the first one's cache (BOS included)."""
+    source = DataSource.from_files(write_documents(tmp_path / "docs.jsonl"), "train_file")
+    args = RunTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    with_bos, folder_a = cached_token_stream(source, llama(), args, cache_dir=str(tmp_path / "cache"))
+    without, folder_b = cached_token_stream(source, with_post_processor("$A"), args, cache_dir=str(tmp_path / "cache"))
+    assert folder_a != folder_b
+    assert int((with_bos == 1).sum()) == len(TEXTS) and int((without == 1).sum()) == 0
+    assert len(with_bos) - len(without) == len(TEXTS)
+
+
+@pytest.mark.parametrize("style", ["llama", "no_bos", "bos_eos", "add_eos_token", "word_level"])
+def test_one_eos_per_document_whatever_the_tokenizer_does(style, tmp_path):
+    """Document boundaries are exactly one EOS: the tokenizer's own output (with its BOS rule) then EOS, never a
+    second EOS from a tokenizer that appends one itself. Compared with per-document encoding by hand."""
+    tokenizer = tiny_word_level("</s>") if style == "word_level" else variants()[style]
+    eos = tokenizer.eos_token_id
+    expected = []
+    for text in TEXTS:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        expected += ids if ids and ids[-1] == eos and style in ("bos_eos", "add_eos_token") else ids + [eos]
+    tokenize_to_cache(None, tokenizer, "text", 3, str(tmp_path / "c"),
+                      source=DataSource.from_files(write_documents(tmp_path / "d.jsonl"), "train_file"))
+    stream = np.fromfile(tmp_path / "c" / "tokens.bin", dtype=np.uint16).tolist()
+    assert stream == expected
+    plain_eos = sum(tokenizer(t, add_special_tokens=False)["input_ids"].count(eos) for t in TEXTS)
+    assert stream.count(eos) == len(TEXTS) + plain_eos  # "</s>" written in a text is the text's, not a boundary
+    assert stream[-1] == eos and stream[-2] != eos
+
+
+def test_a_tokenizer_without_eos_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="has no EOS token, which marks each document's end"):
+        tokenize_to_cache(None, tiny_word_level(None), "text", 3, str(tmp_path / "c"),
+                          source=DataSource.from_files(write_documents(tmp_path / "d.jsonl"), "train_file"))
+    assert not list(tmp_path.glob("c*"))
+
+
+NODE_SCRIPT = """
+import hashlib, json, os, sys
+sys.path.insert(0, {repo!r})
+from transformers import AutoTokenizer
+from patch_training import token_cache
+from patch_training.readers import DataSource
+from patch_training.training_args import RunTrainingArguments
+
+real = token_cache.tokenize_to_cache
+def counted(*args, **kwargs):
+    with open({counter!r}, "a") as handle:
+        handle.write(os.environ["GROUP_RANK"] + "\\n")
+    return real(*args, **kwargs)
+token_cache.tokenize_to_cache = counted
+args = RunTrainingArguments(output_dir={out!r}, report_to="none", use_cpu=True)
+stream, folder = token_cache.cached_token_stream(
+    DataSource.from_files({data!r}, "train_file"), AutoTokenizer.from_pretrained({tokenizer!r}), args, cache_dir={cache!r})
+print("RESULT", json.dumps([os.environ["GROUP_RANK"], folder, hashlib.sha256(stream.tobytes()).hexdigest()]))
+"""
+
+
+def test_two_nodes_share_one_cache_and_tokenise_once(tmp_path):
+    """Two "nodes" (torchrun --nnodes 2 --nproc_per_node 1 on this machine, equal local ranks) sharing one cache
+    folder: one tokenises, the other waits on the lock and reads the same stream; no temporary folder is left."""
+    from test_multiprocess import free_port
+
+    script = tmp_path / "node.py"
+    script.write_text(NODE_SCRIPT.format(repo=str(REPO_ROOT), counter=str(tmp_path / "count"), out=str(tmp_path / "out"),
+                                         data=str(DATA_DIR / "sample_train.jsonl"), tokenizer=str(TOKENIZER_DIR),
+                                         cache=str(tmp_path / "cache")))
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port, str(script)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
+    results = [json.loads(line.split("RESULT ", 1)[1]) for log in logs for line in log.splitlines() if "RESULT " in line]
+    assert sorted(r[0] for r in results) == ["0", "1"]
+    assert len({(r[1], r[2]) for r in results}) == 1, "both nodes read the same cache folder and stream"
+    assert len((tmp_path / "count").read_text().split()) == 1, "tokenised once"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name) == []
+
+
+def test_backend_encoder_equals_the_tokenizer_call(tmp_path):
+    """The fast path (`backend_tokenizer.encode_batch`) gives `tokenizer(texts)["input_ids"]` for each style, and
+    a tokenizer whose backend truncates goes through `tokenizer()` (which does not truncate unless asked)."""
+    from patch_training.token_cache import batch_encoder
+
+    texts = TEXTS + [open(DATA_DIR / "sample_train.jsonl").readline()]
+    for name, tokenizer in {**variants(), "word_level": tiny_word_level("</s>")}.items():
+        assert batch_encoder(tokenizer)(texts) == tokenizer(texts)["input_ids"], name
+    truncating = llama()
+    truncating.backend_tokenizer.enable_truncation(8)
+    assert batch_encoder(truncating)(texts) == truncating(texts)["input_ids"]
+    assert max(map(len, batch_encoder(truncating)(texts))) > 8
+
+
+def test_a_hub_dataset_is_tokenised_in_parallel_by_shards(tmp_path):
+    """A dataset loaded through `datasets.load_dataset` (here a local folder of 3 JSON-lines shards, offline) is
+    tokenised by 2 processes, one shard each, into the bytes of one process."""
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for shard in range(3):
+        (tmp_path / "hub" / "data" / f"train-{shard}.jsonl").write_text(
+            "".join(json.dumps({"text": f"shard {shard} document {i} " + t}) + "\n" for i, t in enumerate(TEXTS)))
+    source = DataSource(dataset_name=str(tmp_path / "hub"))
+    assert len(source.parts(2)) == 3
+    one = tokenize_to_cache(None, llama(), "text", 2, str(tmp_path / "one"), source=source)
+    two = tokenize_to_cache(None, llama(), "text", 2, str(tmp_path / "two"), source=source, num_workers=2)
+    assert one["num_documents"] == two["num_documents"] == 3 * len(TEXTS) and two["num_parts"] == 3
+    assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_progress_bar_per_job(tmp_path, capsys, workers):
+    """`progress=True` shows one bar for the whole job (not one per worker): bytes with a total (so an ETA),
+    documents, tokens and tokens/s; `progress=False` (another rank, logging off) shows nothing."""
+    paths = [write_documents(tmp_path / f"d{i}.jsonl", TEXTS * 5) for i in range(3)]
+    source = DataSource.from_files(",".join(paths), "train_file")
+    tokenize_to_cache(None, llama(), "text", 4, str(tmp_path / "quiet"), source=source, num_workers=workers)
+    assert capsys.readouterr().err == ""
+    meta = tokenize_to_cache(None, llama(), "text", 4, str(tmp_path / "bar"), source=source, num_workers=workers, progress=True)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenising: 100%" in err and "tokenising" not in err.split("\n")[1], err
+    assert f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens" in err and "tokens/s" in err

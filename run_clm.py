@@ -299,6 +299,14 @@ def input_paths(model_args: ModelArguments, data_args: DataArguments, training_a
     return [p.strip() for p in paths if p and p.strip() and os.path.exists(p.strip())]
 
 
+def job_identity(model_args, data_args, patch_args, training_args) -> dict:
+    """What a re-run must share to resume this job (`resume.run_identity`): every argument but the documented
+    `MAY_CHANGE` ones, the global batch of each stage, and the files the data patterns expand to. UsageError
+    when the patch stage's batch cannot be derived."""
+    derived = {**batch_identity(patch_args, training_args), **data_files_identity(data_args)}
+    return run_identity((model_args, data_args, patch_args, training_args), derived)
+
+
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
@@ -384,8 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(logging.WARNING)
     output_dir = check_output_dir(data_args, training_args)
     # Also checks the patch stage's batch settings (stage_batch_settings raises) before any data is read.
-    identity = run_identity((model_args, data_args, patch_args, training_args),
-                            {**batch_identity(patch_args, training_args), **data_files_identity(data_args)})
+    identity = job_identity(model_args, data_args, patch_args, training_args)
 
     # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE

@@ -16,11 +16,12 @@ README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 
 def produced_run_folders() -> set[str]:
     """The runs/ folders something writes: the training configs' output_dir, the README's own --output_dir
-    flags, and the benchmark suite's RESULTS_DIR default."""
+    flags, the GPU suite's OUT_DIR in the README's commands, and the GPU sweep's report folder."""
     folders = {json.loads(p.read_text())["output_dir"] for p in (REPO_ROOT / "configs" / "train").glob("*.json")}
     folders |= set(re.findall(r"--output_dir (runs/[\w.-]+)", README))
-    suite = (REPO_ROOT / "benchmarks" / "gpu_suite.sh").read_text()
-    folders |= set(re.findall(r"RESULTS_DIR=\$\{RESULTS_DIR:-(runs/[\w.-]+)\}", suite))
+    folders |= set(re.findall(r"gpu_suite\.sh (runs/[\w.-]+)", README))  # its OUT_DIR argument
+    sweep = (REPO_ROOT / "scripts" / "sweep_gpu.sh").read_text()
+    folders |= {f"runs/{name}" for name in re.findall(r"^REPORT=\$\{OUT:-runs\}/([\w.-]+)$", sweep, re.M)}
     return folders
 
 

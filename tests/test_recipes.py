@@ -264,3 +264,26 @@ def test_continue_under_deepspeed_is_refused(workdir, tmp_path):
     with pytest.raises(UsageError, match="--patch_switch continue .* --deepspeed it is not supported"):
         run_clm.main(job_args(workdir, tmp_path / "job", deepspeed=str(config), **CONTINUE))
     assert not (tmp_path / "job").exists()
+
+
+def test_plots_read_the_recipe(continued_job, tmp_path):
+    """scripts/plot_curves.py: the job-step axis runs on across the switch (where the one schedule of a continued
+    job lives), the switch is at the patch stage's steps, the label names the recipe; the figures are written."""
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import plot_curves
+
+    output_dir, results, _ = continued_job
+    curves = plot_curves.main(["--run", f"continue={output_dir}", "--output", str(tmp_path / "c.png"),
+                               "--offsets_output", str(tmp_path / "o.png")])
+    curve = curves[0]
+    assert curve.recipe == "continued schedule" and curve.switch_step == results["patch_stage"]["steps"] == 6
+    assert list(curve.train["job_step"]) == list(range(1, 13))
+    assert curve.total_cost / curve.total_tokens == pytest.approx(results["relative_cost_measured"])
+    assert (tmp_path / "c.png").stat().st_size > 10_000 and (tmp_path / "o.png").stat().st_size > 10_000
+    assert plot_curves.recipe_label({"patch_split_by": "patch_step_fraction", "patch_step_fraction": 0.2,
+                                     "patch_data_fraction": 0.5, "patch_batch_mode": "positions",
+                                     "patch_offset_weights": [1.5, 0.5]}) == "r=0.2 (λ=0.5), positions/step, weighted offsets"

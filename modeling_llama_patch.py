@@ -10,7 +10,8 @@ patch i, predicts every one of the K tokens of patch i+1 with the one LM head (t
 Since all K targets share one distribution, the loss of patch i is  K_i*logsumexp(z_i) - sum_k z_i[t_ik]
 (K_i = its targets that count). `kway_cross_entropy` computes that in row chunks, in float32, and keeps
 only the gradient of the logits (in the logits' dtype) for the backward pass: never the float32 copy plus
-float32 log-softmax that the reference code and stock transformers hold.
+float32 log-softmax that the reference code and stock transformers hold. Optionally the K offsets are weighted
+(`offset_weights`, mean 1: Token Superposition Training's unequal weighting; equal weights are Eq. 3 exactly).
 
 `PatchModelMixin` adds this to any decoder-only transformers causal LM: `patch_model_class(Qwen2ForCausalLM)`
 is `PatchQwen2ForCausalLM(PatchModelMixin, Qwen2ForCausalLM)`, `AutoPatchModelForCausalLM` picks the class from

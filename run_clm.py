@@ -299,8 +299,6 @@ class PatchArguments:
                         f"--{name} sets a schedule of the patch stage's own, but --patch_switch continue runs one "
                         "schedule over both stages (--learning_rate, --warmup_steps): drop one of them"
                     )
-        if isinstance(self.patch_offset_weights, list):  # a JSON config file's list
-            self.patch_offset_weights = json.dumps(self.patch_offset_weights)
         parse_offset_weights(self.patch_offset_weights, self.patch_size)  # UsageError for bad weights
 
     @property

@@ -117,14 +117,17 @@ def recorded(monkeypatch):
     return Recorder.events, shapes
 
 
-def test_positions_mode_by_step_fraction(workdir, tmp_path, recorded):
-    """r = 0.2 with the positions batch mode: λ = 1/2, a budget of 8 token steps (1,024 tokens) gives the patch
-    stage 512 tokens = 4 blocks of 128 = 1 step of 4 sequences, the token stage 16 blocks of 32 = 4 steps.
-    Every training micro-batch holds 4 x 32 = 128 positions in both stages (read from the model's inputs), the
-    patch stage 4 times the tokens; the accounting says so both ways and the measured cost is positions/tokens."""
+def test_the_variant_recipe_by_step_fraction(workdir, tmp_path, recorded):
+    """All of the variant's choices at once. r = 0.2 with the positions batch mode: λ = 1/2, a budget of 8 token
+    steps (1,024 tokens) gives the patch stage 512 tokens = 4 blocks of 128 = 1 step of 4 sequences, the token
+    stage 16 blocks of 32 = 4 steps. Every training micro-batch holds 4 x 32 = 128 positions in both stages (read
+    from the model's inputs), the patch stage 4 times the tokens; the accounting says so both ways and the measured
+    cost is positions/tokens. The power-law weights reach the training loss (patch_loss is the weighted mean of
+    the unweighted offset losses, all offsets counting equally here); the schedule is continued."""
     _, shapes = recorded
     results = run_clm.main(job_args(workdir, tmp_path / "job", patch_data_fraction=None, patch_step_fraction=0.2,
-                                    patch_batch_mode="positions", max_steps=8, save_steps=100))
+                                    patch_batch_mode="positions", patch_switch="continue", patch_offset_weights="power:1",
+                                    max_steps=8, save_steps=100))
     patch, token = results["patch_stage"], results["token_stage"]
     assert (patch["steps"], token["steps"]) == (1, 4) and (patch["tokens"], token["tokens"]) == (512, 512)
     assert results["patch_data_fraction"] == 0.5 and results["patch_step_fraction"] == 0.2
@@ -136,6 +139,22 @@ def test_positions_mode_by_step_fraction(workdir, tmp_path, recorded):
     assert positions == {(4, 128), (1, 128)}, positions  # what the model read: 4 x (4*32) and 4 x 32 tokens
     assert results["relative_cost_measured"] == (512 / 4 + 512) / 1024
     assert results["relative_cost_nominal"] == pytest.approx(0.5 / 4 + 0.5)
+    weights = [4 * k**-1 / sum(j**-1 for j in range(1, 5)) for k in range(1, 5)]
+    assert results["patch_offset_weights"] == pytest.approx(weights) and results["schedule_steps"] == 5
+    (logged,) = [e for e in json.loads((tmp_path / "job" / "patch_stage" / "trainer_state.json").read_text())["log_history"]
+                 if "patch_loss" in e]
+    offsets = [logged[f"offset_{k}_loss"] for k in range(1, 5)]
+    assert logged["patch_loss"] == pytest.approx(sum(w * o for w, o in zip(weights, offsets)) / 4, abs=1e-3)
+    assert logged["patch_loss"] != pytest.approx(sum(offsets) / 4, abs=1e-3)  # not the plain mean
+
+
+def test_offset_weights_as_a_list_in_a_config_file(workdir, tmp_path):
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"config_name": str(workdir / "model_config"), "train_file": "x.jsonl",
+                                  "output_dir": str(tmp_path / "job"), "patch_size": 4, "patch_data_fraction": 0.5,
+                                  "patch_offset_weights": [4, 3, 2, 1]}))
+    _, _, patch_args, _ = run_clm.parse_arguments([str(config)])
+    assert patch_args.offset_weights == pytest.approx((1.6, 1.2, 0.8, 0.4))
 
 
 def naive_cosine_lrs(peak: float, warmup: int, total: int) -> list[float]:

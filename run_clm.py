@@ -512,6 +512,9 @@ def main(argv: list[str] | None = None) -> dict:
         trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover, job_axis,
                                      schedule_steps, carry)
         results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
+        if continued and metrics["steps"] != stage_steps(plan, args):  # the one schedule would not end where planned
+            logger.warning("the %s stage took %d optimizer steps, not the %d its schedule planned",
+                           plan.name, metrics["steps"], stage_steps(plan, args))
         model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
         save_stage_model(trainer, stage_dir)
         trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history

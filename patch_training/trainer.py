@@ -17,6 +17,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from modeling_llama_patch import get_patch_size, loss_target_labels
 
+from .cli import UsageError
 from .resume import last_complete_checkpoint
 
 logger = logging.getLogger("run_clm")
@@ -68,7 +69,10 @@ class PatchTrainer(Trainer):
         if created and self.carry_state_from is not None and not self._resuming:
             missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (Path(self.carry_state_from) / name).is_file()]
             if missing:
-                raise RuntimeError(f"--patch_switch continue: {self.carry_state_from} holds no {' or '.join(missing)} to carry on from")
+                raise UsageError(
+                    f"--patch_switch continue: {self.carry_state_from} holds no {' or '.join(missing)} to carry on from "
+                    "(a patch stage finished with --patch_switch restart?): rerun with the switch it was started with"
+                )
             self._load_optimizer_and_scheduler(str(self.carry_state_from))
             logger.info("Carried the optimizer state and schedule on from %s (schedule step %d of %d)",
                         self.carry_state_from, self.lr_scheduler.last_epoch, self.schedule_steps or num_training_steps)

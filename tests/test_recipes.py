@@ -306,3 +306,17 @@ def test_plots_read_the_recipe(continued_job, tmp_path):
     assert plot_curves.recipe_label({"patch_split_by": "patch_step_fraction", "patch_step_fraction": 0.2,
                                      "patch_data_fraction": 0.5, "patch_batch_mode": "positions",
                                      "patch_offset_weights": [1.5, 0.5]}) == "r=0.2 (λ=0.5), positions/step, weighted offsets"
+
+
+def test_continue_after_a_restart_patch_stage_is_one_line(workdir, tmp_path, monkeypatch):
+    """A patch stage finished with --patch_switch restart saved no optimizer state: re-running it with continue is
+    refused in one line (by the run identity once it compares every argument, else when the state is missing)."""
+    output_dir = tmp_path / "job"
+    interrupt_at(monkeypatch, 1, 0)
+    with pytest.raises(Interrupt):
+        run_clm.main(job_args(workdir, output_dir, lr_scheduler_type="cosine"))
+    monkeypatch.undo()
+    with pytest.raises(UsageError, match="patch_switch") as caught:
+        run_clm.main(job_args(workdir, output_dir, **CONTINUE))
+    assert "\n" not in str(caught.value)
+    assert (output_dir / "patch_stage" / "stage_complete.json").is_file()  # the finished stage is kept

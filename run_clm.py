@@ -12,6 +12,11 @@ parsed by `HfArgumentParser`; a lone `*.json` argument is a config file) that ad
 
 Relative cost λ/K + 1 - λ of a token-level run on the same tokens. λ = 0 is the token-level baseline.
 
+Each of the paper's choices can be changed on its own (README, "Recipes beyond the paper": Token Superposition
+Training's): the split by a fraction r of the optimizer steps (`--patch_step_fraction`), patch steps with the token
+steps' positions rather than tokens (`--patch_batch_mode positions`), the optimizer state and one schedule carried
+across the switch (`--patch_switch continue`), and weighted offsets in the K-way loss (`--patch_offset_weights`).
+
 Works under `python`, `torchrun`, `accelerate launch` and `deepspeed`. Re-running the same command resumes
 an interrupted job; re-running a finished one reports its results and changes nothing.
 

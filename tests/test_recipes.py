@@ -16,10 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from fractions import Fraction
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from test_run_clm import Interrupt, interrupt_at, job_args, max_abs_difference, weights
 from transformers import TrainerCallback
 
@@ -155,6 +157,12 @@ def test_offset_weights_as_a_list_in_a_config_file(workdir, tmp_path):
                                   "patch_offset_weights": [4, 3, 2, 1]}))
     _, _, patch_args, _ = run_clm.parse_arguments([str(config)])
     assert patch_args.offset_weights == pytest.approx((1.6, 1.2, 0.8, 0.4))
+    # The launchers pass a config as flags (scripts/config_args.py): the same weights.
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import config_args
+
+    _, _, from_flags, _ = run_clm.parse_arguments(config_args.run_clm_args([str(config)]))
+    assert from_flags == patch_args
 
 
 def naive_cosine_lrs(peak: float, warmup: int, total: int) -> list[float]:
@@ -288,10 +296,6 @@ def test_continue_under_deepspeed_is_refused(workdir, tmp_path):
 def test_plots_read_the_recipe(continued_job, tmp_path):
     """scripts/plot_curves.py: the job-step axis runs on across the switch (where the one schedule of a continued
     job lives), the switch is at the patch stage's steps, the label names the recipe; the figures are written."""
-    import sys
-
-    from conftest import REPO_ROOT
-
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import plot_curves
 

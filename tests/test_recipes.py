@@ -40,20 +40,21 @@ from patch_training.trainer import PatchTrainer
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("r", [0.1, 0.2, 1 / 3, 0.5, 0.75])
+@pytest.mark.parametrize("r", [0.1, 0.2, 0.25, 0.5, 0.75, 1 / 3])
 @pytest.mark.parametrize("p, q", [(512, 512), (2048, 512), (384, 640), (4096, 1024)])
 def test_step_fraction_converts_exactly(r, p, q):
-    """For any budget N that the stages' steps divide, the λ for r gives patch steps λN/P and token steps
-    (1-λ)N/Q whose ratio is r exactly (rational arithmetic, the steps counted as a naive loop would); and the
-    conversion round-trips."""
-    lam = token_fraction_from_step_fraction(r, p, q)
+    """The reference is built from steps: a job of s_p patch steps and s_t token steps with s_p / (s_p + s_t) = r
+    (r's decimal as a fraction) reads s_p*P and s_t*Q tokens, so its token fraction is s_p*P / (s_p*P + s_t*Q).
+    The conversion gives exactly that λ (rational arithmetic) and converts it back to r; in the paper's batch
+    (P = Q) a step fraction is a token fraction."""
     r_exact = Fraction(repr(r))
-    n = Fraction(p * q) / (lam.denominator * r_exact.denominator) * lam.denominator * 7  # any N works: scale-free
-    patch_steps, token_steps = lam * n / p, (1 - lam) * n / q
-    assert patch_steps / (patch_steps + token_steps) == r_exact
-    assert step_fraction_from_token_fraction(lam, p, q) == r_exact
-    if p == q:  # the paper's batch: a step fraction is a token fraction
-        assert lam == r_exact
+    for scale in (1, 3, 1000):  # the same r at any budget
+        patch_steps, token_steps = r_exact.numerator * scale, (r_exact.denominator - r_exact.numerator) * scale
+        reference = Fraction(patch_steps * p, patch_steps * p + token_steps * q)
+        assert token_fraction_from_step_fraction(r, p, q) == reference
+    assert step_fraction_from_token_fraction(reference, p, q) == r_exact
+    if p == q:
+        assert reference == r_exact
 
 
 def plan_job(workdir, **overrides):

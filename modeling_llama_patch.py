@@ -10,7 +10,8 @@ patch i, predicts every one of the K tokens of patch i+1 with the one LM head (t
 Since all K targets share one distribution, the loss of patch i is  K_i*logsumexp(z_i) - sum_k z_i[t_ik]
 (K_i = its targets that count). `kway_cross_entropy` computes that in row chunks, in float32, and keeps
 only the gradient of the logits (in the logits' dtype) for the backward pass: never the float32 copy plus
-float32 log-softmax that the reference code and stock transformers hold.
+float32 log-softmax that the reference code and stock transformers hold. Optionally the K offsets are weighted
+(`offset_weights`, mean 1: Token Superposition Training's unequal weighting; equal weights are Eq. 3 exactly).
 
 `PatchModelMixin` adds this to any decoder-only transformers causal LM: `patch_model_class(Qwen2ForCausalLM)`
 is `PatchQwen2ForCausalLM(PatchModelMixin, Qwen2ForCausalLM)`, `AutoPatchModelForCausalLM` picks the class from
@@ -29,6 +30,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -59,6 +61,7 @@ __all__ = [
     "count_loss_targets",
     "loss_target_labels",
     "kway_cross_entropy",
+    "normalise_offset_weights",
     "fused_loss_arguments",
     "FUSED_LOSS_ARCHITECTURES",
 ]
@@ -147,20 +150,24 @@ def count_loss_targets(labels: torch.Tensor, patch_size: int = 1) -> torch.Tenso
 
 
 class _KWayCrossEntropy(torch.autograd.Function):
-    """Sum over rows r and offsets k of  -log softmax(z_r)[t_rk]  (t_rk = -100 ignored), chunked over rows.
+    """Sum over rows r and offsets k of  w_k * -log softmax(z_r)[t_rk]  (t_rk = -100 ignored; w_k = 1 without
+    weights), chunked over rows.
 
-    forward returns (total, per_offset): total is the differentiable sum; per_offset (K,) its split over
-    the offsets, for logging. The gradient  d total / d z_r = K_r*softmax(z_r) - sum_k onehot(t_rk)  is
+    forward returns (total, per_offset): total is the differentiable weighted sum; per_offset (K,) the
+    unweighted sum of each offset, for logging. The gradient
+    d total / d z_r = (sum_k w_k [t_rk counts]) softmax(z_r) - sum_k w_k onehot(t_rk)  (K_r softmax - ... unweighted) is
     computed chunk by chunk during forward (float32) and stored in the logits' dtype: the only
     (rows x vocab) tensor kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
-        # logits: (N, V) any float dtype; targets: (N, K) int64
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int, weights: torch.Tensor | None):
+        # logits: (N, V) any float dtype; targets: (N, K) int64; weights: (K,) float32 or None (all 1)
         rows = logits.shape[0]
         valid = targets.ne(IGNORE_INDEX)  # (N, K)
         safe_targets = targets.clamp(min=0)  # (N, K)
+        # w_k * [t_rk counts]: the weight of each target in the sum (N, K), float32
+        target_weight = valid.to(torch.float32) if weights is None else valid * weights
         per_offset = torch.zeros(targets.shape[1], dtype=torch.float32, device=logits.device)  # (K,)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         for start in range(0, rows, chunk_rows):
@@ -172,20 +179,50 @@ class _KWayCrossEntropy(torch.autograd.Function):
             per_offset += ((lse - picked) * chunk_valid).sum(dim=0)
             if grad is not None:
                 probs = z.sub_(lse).exp_()  # (c, V), in place: softmax
-                probs.mul_(chunk_valid.sum(dim=1, keepdim=True))  # K_r * softmax
-                probs.scatter_add_(1, safe_targets[chunk], -chunk_valid.to(torch.float32))
+                chunk_weight = target_weight[chunk]  # (c, K)
+                probs.mul_(chunk_weight.sum(dim=1, keepdim=True))  # (sum_k w_k) * softmax; K_r * softmax unweighted
+                probs.scatter_add_(1, safe_targets[chunk], -chunk_weight)
                 grad[chunk] = probs
         # With no target that counts, the loss is 0/0 = nan (like stock) and grad_total is inf: the
         # gradient must stay zero (as stock's), not 0 * inf = nan, which would poison the optimizer.
         ctx.save_for_backward(grad, valid.any())
         ctx.mark_non_differentiable(per_offset)
-        return per_offset.sum(), per_offset
+        total = per_offset.sum() if weights is None else (per_offset * weights).sum()
+        return total, per_offset
 
     @staticmethod
     def backward(ctx, grad_total, grad_per_offset):
         grad, any_valid = ctx.saved_tensors
         scale = torch.where(any_valid, grad_total, torch.zeros_like(grad_total))
-        return grad * scale.to(grad.dtype), None, None
+        return grad * scale.to(grad.dtype), None, None, None
+
+
+def normalise_offset_weights(values) -> tuple[float, ...] | None:
+    """Per-offset weights of the K-way loss, scaled to mean 1: w_k = K * v_k / sum(v). None when all K values
+    are equal: the paper's plain mean (Eq. 3), computed exactly as without weights.
+
+    `values`: K >= 1 finite, non-negative numbers, not all zero. Raises ValueError otherwise."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("offset weights: need K >= 1 values, got none")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"offset weights must be finite and >= 0, got {values}")
+    total = math.fsum(values)
+    if total == 0:
+        raise ValueError(f"offset weights must not all be 0, got {values}")
+    if all(v == values[0] for v in values):
+        return None
+    return tuple(len(values) * v / total for v in values)
+
+
+def check_offset_weights(offset_weights, num_offsets: int, device) -> torch.Tensor | None:
+    """`offset_weights` (K numbers, or None) as a (K,) float32 tensor on `device`; ValueError if not K of them."""
+    if offset_weights is None:
+        return None
+    weights = torch.as_tensor(offset_weights, dtype=torch.float32, device=device).reshape(-1)
+    if weights.numel() != num_offsets:
+        raise ValueError(f"offset weights: {weights.numel()} given for K={num_offsets} offsets")
+    return weights
 
 
 def kway_cross_entropy(
@@ -193,19 +230,28 @@ def kway_cross_entropy(
     targets: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    offset_weights=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's Eq. 3 for logits (..., V) and targets (..., K) of -100-masked token ids.
+    """The paper's Eq. 3 for logits (..., V) and targets (..., K) of -100-masked token ids, optionally with
+    per-offset weights (Token Superposition Training's weighting of the K targets).
+
+    `offset_weights`: (K,) non-negative weights w_1..w_K used as given (a sequence or tensor), or None (all 1).
+    Scale them to mean 1 (`normalise_offset_weights`) so that equal weights give Eq. 3 exactly.
 
     Returns (loss, per_offset_loss):
-      loss: scalar float32, the sum of -log p over the targets that count divided by `num_items_in_batch`
-        when given (exact gradient accumulation, like transformers' causal-LM loss), else by their number.
-      per_offset_loss: (K,) float32, detached: the mean loss of each offset k = 1..K (nan if none counts).
+      loss: scalar float32, the sum of w_k * -log p over the targets that count divided by
+        `num_items_in_batch` when given (exact gradient accumulation, like transformers' causal-LM loss), else
+        by their number.
+      per_offset_loss: (K,) float32, detached: the unweighted mean loss of each offset k = 1..K (nan if none
+        counts).
+    Raises ValueError if `offset_weights` does not hold K values.
     """
     vocab, num_offsets = logits.shape[-1], targets.shape[-1]
     logits_2d = logits.reshape(-1, vocab)  # (N, V): a view for the contiguous logits of the LM head
     targets_2d = targets.reshape(-1, num_offsets).to(logits.device)  # (N, K)
     chunk_rows = max(1, chunk_elements // vocab)
-    total, per_offset_sum = _KWayCrossEntropy.apply(logits_2d, targets_2d, chunk_rows)
+    weights = check_offset_weights(offset_weights, num_offsets, logits.device)
+    total, per_offset_sum = _KWayCrossEntropy.apply(logits_2d, targets_2d, chunk_rows, weights)
     per_offset_count = targets_2d.ne(IGNORE_INDEX).sum(dim=0)  # (K,)
     if num_items_in_batch is None:
         denominator = per_offset_count.sum()
@@ -368,6 +414,9 @@ class PatchModelMixin:
     # the stock head then `kway_cross_entropy`; "fused" = refuse an architecture it is not exact for;
     # "unfused" = always the stock head. Evaluation (`model.eval()`) and calls without labels return logits.
     loss_implementation: str = "auto"
+    # Per-offset weights of the K-way training loss (K numbers of mean 1, `normalise_offset_weights`), or None:
+    # the paper's plain mean. An attribute, not a config entry: checkpoints stay stock.
+    offset_weights: tuple[float, ...] | None = None
     _forward_signature: inspect.Signature  # its forward's signature, which ours presents
 
     def __init_subclass__(cls, **kwargs):
@@ -460,6 +509,7 @@ class PatchModelMixin:
                 raise ValueError(f"labels must have shape (B, L)=({batch}, {length}), got {tuple(labels.shape)}")
             stock_inputs["labels"] = labels
 
+        weights = self.offset_weights if patch_size > 1 else None  # K = 1 has one offset: nothing to weight
         fused_arguments = self._fused_loss_arguments(labels, stock_inputs)
         if fused_arguments is not None:
             result = self._fused_forward(stock_inputs, labels, patch_size, num_items_in_batch, fused_arguments)
@@ -469,7 +519,7 @@ class PatchModelMixin:
 
         def patch_loss(logits, labels, *args, **kwargs):  # the stock `loss_function(logits, labels, vocab_size, ...)`
             targets = next_patch_targets(labels, patch_size)  # (B, n, K)
-            loss, per_offset = kway_cross_entropy(logits, targets, num_items_in_batch)
+            loss, per_offset = kway_cross_entropy(logits, targets, num_items_in_batch, offset_weights=weights)
             offset_losses.append(per_offset)
             return loss
 
@@ -531,7 +581,7 @@ class PatchModelMixin:
         targets = next_patch_targets(labels, patch_size)  # (B, n, K)
         loss, per_offset = fused_kway_linear_cross_entropy(
             outputs.last_hidden_state, head.weight, targets, head.bias, num_items_in_batch=num_items_in_batch,
-            **fused_arguments,
+            offset_weights=self.offset_weights if patch_size > 1 else None, **fused_arguments,
         )
         return PatchCausalLMOutputWithPast(
             loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions,

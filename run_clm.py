@@ -12,6 +12,11 @@ parsed by `HfArgumentParser`; a lone `*.json` argument is a config file) that ad
 
 Relative cost λ/K + 1 - λ of a token-level run on the same tokens. λ = 0 is the token-level baseline.
 
+Each of the paper's choices can be changed on its own (README, "Recipes beyond the paper": Token Superposition
+Training's): the split by a fraction r of the optimizer steps (`--patch_step_fraction`), patch steps with the token
+steps' positions rather than tokens (`--patch_batch_mode positions`), the optimizer state and one schedule carried
+across the switch (`--patch_switch continue`), and weighted offsets in the K-way loss (`--patch_offset_weights`).
+
 Works under `python`, `torchrun`, `accelerate launch` and `deepspeed`. Re-running the same command resumes
 an interrupted job; re-running a finished one reports its results and changes nothing.
 
@@ -32,7 +37,7 @@ from pathlib import Path
 from patch_training.cli import UsageError, parse_arguments as parse_command_line, refuse_below, run_cli
 from patch_training.liger import check_liger_environment, check_liger_kernel_config
 from patch_training.readers import DataSource
-from patch_training.results import ALL_RESULTS_FILE, add_job_totals, report, stage_results
+from patch_training.results import ALL_RESULTS_FILE, add_job_totals, recipe_results, report, stage_results
 from patch_training.resume import (
     PATCH_STAGE_DIR,
     STAGE_COMPLETE_FILE,
@@ -46,10 +51,14 @@ from patch_training.resume import (
     write_json_atomic,
 )
 from patch_training.stages import (
+    PATCH_BATCH_MODES,
+    PATCH_SWITCHES,
     global_batch_size,
     plan_stages,
     repetition_warning,
+    split_fractions,
     stage_max_steps,
+    stage_steps,
     stage_training_args,
 )
 from patch_training.training_args import RunTrainingArguments, torch_compile_caveat
@@ -228,6 +237,39 @@ class PatchArguments:
         default=None,
         metadata={"help": "Stop the patch stage after this many optimizer steps (default: one pass over its data)."},
     )
+    # Recipes beyond the paper (README, "Recipes beyond the paper"): each choice independently, the paper's by default.
+    patch_step_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "r, the fraction of the job's optimizer steps spent in the patch stage, instead of λ "
+            "(Token Superposition Training's way of setting it). Converted exactly to the token split "
+            "λ = r*P / (r*P + (1-r)*Q), P and Q the patch and token stages' tokens per step; both are reported."
+        },
+    )
+    patch_batch_mode: str = field(
+        default="tokens",
+        metadata={
+            "help": "What a patch-stage step holds equal to a token-stage step: tokens (the paper: K times fewer "
+            "sequences of K*T tokens) or positions (the variant: as many sequences of K*T as the token stage has "
+            "of T, so the same compute and K times the tokens per step)."
+        },
+    )
+    patch_switch: str = field(
+        default="restart",
+        metadata={
+            "help": "At the switch to token level: restart (the paper: weights only, a fresh optimizer and a new "
+            "warmup and schedule) or continue (the variant: AdamW's state and one learning-rate schedule over "
+            "both stages' steps, warmup once)."
+        },
+    )
+    patch_offset_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights of the K targets of the patch loss: power:<alpha> (w_k ~ k^-alpha, k = 1..K) or a JSON "
+            "list of K non-negative numbers; scaled to mean 1. Default: the paper's plain mean. The logged "
+            "offset_k_loss stay unweighted."
+        },
+    )
 
     def __post_init__(self):
         from modeling_llama_patch import validate_patch_size
@@ -245,14 +287,55 @@ class PatchArguments:
             )
         refuse_below(self, ("patch_per_device_train_batch_size", "patch_gradient_accumulation_steps", "patch_max_steps"), 1)
         refuse_below(self, ("patch_learning_rate", "patch_warmup_steps"), 0)
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The choices beyond the paper: refuse contradictory or impossible combinations in one line."""
+        r = self.patch_step_fraction
+        if r is not None:
+            if self.patch_data_fraction != 0:
+                raise UsageError(
+                    f"give one of --patch_data_fraction (λ, a fraction of the tokens; got {self.patch_data_fraction}) "
+                    f"and --patch_step_fraction (r, a fraction of the optimizer steps; got {r}), not both"
+                )
+            if not 0.0 <= r <= 1.0:
+                raise UsageError(f"--patch_step_fraction (r) must lie in [0, 1], got {r}")
+            if r > 0 and self.patch_size == 1:
+                raise UsageError(f"--patch_step_fraction={r} needs --patch_size K > 1: with K = 1 there is no patch stage")
+        if self.patch_batch_mode not in PATCH_BATCH_MODES:
+            raise UsageError(f"--patch_batch_mode must be {' or '.join(PATCH_BATCH_MODES)}, got {self.patch_batch_mode!r}")
+        if self.patch_switch not in PATCH_SWITCHES:
+            raise UsageError(f"--patch_switch must be {' or '.join(PATCH_SWITCHES)}, got {self.patch_switch!r}")
+        if self.patch_switch == "continue":
+            for name in ("patch_learning_rate", "patch_warmup_steps"):
+                if getattr(self, name) is not None:
+                    raise UsageError(
+                        f"--{name} sets a schedule of the patch stage's own, but --patch_switch continue runs one "
+                        "schedule over both stages (--learning_rate, --warmup_steps): drop one of them"
+                    )
+        from patch_training.offset_weights import parse_offset_weights
+
+        parse_offset_weights(self.patch_offset_weights, self.patch_size)  # UsageError for bad weights
+
+    @property
+    def offset_weights(self) -> tuple[float, ...] | None:
+        """The patch loss's K weights of mean 1, or None (the paper's mean)."""
+        from patch_training.offset_weights import parse_offset_weights
+
+        return parse_offset_weights(self.patch_offset_weights, self.patch_size)
+
+    @property
+    def _split_fraction(self) -> float:
+        """λ or r, whichever sets the split (both 0 and 1 mean the same in either)."""
+        return self.patch_data_fraction if self.patch_step_fraction is None else self.patch_step_fraction
 
     @property
     def has_patch_stage(self) -> bool:
-        return self.patch_data_fraction > 0
+        return self._split_fraction > 0
 
     @property
     def has_token_stage(self) -> bool:
-        return self.patch_data_fraction < 1
+        return self._split_fraction < 1
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PatchArguments, RunTrainingArguments)
@@ -328,6 +411,11 @@ def check_inputs(model_args, data_args, patch_args, training_args):
     if training_args.use_liger_kernel:
         check_liger_environment(training_args.use_cpu)
     check_report_to(training_args.report_to)
+    if patch_args.patch_switch == "continue" and (training_args.deepspeed or training_args.fsdp):
+        raise UsageError(
+            "--patch_switch continue carries the optimizer state across the switch under DDP or one device; "
+            f"with --{'deepspeed' if training_args.deepspeed else 'fsdp'} it is not supported yet (use --patch_switch restart)"
+        )
     caveat = torch_compile_caveat(training_args)
     if caveat:
         logger.warning(caveat)
@@ -428,8 +516,17 @@ def main(argv: list[str] | None = None) -> dict:
         warning = repetition_warning(total_tokens, dataset_tokens, epochs_requested=training_args.max_steps <= 0)
         if warning:
             logger.warning(warning)
-    plans = plan_stages(total_tokens, patch_args.patch_data_fraction, k, block_size, data_args.skip_data_fraction)
+    # λ (a fraction of the tokens) given, or derived exactly from r (a fraction of the optimizer steps).
+    patch_fraction, step_fraction = split_fractions(patch_args, training_args, block_size)
+    plans = plan_stages(total_tokens, patch_fraction, k, block_size, data_args.skip_data_fraction)
     check_plans(plans, block_size)
+    stage_args = {plan.name: stage_training_args(training_args, patch_args, plan,
+                                                 os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir,
+                                                 stage_max_steps(plan, patch_args, training_args))
+                  for plan in plans}
+    # --patch_switch continue: one schedule over both stages' optimizer steps, the optimizer state carried on.
+    continued = patch_args.patch_switch == "continue" and len(plans) == 2
+    schedule_steps = sum(stage_steps(plan, stage_args[plan.name]) for plan in plans) if continued else None
 
     def train_dataset(plan):
         if data_args.streaming:
@@ -447,9 +544,10 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Attention: %s", attn_implementation)
 
     # Train each stage: the patch stage (skipped once complete) hands its weights to the token stage.
-    results = {"output_dir": output_dir, "patch_size": k, "patch_data_fraction": patch_args.patch_data_fraction,
+    results = {"output_dir": output_dir, "patch_size": k, "patch_data_fraction": float(patch_fraction),
                "block_size": block_size, "dataset_tokens": dataset_tokens, "budget_tokens": total_tokens,
-               "attn_implementation": attn_implementation}
+               "attn_implementation": attn_implementation,
+               **recipe_results(patch_args, step_fraction, schedule_steps)}
     init_from = model_args.model_name_or_path
     trainer = None
     for plan in plans:
@@ -460,16 +558,24 @@ def main(argv: list[str] | None = None) -> dict:
             results["patch_stage"] = json.loads(marker.read_text())
             init_from = stage_dir
             continue
-        args = stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
-        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation, tokenizer)
+        args = stage_args[plan.name]
+        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation,
+                            patch_args.offset_weights if plan.name == "patch" else None, tokenizer=tokenizer)
         handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
         job_axis = JobAxis.for_stage(output_dir, training_args.run_name, plan, args, results.get("patch_stage"))
-        trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover, job_axis)
+        carry = handover if continued else None
+        trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover, job_axis,
+                                     schedule_steps, carry)
         results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
+        if continued and metrics["steps"] != stage_steps(plan, args):  # the one schedule would not end where planned
+            logger.warning("the %s stage took %d optimizer steps, not the %d its schedule planned",
+                           plan.name, metrics["steps"], stage_steps(plan, args))
         model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
         save_stage_model(trainer, stage_dir)
         trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
         if plan.name == "patch":
+            if continued:  # the token stage carries them on (before the marker: a complete stage has them)
+                trainer.save_optimizer_state(stage_dir)
             if trainer.args.should_save:  # written last: the model is complete
                 write_json_atomic(marker, results["patch_stage"])
             trainer.accelerator.wait_for_everyone()
@@ -479,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
     final_eval = {}
     if not patch_args.has_token_stage:
         if trainer is None:  # the patch stage was complete before this run
-            model = build_model(model_args.config_name, init_from, 1, attn_implementation, model_args.loss_implementation, tokenizer)
+            model = build_model(model_args.config_name, init_from, 1, attn_implementation, model_args.loss_implementation, tokenizer=tokenizer)
             trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
                                    eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
             # Its evaluation lies where the patch stage ended, on the job's axes.
@@ -491,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Report: the accounting of both stages and the relative cost, in all_results.json.
     stages = [results[f"{p.name}_stage"] for p in plans]
-    add_job_totals(results, stages, patch_args.patch_data_fraction, k, stages[-1] if patch_args.has_token_stage else final_eval)
+    add_job_totals(results, stages, patch_fraction, k, stages[-1] if patch_args.has_token_stage else final_eval)
     if trainer is None or trainer.args.should_save:
         write_json_atomic(results_file, results)
         report(results)

@@ -57,7 +57,8 @@ def check_config_types(values: dict, source: str, classes: tuple) -> None:
 
 def load_config_file(path: str, classes: tuple) -> dict:
     """The values of a JSON config file, checked: it exists, parses, has only keys that are fields of the
-    dataclasses `classes`, of the right types. File lists given as JSON lists become comma-separated."""
+    dataclasses `classes`, of the right types. File lists given as JSON lists become comma-separated, and a
+    list of offset weights its JSON text (as `--patch_offset_weights` takes it)."""
     if not Path(path).is_file():
         raise UsageError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as handle:
@@ -74,6 +75,8 @@ def load_config_file(path: str, classes: tuple) -> dict:
     for key in ("train_file", "validation_file"):
         if isinstance(values.get(key), list):
             values[key] = ",".join(values[key])
+    if isinstance(values.get("patch_offset_weights"), list):  # a list of weights: the flag's JSON text
+        values["patch_offset_weights"] = json.dumps(values["patch_offset_weights"])
     check_config_types(values, path, classes)
     return values
 

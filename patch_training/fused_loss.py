@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from modeling_llama_patch import check_offset_weights
+
 IGNORE_INDEX = -100
 # The chunk's logits hold at most max(FUSED_CHUNK_ELEMENTS, FUSED_MIN_CHUNK_ROWS * V) elements, and a chunk
 # peaks at 6 bytes an element (its float32 logits plus their bf16 copy being made): 8M elements, 48 MiB, is
@@ -54,14 +56,18 @@ class _FusedKWayLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, denominator, chunk_rows, compute_dtype, logit_scale, softcap):
-        # hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N, K) int64; denominator: 0-dim float32
+    def forward(ctx, hidden, weight, bias, targets, denominator, chunk_rows, compute_dtype, logit_scale, softcap,
+                offset_weights):
+        # hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N, K) int64; denominator: 0-dim float32;
+        # offset_weights: (K,) float32 or None (all 1)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_any = need_hidden or need_weight or need_bias
         rows = hidden.shape[0]
         valid = targets.ne(IGNORE_INDEX)  # (N, K)
         safe_targets = targets.clamp(min=0)  # (N, K)
-        per_row = valid.sum(dim=1, keepdim=True).to(torch.float32)  # (N, 1): K_r
+        # w_k * [t_rk counts] (N, K) and its row sum (N, 1): K_r without weights
+        target_weight = valid.to(torch.float32) if offset_weights is None else valid * offset_weights
+        per_row = target_weight.sum(dim=1, keepdim=True)  # (N, 1)
         # With no target that counts and no num_items_in_batch, the loss is 0/0 = nan (like stock): the
         # gradient must then be zero, not 0 * inf = nan.
         inverse = torch.where(valid.any(), 1.0 / denominator, torch.zeros_like(denominator))  # 0-dim
@@ -99,7 +105,7 @@ class _FusedKWayLinearCrossEntropy(torch.autograd.Function):
                     continue
                 # d loss / d z = (K_r * softmax - sum_k onehot(t_rk)) / denominator, in place, float32
                 grad = exp.mul_(per_row[chunk] * inverse / sum_exp)  # (c, V)
-                grad.scatter_add_(1, chunk_targets, chunk_valid.to(torch.float32) * -inverse)
+                grad.scatter_add_(1, chunk_targets, target_weight[chunk] * -inverse)
                 if softcap is not None:
                     grad.mul_(cap_grad)
                     del cap_grad
@@ -120,7 +126,8 @@ class _FusedKWayLinearCrossEntropy(torch.autograd.Function):
         ctx.grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias.dtype))
         ctx.any_valid = valid.any()
         ctx.mark_non_differentiable(per_offset)
-        return per_offset.sum() / denominator, per_offset
+        total = per_offset.sum() if offset_weights is None else (per_offset * offset_weights).sum()
+        return total / denominator, per_offset
 
     @staticmethod
     def backward(ctx, grad_loss, grad_per_offset):
@@ -132,7 +139,7 @@ class _FusedKWayLinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # freed as soon as autograd has taken them
         scale = torch.where(ctx.any_valid, grad_loss, torch.zeros_like(grad_loss))  # 0-dim
         grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fused_kway_linear_cross_entropy(
@@ -145,6 +152,7 @@ def fused_kway_linear_cross_entropy(
     softcap: float | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_rows: int | None = None,
+    offset_weights=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's Eq. 3 on the LM head's output, without ever holding the (N, V) logits or their gradient.
 
@@ -164,17 +172,22 @@ def fused_kway_linear_cross_entropy(
       num_items_in_batch: the denominator (the targets of the whole accumulated batch, for exact gradient
         accumulation, as transformers' causal-LM loss); None: the targets that count here.
       chunk_rows: rows per chunk; None: `default_chunk_rows(V)`.
+      offset_weights: (K,) non-negative weights w_k of the offsets (a sequence or tensor), or None (all 1): the
+        loss sums w_k * -log p. As in `modeling_llama_patch.kway_cross_entropy`, used as given (mean 1 after
+        `normalise_offset_weights`, so that equal weights are Eq. 3 exactly).
 
     Returns (loss, per_offset_loss):
-      loss: 0-dim float32, sum of -log p (nats) over the targets that count, divided by the denominator; nan
+      loss: 0-dim float32, sum of w_k * -log p (nats) over the targets that count, divided by the denominator; nan
         when no target counts and `num_items_in_batch` is None, with zero gradients.
-      per_offset_loss: (K,) float32, detached: the mean loss of each offset k = 1..K (nan where none counts).
+      per_offset_loss: (K,) float32, detached: the unweighted mean loss of each offset k = 1..K (nan where
+        none counts).
 
     Gradients: for whichever of hidden, weight and bias require them, in their own dtypes. The backward
     pass can run once per call (it scales the gradients computed in forward, in place): a second backward
     through the same graph raises a RuntimeError.
 
-    Raises ValueError for mismatched shapes or dtypes, non-integer targets, chunk_rows < 1 or softcap <= 0.
+    Raises ValueError for mismatched shapes or dtypes, non-integer targets, chunk_rows < 1, softcap <= 0 or
+    offset_weights not of length K.
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., H) and weight (V, H) must share H, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -211,8 +224,9 @@ def fused_kway_linear_cross_entropy(
     else:
         denominator = torch.tensor(num_items_in_batch, device=hidden.device)
     denominator = denominator.to(torch.float32)
+    weights = check_offset_weights(offset_weights, num_offsets, hidden.device)
     loss, per_offset_sum = _FusedKWayLinearCrossEntropy.apply(
         hidden_2d, weight, bias, targets_2d, denominator, chunk_rows, compute_dtype,
-        None if logit_scale is None else float(logit_scale), None if softcap is None else float(softcap),
+        None if logit_scale is None else float(logit_scale), None if softcap is None else float(softcap), weights,
     )
     return loss, per_offset_sum / per_offset_count

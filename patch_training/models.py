@@ -99,12 +99,13 @@ def record_special_tokens(model, tokenizer) -> None:
 
 def build_model(
     config_name: str | None, init_from: str | None, patch_size: int, attn_implementation: str,
-    loss_implementation: str = "auto", tokenizer=None,
+    loss_implementation: str = "auto", offset_weights: tuple[float, ...] | None = None, tokenizer=None,
 ):
     """The patch model of a stage (`AutoPatchModelForCausalLM`: a subclass of the stock class of the config's
     model_type) at `patch_size`: from the weights in `init_from` (loaded in float32: mixed precision comes from
     the launch, and the optimizer steps float32 weights), or from the config `config_name` (random weights from
-    the current seed). `loss_implementation`: auto, fused or unfused (`PatchModelMixin.loss_implementation`).
+    the current seed). `loss_implementation`: auto, fused or unfused (`PatchModelMixin.loss_implementation`);
+    `offset_weights`: the K-way loss's per-offset weights (`PatchModelMixin.offset_weights`, None: the mean).
     With a `tokenizer`, its special token ids are recorded in the config (`record_special_tokens`)."""
     if init_from is not None:
         model = AutoPatchModelForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation, dtype=torch.float32)
@@ -114,6 +115,7 @@ def build_model(
     model.config.patch_size = patch_size
     model.config.use_cache = False
     model.loss_implementation = loss_implementation
+    model.offset_weights = offset_weights
     if tokenizer is not None:
         record_special_tokens(model, tokenizer)
     return model

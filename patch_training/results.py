@@ -1,5 +1,7 @@
-"""What a job reports: each stage's accounting (tokens, positions, batch) and the job's relative cost, written to
-`<output_dir>/all_results.json` and printed in one line."""
+"""What a job reports: each stage's accounting (tokens, positions, batch), the recipe (how the split was set, the
+batch mode, the switch, the offset weights), the split both ways (λ of the tokens, r of the optimizer steps:
+asked and measured) and the job's relative cost, written to `<output_dir>/all_results.json` and printed in one
+line."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ def stage_results(plan, args, metrics: dict) -> dict:
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
         "world_size": args.world_size, "tokens_per_step": global_batch * plan.block_len,
+        "positions_per_step": global_batch * plan.block_len // plan.patch_size,
         **metrics,
     }
 
@@ -31,13 +34,35 @@ def tokens_seen(plan, steps: int, global_batch: int) -> tuple[int, int]:
     return tokens, tokens // plan.patch_size
 
 
+def recipe_results(patch_args, step_fraction, schedule_steps: int | None) -> dict:
+    """The job's recipe choices (run_clm.py's PatchArguments `patch_args`) for all_results.json: which fraction set
+    the split (`patch_split_by`: "patch_data_fraction" λ or "patch_step_fraction" r), r (given, or derived from λ
+    and the stages' tokens per step: `stages.split_fractions`), the batch mode, the switch (and with "continue"
+    the optimizer steps of the one schedule), and the patch loss's normalised offset weights (None: the mean)."""
+    weights = patch_args.offset_weights
+    return {
+        "patch_split_by": "patch_data_fraction" if patch_args.patch_step_fraction is None else "patch_step_fraction",
+        "patch_step_fraction": float(step_fraction),
+        "patch_batch_mode": patch_args.patch_batch_mode,
+        "patch_switch": patch_args.patch_switch,
+        "schedule_steps": schedule_steps,
+        "patch_offset_weights": list(weights) if weights is not None else None,
+    }
+
+
 def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, patch_size: int, final: dict) -> dict:
     """Add the job's totals to `results`: tokens and positions over `stages`, the nominal relative cost
     λ/K + 1 - λ (the paper's §3.1; 1 for the token-level baseline λ = 0) and the measured one (positions /
-    tokens), and the final evaluation `final` (eval_loss, eval_perplexity; None where not evaluated)."""
+    tokens), and the final evaluation `final` (eval_loss, eval_perplexity; None where not evaluated); and the split
+    as trained, both ways: the patch stage's share of the tokens and of the optimizer steps (`..._measured`;
+    they differ from λ and r by whole blocks and steps only)."""
     tokens = sum(s["tokens"] for s in stages)
     positions = sum(s["positions"] for s in stages)
-    lam = patch_fraction
+    steps = sum(s["steps"] for s in stages)
+    patch = results.get("patch_stage") or {"tokens": 0, "steps": 0}
+    results["patch_token_fraction_measured"] = patch["tokens"] / tokens if tokens else float("nan")
+    results["patch_step_fraction_measured"] = patch["steps"] / steps if steps else float("nan")
+    lam = float(patch_fraction)
     results["relative_cost_nominal"] = lam / patch_size + 1 - lam if lam > 0 else 1.0
     results["relative_cost_measured"] = positions / tokens if tokens else float("nan")
     results["tokens"], results["positions"] = tokens, positions

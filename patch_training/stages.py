@@ -1,5 +1,10 @@
 """The two stages of a job: the λ split of the token budget (`plan_stages`), and each stage's batch, length and
-TrainingArguments (the paper's defaults: the same tokens per optimizer step, a fresh schedule)."""
+TrainingArguments (the paper's defaults: the same tokens per optimizer step, a fresh schedule).
+
+The choices beyond the paper (README, "Recipes beyond the paper") that set the split and the batch live here too:
+the split set by a fraction r of the optimizer steps (`split_fractions`: converted exactly to λ, then split by
+`plan_stages` as always), and a patch stage with the token stage's positions per step (`--patch_batch_mode
+positions`, `stage_batch_settings`)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from transformers import TrainingArguments
 
@@ -15,6 +21,9 @@ from .liger import liger_config_for_stage
 from .training_args import RunTrainingArguments
 
 logger = logging.getLogger("run_clm")
+
+PATCH_BATCH_MODES = ("tokens", "positions")  # what a patch-stage step holds equal to a token-stage step
+PATCH_SWITCHES = ("restart", "continue")  # the optimizer and schedule at the switch
 
 
 @dataclass
@@ -61,14 +70,24 @@ def plan_stages(
 
 
 def stage_batch_settings(patch_args, training_args: TrainingArguments) -> tuple[int, int]:
-    """(micro-batch, gradient accumulation) of the patch stage: the user's, or the paper's default of the
-    same tokens per optimizer step as the token stage (K times fewer sequences of K*T tokens).
+    """(micro-batch, gradient accumulation) of the patch stage: the user's, or by `patch_args.patch_batch_mode`
+    "tokens" the paper's default of the same tokens per optimizer step as the token stage (K times fewer
+    sequences of K*T tokens), or "positions" the same positions per step (as many sequences of K*T tokens as
+    the token stage has of T: K times its tokens, the same compute).
     `patch_args`: run_clm.py's PatchArguments (patch_size, patch_per_device_train_batch_size, ...).
-    UsageError when the token stage's batch cannot be divided by K."""
+    UsageError when the token stage's batch cannot be divided by K (tokens), or when explicit patch batch
+    settings contradict "positions"."""
     k = patch_args.patch_size
     batch = patch_args.patch_per_device_train_batch_size
     accumulation = patch_args.patch_gradient_accumulation_steps
     token_batch, token_accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    if getattr(patch_args, "patch_batch_mode", "tokens") == "positions":
+        if batch is not None or accumulation is not None:
+            raise UsageError(
+                "--patch_batch_mode positions sets the patch stage's batch to the token stage's: drop "
+                "--patch_per_device_train_batch_size / --patch_gradient_accumulation_steps, or use --patch_batch_mode tokens"
+            )
+        return token_batch, token_accumulation
     if batch is not None or accumulation is not None:
         return batch or token_batch, accumulation or token_accumulation
     if token_batch % k == 0:
@@ -130,6 +149,53 @@ def repetition_warning(budget_tokens: int, dataset_tokens: int, epochs_requested
     return (f"the budget of {budget_tokens:,} tokens (--max_steps x sequences per step x --block_size) reads the "
             f"{dataset_tokens:,}-token training data {epochs:,.1f} times (epochs): give more data or lower --max_steps "
             "if that is not what you want")
+
+
+def tokens_per_step(patch_args, training_args: TrainingArguments, block_size: int) -> tuple[int, int]:
+    """(P, Q): training tokens per optimizer step, over all ranks, of the patch stage (sequences of K*T) and of
+    the token stage (sequences of T = `block_size`)."""
+    patch_sequences = math.prod(stage_batch_settings(patch_args, training_args)) * training_args.world_size
+    return patch_sequences * patch_args.patch_size * block_size, global_batch_size(training_args) * block_size
+
+
+def token_fraction_from_step_fraction(r, patch_tokens_per_step: int, token_tokens_per_step: int) -> Fraction:
+    """λ = r*P / (r*P + (1 - r)*Q): the token fraction whose patch stage takes the fraction r of the optimizer
+    steps, when a patch step reads P tokens and a token step Q (patch steps λN/P, token steps (1-λ)N/Q, for any
+    budget N). Exact: r is read as the decimal it was written as (0.3 is 3/10), the result is a Fraction."""
+    r = Fraction(repr(float(r)))
+    p, q = patch_tokens_per_step, token_tokens_per_step
+    return r * p / (r * p + (1 - r) * q)
+
+
+def step_fraction_from_token_fraction(lam, patch_tokens_per_step: int, token_tokens_per_step: int) -> Fraction:
+    """r = (λ/P) / (λ/P + (1 - λ)/Q), the inverse of `token_fraction_from_step_fraction`."""
+    lam = lam if isinstance(lam, Fraction) else Fraction(repr(float(lam)))
+    p, q = patch_tokens_per_step, token_tokens_per_step
+    return (lam / p) / (lam / p + (1 - lam) / q)
+
+
+def split_fractions(patch_args, training_args: TrainingArguments, block_size: int) -> tuple[float | Fraction, Fraction]:
+    """(λ, r) of the job: the token fraction that `plan_stages` splits by, and the step fraction it stands for.
+    With --patch_data_fraction λ is the user's float (unchanged: the paper's runs split as always) and r is
+    derived; with --patch_step_fraction r, λ is the exact Fraction for r (`token_fraction_from_step_fraction`)."""
+    if not patch_args.has_patch_stage or not patch_args.has_token_stage:  # 0 or 1: the same in both
+        whole = Fraction(1 if patch_args.has_patch_stage else 0)
+        return (whole if patch_args.patch_step_fraction is not None else patch_args.patch_data_fraction), whole
+    p, q = tokens_per_step(patch_args, training_args, block_size)
+    if patch_args.patch_step_fraction is not None:
+        return token_fraction_from_step_fraction(patch_args.patch_step_fraction, p, q), Fraction(repr(float(patch_args.patch_step_fraction)))
+    return patch_args.patch_data_fraction, step_fraction_from_token_fraction(patch_args.patch_data_fraction, p, q)
+
+
+def stage_steps(plan: StagePlan, stage_args: TrainingArguments) -> int:
+    """The optimizer steps the Trainer takes for a stage of `plan` with TrainingArguments `stage_args`:
+    max_steps when set, else one pass over the plan's blocks, counted as transformers' Trainer does
+    (`set_initial_training_values`: batches per rank = ceil(blocks / (micro-batch x world size)), a partial
+    accumulation at the end counts as a step)."""
+    if stage_args.max_steps > 0:
+        return stage_args.max_steps
+    batches = math.ceil(plan.num_blocks / (stage_args.per_device_train_batch_size * stage_args.world_size))
+    return max(math.ceil(batches / stage_args.gradient_accumulation_steps), 1)
 
 
 def global_batch_size(args: TrainingArguments) -> int:

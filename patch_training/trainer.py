@@ -1,5 +1,6 @@
 """`PatchTrainer` (exact gradient accumulation for the K-way loss, per-offset losses, patch and token
-evaluation), training one stage, and saving a stage's model (DeepSpeed's fp32 master weights included)."""
+evaluation, and with `--patch_switch continue` one learning-rate schedule and one AdamW state across both
+stages), training one stage, and saving a stage's model (DeepSpeed's fp32 master weights included)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from modeling_llama_patch import get_patch_size, loss_target_labels
 
+from .cli import UsageError
 from .resume import last_complete_checkpoint
 
 logger = logging.getLogger("run_clm")
@@ -94,11 +97,22 @@ def patch_size_as(model, patch_size: int):
 class PatchTrainer(Trainer):
     """Trainer for `PatchLlamaForCausalLM`: counts the K-way loss's targets for exact gradient
     accumulation, logs the per-offset losses (and the patch stage's loss as `patch_loss`), and evaluates
-    the patch stage both at patch level and as a token-level model (perplexity)."""
+    the patch stage both at patch level and as a token-level model (perplexity).
 
-    def __init__(self, *args, patch_eval_dataset=None, **kwargs):
+    One schedule across the switch (`--patch_switch continue`):
+      schedule_steps: the learning-rate schedule spans this many optimizer steps (both stages' together)
+        instead of this Trainer's own; its warmup is `args.get_warmup_steps(schedule_steps)`.
+      carry_state_from: a folder holding the previous stage's final `optimizer.pt` and `scheduler.pt`
+        (`save_optimizer_state`), loaded when this stage starts (not when it resumes from its own checkpoint,
+        which holds its own): AdamW's exp_avg, exp_avg_sq and step go on, and the schedule goes on from the
+        previous stage's last step."""
+
+    def __init__(self, *args, patch_eval_dataset=None, schedule_steps: int | None = None, carry_state_from=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.patch_eval_dataset = patch_eval_dataset
+        self.schedule_steps = schedule_steps
+        self.carry_state_from = carry_state_from
+        self._resuming = False
         self._offset_loss_sum: torch.Tensor | None = None
         self._offset_loss_count = 0
         self.resumed_progress = StageProgress()  # set by run_stage before train() when it resumes
@@ -130,6 +144,33 @@ class PatchTrainer(Trainer):
             tmp.write_text(json.dumps(asdict(progress)))
             os.replace(tmp, folder / STAGE_PROGRESS_FILE)
         super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._resuming = resume_from_checkpoint is not None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' scheduler, over `schedule_steps` when set; then the carried optimizer and scheduler
+        state of the previous stage (called once the optimizer is prepared, before a resume loads its own)."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(self.schedule_steps or num_training_steps, optimizer)
+        if created and self.carry_state_from is not None and not self._resuming:
+            missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (Path(self.carry_state_from) / name).is_file()]
+            if missing:
+                raise UsageError(
+                    f"--patch_switch continue: {self.carry_state_from} holds no {' or '.join(missing)} to carry on from "
+                    "(a patch stage finished with --patch_switch restart?): rerun with the switch it was started with"
+                )
+            self._load_optimizer_and_scheduler(str(self.carry_state_from))
+            logger.info("Carried the optimizer state and schedule on from %s (schedule step %d of %d)",
+                        self.carry_state_from, self.lr_scheduler.last_epoch, self.schedule_steps or num_training_steps)
+        return scheduler
+
+    def save_optimizer_state(self, folder: str) -> None:
+        """Save this stage's final optimizer and scheduler state to `folder` (`optimizer.pt`, `scheduler.pt`),
+        for the next stage to carry on from (`carry_state_from`)."""
+        self._save_optimizer_and_scheduler(folder)
+        self.accelerator.wait_for_everyone()
 
     @property
     def stage_patch_size(self) -> int:
@@ -242,11 +283,13 @@ class MasterWeightsFrom(TrainerCallback):
             raise RuntimeError(f"{self.folder} has no weights for {sorted(missing)}")
 
 
-def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None, job_axis=None):
+def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None, job_axis=None,
+              schedule_steps=None, carry_state_from=None):
     """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it.
     `master_weights_from`: the saved model that `model` was loaded from, whose float32 weights DeepSpeed's
     fp32 master weights start from (see `MasterWeightsFrom`). `job_axis`: a `tracking.JobAxis` that puts the
-    `--report_to` trackers on the job's step and axes."""
+    `--report_to` trackers on the job's step and axes. `schedule_steps`, `carry_state_from`: one schedule and
+    optimizer state across stages (see `PatchTrainer`)."""
     token_eval, patch_eval = eval_datasets
     trainer = PatchTrainer(
         model=model,
@@ -256,6 +299,8 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
         patch_eval_dataset=patch_eval if plan.patch_size > 1 else None,
         processing_class=tokenizer,
         data_collator=default_data_collator,
+        schedule_steps=schedule_steps,
+        carry_state_from=carry_state_from,
     )
     if job_axis is not None:
         job_axis.attach(trainer)

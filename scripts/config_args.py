@@ -6,8 +6,8 @@
 
 run_clm.py reads a config file only when it is its one argument; the launchers also pass `--deepspeed`,
 `--use_cpu` or a user's overrides, so they turn the config into flags: each key becomes `--key value`
-(booleans `true`/`false`, the file lists of `train_file`/`validation_file` joined by commas, other lists
-as several values, objects as JSON), then the flags given after it follow. argparse keeps the last value
+(booleans `true`/`false`, the file lists of `train_file`/`validation_file` joined by commas, the list of
+`patch_offset_weights` as its JSON text, other lists as several values, objects as JSON), then the flags given after it follow. argparse keeps the last value
 of a repeated flag, so a flag overrides the config's key. run_clm.py still checks every name and value.
 No third-party import: the launchers call this before any process starts.
 """
@@ -18,6 +18,7 @@ import json
 import sys
 
 FILE_LIST_KEYS = ("train_file", "validation_file")
+JSON_LIST_KEYS = ("patch_offset_weights",)  # one flag value that is a JSON list
 
 
 def config_to_flags(path: str) -> list[str]:
@@ -37,6 +38,8 @@ def config_to_flags(path: str) -> list[str]:
         flags.append(f"--{key}")
         if isinstance(value, bool):
             flags.append("true" if value else "false")
+        elif isinstance(value, list) and key in JSON_LIST_KEYS:
+            flags.append(json.dumps(value))
         elif isinstance(value, list) and key in FILE_LIST_KEYS:
             flags.append(",".join(str(item) for item in value))
         elif isinstance(value, list):

@@ -4,12 +4,16 @@
     python scripts/plot_curves.py --run baseline=runs/tiny-token --run patch=runs/tiny-patch \
         --output outputs/plots/curves.png --offsets_output outputs/plots/offsets.png
 
-curves.png, left: training loss against training tokens; right: against compute, counted in token-level
+curves.png, left: training loss against training tokens; middle: against compute, counted in token-level
 equivalents (a patch-stage token costs 1/K of a token-stage one, so the patch stage of λ of the data costs
-λ/K). Token-stage loss is solid. Patch-stage loss is dashed and lighter and labelled "patch loss": it is the
+λ/K); right: against optimizer steps of the job (patch steps, then token steps: where `--patch_step_fraction r`
+puts the switch at r, and the axis of the one schedule of `--patch_switch continue`). Token-stage loss is solid. Patch-stage loss is dashed and lighter and labelled "patch loss": it is the
 K-way next-patch loss, not comparable with token-level loss. A dotted vertical line marks the switch from
 patch to token level. Circles are validation loss (ln perplexity), which is token-level in both stages.
-offsets.png: the patch stage's loss at each offset k = 1..K of the next patch (`offset_k_loss`) by step.
+offsets.png: the patch stage's loss at each offset k = 1..K of the next patch (`offset_k_loss`, unweighted) by
+step, and the patch loss (their mean, or their weighted mean under `--patch_offset_weights`).
+Each run's label carries its recipe where it is not the paper's (README, "Recipes beyond the paper"): the step
+fraction r, the positions batch mode, the continued switch, the offset weights.
 
 What a run directory must hold (all written by run_clm.py):
 - `all_results.json`: per stage (`patch_stage`, `token_stage`) its tokens, steps, batch and block tokens;
@@ -75,12 +79,15 @@ class RunCurve:
 
     label: str
     patch_size: int  # K of the patch stage; 1 for a token-level baseline
-    train: dict[str, np.ndarray] = field(default_factory=dict)  # stage, step, tokens, cost, loss
-    eval: dict[str, np.ndarray] = field(default_factory=dict)  # stage, step, tokens, cost, loss, perplexity
+    train: dict[str, np.ndarray] = field(default_factory=dict)  # stage, step, tokens, cost, loss, job_step
+    eval: dict[str, np.ndarray] = field(default_factory=dict)  # stage, step, tokens, cost, loss, job_step, perplexity
     offsets: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # k -> (steps, losses)
     patch_loss: tuple[np.ndarray, np.ndarray] | None = None  # (steps, losses) of the patch stage
     switch_tokens: float | None = None  # where the token stage starts (None: no patch stage or no token stage)
     switch_cost: float | None = None
+    switch_step: int | None = None  # the job's optimizer steps before the token stage
+    recipe: str = ""  # the choices beyond the paper, for labels ("" for the paper's recipe)
+    offset_weights: list[float] | None = None  # the patch loss's normalised weights (None: the mean)
     total_tokens: int = 0
     total_cost: float = 0.0
     final_perplexity: float | None = None
@@ -93,9 +100,11 @@ def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
     if not results_path.is_file():
         raise FileNotFoundError(f"{results_path} not found: plot a finished run of run_clm.py")
     results = json.loads(results_path.read_text())
-    curve = RunCurve(label=label or run_dir.name, patch_size=1)
+    curve = RunCurve(label=label or run_dir.name, patch_size=1, recipe=recipe_label(results),
+                     offset_weights=results.get("patch_offset_weights"))
     train_rows, eval_rows = [], []
     tokens_before = cost_before = 0.0
+    steps_before = 0
     for key, folder in STAGES:
         stage = results.get(key)
         if stage is None:
@@ -105,12 +114,13 @@ def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
         if name == "patch":
             curve.patch_size = k
         if name == "token" and "patch_stage" in results:
-            curve.switch_tokens, curve.switch_cost = tokens_before, cost_before
+            curve.switch_tokens, curve.switch_cost, curve.switch_step = tokens_before, cost_before, steps_before
         per_step, stage_tokens = tokens_per_step(stage), int(stage["tokens"])
 
         def position(step, per_step=per_step, stage_tokens=stage_tokens, k=k, base=(tokens_before, cost_before)):
             seen = min(step * per_step, stage_tokens)
             return base[0] + seen, base[1] + seen / k
+        step_base = steps_before
 
         history = read_log_history(run_dir / folder)
         loss_key = "patch_loss" if name == "patch" else "loss"
@@ -121,7 +131,7 @@ def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
             if step is None:
                 continue
             if loss_key in entry:
-                train_rows.append((name, step, *position(step), entry[loss_key]))
+                train_rows.append((name, step, *position(step), entry[loss_key], step_base + step))
             if "eval_loss" in entry:
                 evals[step] = entry["eval_loss"]
             elif "eval_perplexity" in entry and step not in evals:
@@ -133,15 +143,16 @@ def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
         if stage.get("eval_loss") is not None:  # the evaluation at the end of the stage
             evals.setdefault(int(stage["steps"]), stage["eval_loss"])
         for step, loss in sorted(evals.items()):
-            eval_rows.append((name, step, *position(step), loss))
+            eval_rows.append((name, step, *position(step), loss, step_base + step))
         if name == "patch":
             curve.offsets = {o: tuple(np.array(v) for v in zip(*sorted(rows))) for o, rows in sorted(offsets.items())}
             patch_rows = sorted((r[1], r[4]) for r in train_rows if r[0] == "patch")
             curve.patch_loss = tuple(np.array(v) for v in zip(*patch_rows)) if patch_rows else None
         tokens_before += stage_tokens
         cost_before += stage_tokens / k
+        steps_before += int(stage["steps"])
 
-    columns = ("stage", "step", "tokens", "cost", "loss")
+    columns = ("stage", "step", "tokens", "cost", "loss", "job_step")
     curve.train = {c: np.array([r[i] for r in train_rows]) for i, c in enumerate(columns)}
     curve.eval = {c: np.array([r[i] for r in eval_rows]) for i, c in enumerate(columns)}
     curve.eval["perplexity"] = np.exp(curve.eval["loss"]) if len(eval_rows) else np.array([])
@@ -156,6 +167,21 @@ def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def recipe_label(results: dict) -> str:
+    """The run's choices beyond the paper, from its all_results.json (older runs have none: ""), e.g.
+    "r=0.2, positions/step, continued schedule, weighted offsets"."""
+    parts = []
+    if results.get("patch_split_by") == "patch_step_fraction":
+        parts.append(f"r={results['patch_step_fraction']:g} (λ={results['patch_data_fraction']:.3g})")
+    if results.get("patch_batch_mode", "tokens") != "tokens":
+        parts.append("positions/step")
+    if results.get("patch_switch", "restart") != "restart":
+        parts.append("continued schedule")
+    if results.get("patch_offset_weights"):
+        parts.append("weighted offsets")
+    return ", ".join(parts)
+
+
 def _format_count(value: float, _position=None) -> str:
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(value) >= scale:
@@ -164,36 +190,39 @@ def _format_count(value: float, _position=None) -> str:
 
 
 def plot_curves(curves: list[RunCurve], output: str | Path, dpi: int = 120) -> None:
-    """Figure 2: training loss against tokens (left) and against compute (right), one colour per run."""
+    """Figure 2: training loss against tokens (left) and against compute (middle), one colour per run; and
+    against the job's optimizer steps (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, axis, xlabel in (
         (axes[0], "tokens", "training tokens"),
         (axes[1], "cost", "compute (token-level equivalent tokens; a patch-stage token costs 1/K)"),
+        (axes[2], "job_step", "optimizer steps (patch stage, then token stage)"),
     ):
         switch_labelled = False
         for index, curve in enumerate(curves):
             color = colors[index % len(colors)]
+            name = f"{curve.label} [{curve.recipe}]" if curve.recipe else curve.label
             stage, x, loss = curve.train.get("stage", []), curve.train.get(axis), curve.train.get("loss")
             if x is not None and len(x):
                 patch, token = stage == "patch", stage == "token"
                 if patch.any():
                     ax.plot(x[patch], loss[patch], "--", color=color, alpha=0.5, linewidth=1.5,
-                            label=f"{curve.label}: patch loss (K={curve.patch_size}, not token-level)")
+                            label=f"{name}: patch loss (K={curve.patch_size}, not token-level)")
                 if token.any():
-                    ax.plot(x[token], loss[token], "-", color=color, linewidth=2, label=f"{curve.label}: loss")
+                    ax.plot(x[token], loss[token], "-", color=color, linewidth=2, label=f"{name}: loss")
             ex = curve.eval.get(axis)
             if ex is not None and len(ex):
                 ppl = f", final ppl {curve.final_perplexity:.4g}" if curve.final_perplexity else ""
                 ax.plot(ex, curve.eval["loss"], "o", color=color, markersize=6, markeredgecolor="black",
-                        markeredgewidth=0.6, label=f"{curve.label}: validation ln(ppl){ppl}")
-            switch = curve.switch_tokens if axis == "tokens" else curve.switch_cost
+                        markeredgewidth=0.6, label=f"{name}: validation ln(ppl){ppl}")
+            switch = {"tokens": curve.switch_tokens, "cost": curve.switch_cost, "job_step": curve.switch_step}[axis]
             if switch is not None:
                 ax.axvline(switch, color=color, linestyle=":", linewidth=1.5,
                            label=None if switch_labelled else "switch: patch → token level")
@@ -204,7 +233,8 @@ def plot_curves(curves: list[RunCurve], output: str | Path, dpi: int = 120) -> N
     axes[0].set_ylabel("loss (nats per token)")
     axes[0].set_title("loss vs training tokens")
     axes[1].set_title("loss vs training compute")
-    axes[1].legend(fontsize=8, loc="upper right")
+    axes[2].set_title("loss vs optimizer steps")
+    axes[2].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(output, dpi=dpi)
     plt.close(fig)
@@ -228,7 +258,9 @@ def plot_offsets(curves: list[RunCurve], output: str | Path, dpi: int = 120) -> 
             ax.plot(steps, losses, "-", color=cmap((offset - 1) / max(k - 1, 1)), linewidth=1.5,
                     label=f"offset {offset} (token {offset} of the next patch)")
         if curve.patch_loss is not None:
-            ax.plot(*curve.patch_loss, "--", color="black", linewidth=1, label="patch loss (mean)")
+            weights = curve.offset_weights
+            what = "mean" if not weights else "weighted mean, w = " + ", ".join(f"{w:.3g}" for w in weights)
+            ax.plot(*curve.patch_loss, "--", color="black", linewidth=1, label=f"patch loss ({what})")
         ax.set_title(f"{curve.label}: patch-stage loss per offset (K={curve.patch_size})")
         ax.set_xlabel("patch-stage optimizer step")
         ax.set_ylabel("loss (nats per token)")
@@ -275,7 +307,8 @@ def main(argv=None) -> list[RunCurve]:
     for curve in curves:
         ppl = f"{curve.final_perplexity:.4g}" if curve.final_perplexity is not None else "n/a"
         relative = curve.total_cost / curve.total_tokens if curve.total_tokens else float("nan")
-        print(f"[plot_curves] {curve.label}: K={curve.patch_size}, {_format_count(curve.total_tokens)} tokens, "
+        recipe = f" [{curve.recipe}]" if curve.recipe else ""
+        print(f"[plot_curves] {curve.label}{recipe}: K={curve.patch_size}, {_format_count(curve.total_tokens)} tokens, "
               f"compute {_format_count(curve.total_cost)} token-equivalents (relative {relative:.3f}), "
               f"{len(curve.train.get('loss', []))} loss points, validation perplexity {ppl}")
     plot_curves(curves, args.output, args.dpi)

@@ -30,7 +30,9 @@ PAPER_RUNS = {"370m": (0.5, 2 / 3, 0.8), "780m": (2 / 3,), "1.3b": (2 / 3,), "2.
 PAPER_GPUS = 8
 PAPER_TOKENS_PER_STEP = 2048 * 1024  # 2M tokens per optimizer step
 TRAIN_CONFIGS = sorted((CONFIGS / "train").glob("*.json"))
-PAPER_CONFIGS = [path for path in TRAIN_CONFIGS if path.name.startswith("llama-")]
+# The paper's runs; llama-*-tst-* apply Token Superposition Training's recipe to a paper setting (issue 17).
+PAPER_CONFIGS = [path for path in TRAIN_CONFIGS if path.name.startswith("llama-") and "-tst-" not in path.name]
+VARIANT_CONFIGS = [path for path in TRAIN_CONFIGS if "-tst-" in path.name]
 
 
 def paper_config_name(size: str, fraction: float | None) -> str:
@@ -181,6 +183,36 @@ def test_paper_configs_differ_only_in_model_batch_patch_and_output():
         values = json.loads(path.read_text())
         assert set(values) == set(reference), path.name
         assert {key for key in values if values[key] != reference[key]} <= allowed, path.name
+
+
+def test_variant_config_is_the_paper_370m_setting_with_the_variant_recipe(bf16_gpu, monkeypatch):
+    """configs/train/llama-370m-tst-k4-r0.33.json: the paper's 370M run of λ = 2/3 in every setting but the three
+    recipe choices (README, "Recipes beyond the paper"): a step fraction r = 1/3 that, with the patch stage's K = 4
+    times the tokens per step, is the same token split λ = 2/3; the same positions per step; one schedule and
+    AdamW state across the switch. Same data, same compute (relative cost 1/2), half the optimizer steps."""
+    from patch_training.stages import plan_stages, split_fractions, stage_batch_settings
+
+    assert [p.name for p in VARIANT_CONFIGS] == ["llama-370m-tst-k4-r0.33.json"]
+    variant = json.loads(VARIANT_CONFIGS[0].read_text())
+    paper = json.loads((CONFIGS / "train" / paper_config_name("370m", 2 / 3)).read_text())
+    recipe = {"patch_step_fraction", "patch_batch_mode", "patch_switch"}
+    assert set(variant) - recipe == set(paper) - {"patch_data_fraction"}
+    assert {k for k in set(variant) - recipe if variant[k] != paper[k]} == {"output_dir"}
+    monkeypatch.chdir(REPO_ROOT)
+    _, data_args, patch_args, args = parse([str(VARIANT_CONFIGS[0].relative_to(REPO_ROOT))])
+    assert (patch_args.patch_batch_mode, patch_args.patch_switch) == ("positions", "continue")
+    batch, accumulation = stage_batch_settings(patch_args, args)
+    assert batch * accumulation * PAPER_GPUS * 2048 == PAPER_TOKENS_PER_STEP  # the token stage's positions per step
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: PAPER_GPUS))
+    lam, r = split_fractions(patch_args, args, 2048)
+    assert float(lam) == pytest.approx(2 / 3, abs=1e-15) and float(r) == pytest.approx(1 / 3)
+    plans = plan_stages(args.max_steps * PAPER_TOKENS_PER_STEP, lam, 4, 2048)
+    patch_steps = plans[0].tokens / (4 * PAPER_TOKENS_PER_STEP)
+    token_steps = plans[1].tokens / PAPER_TOKENS_PER_STEP
+    assert patch_steps == pytest.approx(args.max_steps / 6, abs=1) and token_steps == pytest.approx(args.max_steps / 3, abs=1)
+    assert patch_steps / (patch_steps + token_steps) == pytest.approx(1 / 3, abs=1e-4)
+    cost = sum(plan.positions for plan in plans) / sum(plan.tokens for plan in plans)
+    assert cost == pytest.approx(0.5, abs=1e-6)
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)

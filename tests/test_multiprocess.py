@@ -42,14 +42,15 @@ def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("token_cache")
 
 
-def launch(script: str, out: Path, cache: Path, *flags: str, **env: str) -> dict:
-    """Run scripts/<script> with 2 processes; return all_results.json (the log is in the failure message)."""
+def launch(script: str, out: Path, cache: Path, *flags: str, run: list[str] = TINY_RUN, **env: str) -> dict:
+    """Run scripts/<script> with 2 processes (the job `run`, then `flags`); return all_results.json (the log is in
+    the failure message)."""
     values = {
         **os.environ, "NGPU": str(WORLD), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env,
     }
     values["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{values.get('PATH', '')}"  # accelerate, deepspeed
-    command = [str(REPO_ROOT / "scripts" / script), *TINY_RUN, "--output_dir", str(out), "--data_cache_dir", str(cache), *flags]
+    command = [str(REPO_ROOT / "scripts" / script), *run, "--output_dir", str(out), "--data_cache_dir", str(cache), *flags]
     result = subprocess.run(command, capture_output=True, text=True, env=values, cwd=REPO_ROOT, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
@@ -125,6 +126,30 @@ def test_ddp_two_processes_with_accelerate(tmp_path, data_cache):
     check_weights(out)
     check_stock_model(out)
     assert "fused LM-head loss" not in launcher_log(out), "DDP trains with the fused LM-head loss (no fallback said)"
+
+
+def test_ddp_continued_switch_carries_the_optimizer_state(tmp_path, data_cache):
+    """--patch_switch continue under 2-process DDP: the token stage's checkpoint holds AdamW steps counted over
+    both stages (4 patch + 2 token), and the learning rates of both stages are one cosine schedule over 6 steps."""
+    import math
+
+    import torch
+
+    out = tmp_path / "ddp-continue"
+    run = [value for index, value in enumerate(TINY_RUN)
+           if "--patch_learning_rate" not in TINY_RUN[max(index - 1, 0): index + 1]]  # one schedule: one rate
+    results = launch("launch_accelerate.sh", out, data_cache, "--use_cpu", "true", "--patch_switch", "continue",
+                     "--learning_rate", "3e-3", run=run, ACCELERATE_CONFIG="configs/accelerate/cpu_ddp_2proc.yaml")
+    check_two_ranks_and_both_stages(results, out)
+    assert results["schedule_steps"] == STEPS
+    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    assert {float(state["step"]) for state in optimizer["state"].values()} == {6.0}
+    rates = []
+    for folder in (out / "patch_stage", out):
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        rates += [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    expected = [3e-3 * 0.5 * (1 + math.cos(math.pi * j / STEPS)) for j in range(STEPS)]
+    assert rates == pytest.approx(expected, rel=1e-6)
 
 
 def launch_deepspeed(out: Path, cache: Path, zero_config: str, *flags: str, **env: str) -> dict:

@@ -225,6 +225,17 @@ def check_offset_weights(offset_weights, num_offsets: int, device) -> torch.Tens
     return weights
 
 
+def loss_denominator(per_offset_count: torch.Tensor, num_items_in_batch, device):
+    """What the summed K-way loss is divided by: `num_items_in_batch` when given (an int, or a tensor moved to
+    `device`: the targets of the whole accumulated batch, so that gradient accumulation is exact, as in
+    transformers' causal-LM loss), else the targets that count here, `per_offset_count.sum()`."""
+    if num_items_in_batch is None:
+        return per_offset_count.sum()
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device)
+    return num_items_in_batch
+
+
 def kway_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -253,12 +264,7 @@ def kway_cross_entropy(
     weights = check_offset_weights(offset_weights, num_offsets, logits.device)
     total, per_offset_sum = _KWayCrossEntropy.apply(logits_2d, targets_2d, chunk_rows, weights)
     per_offset_count = targets_2d.ne(IGNORE_INDEX).sum(dim=0)  # (K,)
-    if num_items_in_batch is None:
-        denominator = per_offset_count.sum()
-    elif torch.is_tensor(num_items_in_batch):
-        denominator = num_items_in_batch.to(total.device)
-    else:
-        denominator = num_items_in_batch
+    denominator = loss_denominator(per_offset_count, num_items_in_batch, total.device)
     per_offset_loss = per_offset_sum / per_offset_count
     return total / denominator, per_offset_loss
 

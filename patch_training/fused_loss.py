@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modeling_llama_patch import check_offset_weights
+from modeling_llama_patch import IGNORE_INDEX, check_offset_weights, loss_denominator
 
-IGNORE_INDEX = -100
 # The chunk's logits hold at most max(FUSED_CHUNK_ELEMENTS, FUSED_MIN_CHUNK_ROWS * V) elements, and a chunk
 # peaks at 6 bytes an element (its float32 logits plus their bf16 copy being made): 8M elements, 48 MiB, is
 # 262 rows at LLaMA-2's 32,000, a tenth of the (N, V) logits' 0.49 GiB at 8,192 positions in bf16 (soft-capping
@@ -217,13 +216,8 @@ def fused_kway_linear_cross_entropy(
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     targets_2d = targets.reshape(-1, num_offsets).to(device=hidden.device, dtype=torch.int64)  # (N, K)
     per_offset_count = targets_2d.ne(IGNORE_INDEX).sum(dim=0)  # (K,)
-    if num_items_in_batch is None:
-        denominator = per_offset_count.sum()
-    elif torch.is_tensor(num_items_in_batch):
-        denominator = num_items_in_batch.to(hidden.device)
-    else:
-        denominator = torch.tensor(num_items_in_batch, device=hidden.device)
-    denominator = denominator.to(torch.float32)
+    denominator = torch.as_tensor(loss_denominator(per_offset_count, num_items_in_batch, hidden.device),
+                                  device=hidden.device).to(torch.float32)
     weights = check_offset_weights(offset_weights, num_offsets, hidden.device)
     loss, per_offset_sum = _FusedKWayLinearCrossEntropy.apply(
         hidden_2d, weight, bias, targets_2d, denominator, chunk_rows, compute_dtype,

@@ -520,13 +520,15 @@ def main(argv: list[str] | None = None) -> dict:
     patch_fraction, step_fraction = split_fractions(patch_args, training_args, block_size)
     plans = plan_stages(total_tokens, patch_fraction, k, block_size, data_args.skip_data_fraction)
     check_plans(plans, block_size)
-    stage_args = {plan.name: stage_training_args(training_args, patch_args, plan,
-                                                 os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir,
-                                                 stage_max_steps(plan, patch_args, training_args))
-                  for plan in plans}
+    def stage_args(plan):
+        """The stage's TrainingArguments, made right before its Trainer: making TrainingArguments resets
+        accelerate's state, which a second DeepSpeed Accelerator needs (and which a stage's Trainer set up)."""
+        stage_dir = os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir
+        return stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
+
     # --patch_switch continue: one schedule over both stages' optimizer steps, the optimizer state carried on.
     continued = patch_args.patch_switch == "continue" and len(plans) == 2
-    schedule_steps = sum(stage_steps(plan, stage_args[plan.name]) for plan in plans) if continued else None
+    schedule_steps = sum(stage_steps(plan, stage_args(plan)) for plan in plans) if continued else None
 
     def train_dataset(plan):
         if data_args.streaming:
@@ -558,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["patch_stage"] = json.loads(marker.read_text())
             init_from = stage_dir
             continue
-        args = stage_args[plan.name]
+        args = stage_args(plan)
         model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation,
                             patch_args.offset_weights if plan.name == "patch" else None, tokenizer=tokenizer)
         handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None

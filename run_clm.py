@@ -408,8 +408,6 @@ def check_inputs(model_args, data_args, patch_args, training_args):
         raise UsageError(
             f"--eval_strategy {training_args.eval_strategy.value} needs a --validation_file (or set --eval_strategy no)"
         )
-    if training_args.use_liger_kernel:
-        check_liger_environment(training_args.use_cpu)
     check_report_to(training_args.report_to)
     if patch_args.patch_switch == "continue" and (training_args.deepspeed or training_args.fsdp):
         raise UsageError(
@@ -520,11 +518,13 @@ def main(argv: list[str] | None = None) -> dict:
     patch_fraction, step_fraction = split_fractions(patch_args, training_args, block_size)
     plans = plan_stages(total_tokens, patch_fraction, k, block_size, data_args.skip_data_fraction)
     check_plans(plans, block_size)
+    def stage_dir_of(plan):
+        return os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir
+
     def stage_args(plan):
         """The stage's TrainingArguments, made right before its Trainer: making TrainingArguments resets
         accelerate's state, which a second DeepSpeed Accelerator needs (and which a stage's Trainer set up)."""
-        stage_dir = os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir
-        return stage_training_args(training_args, patch_args, plan, stage_dir, stage_max_steps(plan, patch_args, training_args))
+        return stage_training_args(training_args, patch_args, plan, stage_dir_of(plan), stage_max_steps(plan, patch_args, training_args))
 
     # --patch_switch continue: one schedule over both stages' optimizer steps, the optimizer state carried on.
     continued = patch_args.patch_switch == "continue" and len(plans) == 2
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_from = model_args.model_name_or_path
     trainer = None
     for plan in plans:
-        stage_dir = os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir
+        stage_dir = stage_dir_of(plan)
         marker = Path(stage_dir) / STAGE_COMPLETE_FILE
         if plan.name == "patch" and marker.is_file():
             logger.info("The patch stage is complete (%s): going straight to the token stage", marker)

@@ -93,11 +93,15 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
             return parts, key
         return [None], ""
 
-    def _documents(self, part):
-        return self.source.part_documents(part) if part is not None else self.source()
+    def _documents(self, part, start=None, cursor=None):
+        if part is None:
+            return self.source()
+        if start is not None or cursor is not None:
+            return self.source.part_documents(part, start, cursor)
+        return self.source.part_documents(part)
 
     def _load_index(self, key: str) -> tuple[list[int], dict[int, list[list[int]]]]:
-        """(tokens of each part read whole so far, {part: sorted [documents, tokens] marks}) from the index file,
+        """(tokens of each part read whole so far, {part: sorted [documents, tokens(, offset, line)] marks}) from the index file,
         an append-only JSON-lines file whose first line names the data and tokenizer; empty if it is another's."""
         known: dict[int, int] = {}
         marks: dict[int, set] = {}
@@ -112,7 +116,8 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                     if "part_tokens" in entry:
                         known[entry["part"]] = entry["part_tokens"]
                     else:
-                        marks.setdefault(entry["part"], set()).add((entry["documents"], entry["tokens"]))
+                        position = (entry["offset"], entry["line"]) if "offset" in entry else ()
+                        marks.setdefault(entry["part"], set()).add((entry["documents"], entry["tokens"], *position))
                 self._index_key = key
         prefix = []
         while len(prefix) in known:  # the parts read whole, from the first on
@@ -134,9 +139,12 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
         """The token stream from `skip_tokens` on, as numpy arrays (one per tokenizer call).
 
         The index records, per part, its tokens once read whole and a mark [documents, tokens] every ~MARK_TOKENS
-        inside it: a start inside a part skips, untokenised, its documents before the last mark at or before the
-        start (a compressed file is one part: those documents are still decompressed and parsed)."""
-        from .token_cache import eos_rule, iter_token_batches, token_dtype
+        inside it, with, for a JSON-lines or text part, where the next line starts (`offset` bytes into the
+        decompressed content, `line`): a start inside a part reads from the last mark at or before the start
+        (seeking there; a compressed file is decompressed up to it, not parsed or tokenised). Table parts skip
+        their documents before the mark untokenised."""
+        from .readers import LinePosition
+        from .token_cache import eos_rule, flat_tokens, iter_token_batches, token_dtype
 
         parts, key = self._parts()
         known, marks = self._load_index(key)
@@ -157,20 +165,33 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                 part_index = 0
             recording = part_index == len(known)  # this part's tokens are not known yet
             part_marks = marks.get(part_index, [])
-            skip_documents = produced = 0
-            for documents, tokens in part_marks:  # the last mark at or before the start
-                if tokens <= skip:
-                    skip_documents, produced = documents, tokens
-            skip -= produced
+            mark = [0, 0]
+            for candidate in part_marks:  # the last mark at or before the start
+                if candidate[1] <= skip:
+                    mark = candidate
+            produced, skip = mark[1], skip - mark[1]
             next_mark = (part_marks[-1][1] if part_marks else 0) + MARK_TOKENS
-            read = [0]
-            documents = itertools.islice(_counted(self._documents(parts[part_index]), read), skip_documents, None)
-            for batch in iter_token_batches(documents, self.tokenizer, self.text_column, self.batch_size, rule):
-                chunk = np.array(list(itertools.chain.from_iterable(batch)), dtype=dtype)
+            cursor = [None]
+            if len(mark) > 2:  # a line position: read from there
+                read = [mark[0]]
+                documents = _counted(self._documents(parts[part_index], LinePosition(*mark[2:]), cursor), read)
+            else:
+                read = [0]
+                documents = itertools.islice(_counted(self._documents(parts[part_index], None, cursor), read), mark[0], None)
+
+            def position(documents_read=read, cursor=cursor):
+                return documents_read[0], cursor[0]
+
+            for batch, (documents_read, line_position) in iter_token_batches(
+                    documents, self.tokenizer, self.text_column, self.batch_size, rule, state=position):
+                chunk = flat_tokens(batch, dtype)
                 produced += len(chunk)
                 if recording and produced >= next_mark:
-                    self._record(key, {"part": part_index, "documents": read[0], "tokens": produced})
-                    marks.setdefault(part_index, []).append([read[0], produced])
+                    entry = {"part": part_index, "documents": documents_read, "tokens": produced}
+                    if line_position is not None:
+                        entry.update(offset=line_position.offset, line=line_position.line)
+                    self._record(key, entry)
+                    marks.setdefault(part_index, []).append([documents_read, produced, *(line_position or ())])
                     next_mark = produced + MARK_TOKENS
                 if skip >= len(chunk):
                     skip -= len(chunk)

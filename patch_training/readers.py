@@ -8,18 +8,22 @@ a folder of such files; a glob pattern. Folders and patterns expand in sorted or
 
 A file is read in *parts* (`DataPart`) so that one large file can be tokenised by several processes and a
 stream can restart near a position: Parquet row groups, Arrow record batches, byte ranges of an uncompressed
-JSON-lines or text file aligned to line starts, contiguous shards of a saved dataset. A compressed file is one
-part. Reading the parts of a file in order gives exactly the documents of the whole file.
+JSON-lines or text file aligned to line starts, contiguous shards of a saved dataset. Reading the parts of a file
+in order gives exactly the documents of the whole file. A compressed file is one part, read from its start; for
+several processes one reader decompresses it into `LineChunk`s (whole lines, about CHUNK_BYTES) that others parse,
+and a reading can record where each line starts (`LinePosition`) to go back there without parsing what is before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .cli import UsageError, first_line
 
@@ -29,6 +33,8 @@ COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # what `datasets.save_to_disk` writes next to the data
 PART_BYTES = 64 * 1024 * 1024  # target size of a byte-range part of an uncompressed JSON-lines / text file
 PART_ROWS = 100_000  # target rows of a part of a saved dataset
+CHUNK_BYTES = 1024 * 1024  # (decompressed) bytes of a LineChunk: whole lines read by one process, parsed by another
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: not text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,29 +171,39 @@ class DataPart:
     size: int = 0
 
 
-def open_text(path: str):
-    """Open a text file for reading, decompressing .gz/.xz/.bz2/.zst on the fly; a UTF-8 byte-order mark is
-    dropped; lines end at '\\n' only (as in the byte-range reader), a '\\r' before it is the caller's to strip."""
+@contextlib.contextmanager
+def open_binary(path: str) -> Iterator[tuple]:
+    """(the content of `path` as a binary file, decompressing .gz/.xz/.bz2/.zst on the fly, and the raw file under
+    it, whose `tell()` is the bytes of `path` read so far): a context manager closing both."""
     import bz2
     import gzip
     import lzma
 
     suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".zst":
-        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path), 1 << 20), encoding="utf-8-sig", newline="\n")
-    openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
-    opener = openers.get(suffix, open)
-    return opener(path, "rt", encoding="utf-8-sig", newline="\n")
+    with open(path, "rb") as raw:
+        if suffix == ".zst":
+            content = io.BufferedReader(_ZstdReader(raw), 1 << 20)
+        elif suffix == ".gz":
+            content = gzip.GzipFile(fileobj=raw)
+        elif suffix in (".xz", ".bz2"):
+            content = (lzma.LZMAFile if suffix == ".xz" else bz2.BZ2File)(raw)
+        else:
+            yield raw, raw
+            return
+        try:
+            yield content, raw
+        finally:
+            content.close()
 
 
 class _ZstdReader(io.RawIOBase):
     """The decompressed bytes of a .zst file (one or more frames), raising EOFError for a file cut inside a frame,
     which `zstandard`'s stream reader lets through as a silently shorter text."""
 
-    def __init__(self, path: str):
+    def __init__(self, raw):
         import zstandard
 
-        self._file, self._zstd = open(path, "rb"), zstandard.ZstdDecompressor()
+        self._file, self._zstd = raw, zstandard.ZstdDecompressor()
         self._frame, self._buffer, self._offset, self._in_frame = self._zstd.decompressobj(), b"", 0, False
 
     def readable(self) -> bool:
@@ -213,11 +229,6 @@ class _ZstdReader(io.RawIOBase):
         if self._offset == len(self._buffer):
             self._buffer, self._offset = b"", 0
         return size
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
 
 def _is_compressed(path: str) -> bool:
     return path.lower().endswith(COMPRESSION_SUFFIXES)
@@ -291,9 +302,10 @@ def file_parts(path: str, fmt: str | None = None, target_parts: int = 1) -> list
 
 
 def _first_character(path: str) -> str:
-    """The first character other than white space (and a byte-order mark) of an uncompressed file, as bytes read."""
-    with open(path, "rb") as handle:
-        chunk = handle.read(4096).removeprefix(b"\xef\xbb\xbf")
+    """The first character other than white space (and a byte-order mark) of a file (decompressed), as bytes
+    read: '[' for a JSON list."""
+    with open_binary(path) as (handle, _):
+        chunk = handle.read(4096).removeprefix(BOM)
         while chunk and not chunk.strip():
             chunk = handle.read(4096)
     return chunk.strip()[:1].decode("latin-1")
@@ -320,18 +332,29 @@ def iter_local_documents(paths: list[str], fmt: str | None, text_column: str) ->
         yield from iter_part_documents(DataPart(path, own), text_column)
 
 
-def iter_part_documents(part: DataPart, text_column: str) -> Iterator[dict]:
-    """The documents of one part (see `iter_local_documents`), with one-line errors naming file and record."""
+def iter_part_documents(part, text_column: str, start: LinePosition | None = None, cursor: list | None = None) -> Iterator[dict]:
+    """The documents of one part (see `iter_local_documents`), or of a `LineChunk`, with one-line errors naming
+    file and record. For JSON-lines and text parts: `start`, a line start recorded by `cursor` in an earlier
+    reading (see `iter_line_chunks`); `cursor`, a one-item list set to the `LinePosition` after each document."""
+    with read_errors(part.path):
+        if isinstance(part, LineChunk):
+            yield from chunk_documents(part, text_column, cursor)
+        elif part.fmt in ("parquet", "arrow", "saved"):
+            yield from _table_documents(part, text_column)
+        elif part.fmt == "json" and part.start is None and start is None and _first_character(part.path) == "[":
+            yield from _json_list_documents(part.path, text_column)
+        else:
+            for chunk in iter_line_chunks(part, start):
+                yield from chunk_documents(chunk, text_column, cursor)
+
+
+@contextlib.contextmanager
+def read_errors(path: str):
+    """Errors of reading `path` as one-line UsageErrors naming it: not UTF-8, a damaged or mislabelled file."""
     import lzma
 
-    path = part.path
     try:
-        if part.fmt in ("parquet", "arrow", "saved"):
-            yield from _table_documents(part, text_column)
-        elif part.start is not None:
-            yield from _line_range_documents(part, text_column)
-        else:
-            yield from _documents_of_file(path, part.fmt, text_column)
+        yield
     except UnicodeDecodeError as error:
         raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of its text)") from None
     except UsageError:
@@ -409,86 +432,151 @@ def _check_column(path: str, schema, text_column: str) -> None:
         raise UsageError(f"{path}: its {text_column!r} column holds {kind}, not text")
 
 
-def _line_range_documents(part: DataPart, text_column: str) -> Iterator[dict]:
-    """Documents of the lines of an uncompressed file that start in bytes [part.start, part.stop)."""
-    path = part.path
-    with open(path, "rb") as handle:
-        position = part.start
-        if position > 0:
-            handle.seek(position - 1)
-            position += len(handle.readline()) - 1  # to the start of the first line beginning at or after start
-        elif handle.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not text
-            handle.seek(0)
+class LinePosition(NamedTuple):
+    """Where a line of a JSON-lines or text file starts: `offset` bytes into its (decompressed) content, and its
+    1-based `line` number (0: not counted, in a byte range of an uncompressed file; an error message counts it)."""
+
+    offset: int
+    line: int
+
+
+@dataclass(frozen=True)
+class LineChunk:
+    """Whole lines of a JSON-lines or text file, read (and decompressed) by one process and parsed by another:
+    `data` begins at `start`. `size`: bytes of the file (compressed) read for it, for progress."""
+
+    path: str
+    fmt: str
+    start: LinePosition
+    data: bytes
+    size: int = 0
+
+
+def iter_line_chunks(part: DataPart, start: LinePosition | None = None, chunk_bytes: int | None = None) -> Iterator[LineChunk]:
+    """The lines of a JSON-lines or text part, in `LineChunk`s of about `chunk_bytes` (CHUNK_BYTES) decompressed
+    bytes: a whole file, compressed or not (a byte-order mark dropped), or, for an uncompressed file, the lines
+    starting in bytes [part.start, part.stop). From the part's first line, or from `start`, a line start that
+    `chunk_documents`' cursor recorded: an uncompressed file seeks there, a compressed one is decompressed up to it
+    (not parsed). Raises the reader's own errors (see `read_errors`)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    stop = part.stop
+    with open_binary(part.path) as (handle, raw):
+        carry = b""
+        if start is not None:
+            position, line = start
+            _skip(handle, position, compressed=handle is not raw)
+        elif part.start:  # from the first line that starts at or after part.start
+            handle.seek(part.start - 1)
+            position, line = part.start - 1 + len(handle.readline()), 0
         else:
-            position = 3
-        while position < part.stop:
-            raw = handle.readline()
-            if not raw:
-                break
-            line_start, position = position, position + len(raw)
+            carry = handle.read(len(BOM))
+            position, line = (len(BOM), 1) if carry == BOM else (0, 1)
+            carry = b"" if carry == BOM else carry
+        read = raw.tell()
+        while stop is None or position < stop:
+            block = handle.read(chunk_bytes)
+            data = carry + block if carry else block
+            last = not block  # the end of the file
+            if stop is not None and position + len(data) >= stop:  # the line holding byte stop - 1 is the last
+                end = data.find(b"\n", stop - 1 - position)
+                if end < 0 and block:
+                    carry = data
+                    continue
+                cut, last = (end + 1 if end >= 0 else len(data)), True
+            elif last:
+                cut = len(data)
+            else:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # a line longer than chunk_bytes: read on
+                    carry = data
+                    continue
+            if cut:
+                yield LineChunk(part.path, part.fmt, LinePosition(position, line), data[:cut], raw.tell() - read)
+                read = raw.tell()
+            if last:
+                return
+            line = line + data.count(b"\n", 0, cut) if line else 0
+            position, carry = position + cut, data[cut:]
+
+
+def is_sequential(part) -> bool:
+    """Whether a part can only be read from its start, by one reader: a compressed JSON-lines or text file."""
+    return isinstance(part, DataPart) and part.fmt in ("json", "text") and part.start is None and _is_compressed(part.path)
+
+
+def sequential_part_chunks(part: DataPart) -> Iterator:
+    """A sequential part (see `is_sequential`) read (decompressed) here, as `LineChunk`s for other processes to
+    parse and tokenise; a JSON list is left whole (the part itself). One-line errors, see `read_errors`."""
+    with read_errors(part.path):
+        if part.fmt == "json" and _first_character(part.path) == "[":
+            yield part
+            return
+        yield from iter_line_chunks(part)
+
+
+def _skip(handle, offset: int, compressed: bool) -> None:
+    """Move `handle` to byte `offset` of the content: a seek, or for a compressed file decompressing up to it."""
+    if not compressed:
+        handle.seek(offset)
+        return
+    remaining = offset
+    while remaining:
+        skipped = len(handle.read(min(remaining, 1 << 24)))
+        if not skipped:
+            raise EOFError(f"the file ends before byte {offset} of its content, where the recorded position is")
+        remaining -= skipped
+
+
+def chunk_documents(chunk: LineChunk, text_column: str, cursor: list | None = None) -> Iterator[dict]:
+    """The documents of a chunk's lines: a .txt line (without its '\\r'), or a .jsonl line's JSON object; blank
+    lines skipped. UsageError naming the file and line for a line that is not UTF-8, not JSON, or has no text
+    field. `cursor`: a one-item list, set to the `LinePosition` after each document yielded."""
+    path, (offset, line) = chunk.path, chunk.start
+    position = 0
+    lines = chunk.data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the empty piece after the last newline
+    for number, raw in enumerate(lines, start=line):
+        line_start = offset + position
+        position = min(position + len(raw) + 1, len(chunk.data))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {line_start + error.start})") from None
+        if not text.strip():
+            continue
+        if chunk.fmt == "text":
+            document = {text_column: text.removesuffix("\r")}
+        else:
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {line_start + error.start})") from None
-            line = line.rstrip("\n").removesuffix("\r") if part.fmt == "text" else line
-            if not line.strip():
-                continue
-            if part.fmt == "text":
-                yield {text_column: line}
-                continue
-            try:
-                record = json.loads(line)
+                document = json.loads(text)
             except json.JSONDecodeError as error:
-                raise UsageError(f"{path}, line {_line_number(path, line_start)}: not valid JSON ({error})") from None
-            if not (isinstance(record, dict) and isinstance(record.get(text_column, 0), (str, type(None)))):
-                _check_text(path, f"record {_line_number(path, line_start)}", record, text_column)  # raises
-            yield record
+                where = number if line else _line_number(path, line_start)
+                raise UsageError(f"{path}, line {where}: not valid JSON ({error})") from None
+            if not (isinstance(document, dict) and isinstance(document.get(text_column, 0), (str, type(None)))):
+                _check_text(path, f"record {number if line else _line_number(path, line_start)}", document, text_column)  # raises
+        if cursor is not None:
+            cursor[:] = [LinePosition(offset + position, number + 1 if line else 0)]
+        yield document
 
 
 def _line_number(path: str, byte_offset: int) -> int:
-    """The 1-based line number of the line starting at `byte_offset` (counted only when an error is reported)."""
+    """The 1-based line number of the line starting at `byte_offset` of an uncompressed file (counted only when
+    an error is reported)."""
     with open(path, "rb") as handle:
         return handle.read(byte_offset).count(b"\n") + 1
 
 
-def _documents_of_file(path: str, fmt: str, text_column: str) -> Iterator[dict]:
-    with open_text(path) as handle:
-        if fmt == "text":
-            for line in handle:
-                line = line.rstrip("\n").removesuffix("\r")
-                if line.strip():
-                    yield {text_column: line}
-            return
-        first = handle.read(1)
-        while first and first.isspace():
-            first = handle.read(1)
-        if first == "[":  # one JSON list
-            try:
-                records = json.loads(first + handle.read())
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}: not a valid JSON list ({error})") from None
-            numbered = enumerate(records, start=1)
-        else:
-            numbered = _json_lines(path, first, handle)
-        for number, record in numbered:
-            yield _check_text(path, f"record {number}", record, text_column)
-
-
-def _json_lines(path: str, first: str, handle) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of a JSON-lines file whose first character was already read."""
-    for number, line in enumerate(_prepend(first, handle), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{path}, line {number}: not valid JSON ({error})") from None
-
-
-def _prepend(first: str, handle) -> Iterator[str]:
-    if first:
-        yield first + handle.readline()
-    yield from handle
+def _json_list_documents(path: str, text_column: str) -> Iterator[dict]:
+    """The objects of a .json file holding one JSON list (compressed or not), read whole."""
+    with open_binary(path) as (handle, _):
+        text = handle.read().decode("utf-8-sig")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: not a valid JSON list ({error})") from None
+    for number, record in enumerate(records, start=1):
+        yield _check_text(path, f"record {number}", record, text_column)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -537,10 +625,10 @@ class DataSource:
         shards = getattr(self._hub_dataset(streaming=True), "num_shards", 1) or 1
         return [("hub", index, shards) for index in range(shards)]
 
-    def part_documents(self, part) -> Iterator[dict]:
-        """The documents of one of `parts()`."""
-        if isinstance(part, DataPart):
-            return iter_part_documents(part, self.text_column)
+    def part_documents(self, part, start: LinePosition | None = None, cursor: list | None = None) -> Iterator[dict]:
+        """The documents of one of `parts()` or of a `LineChunk` (`start`, `cursor`: see `iter_part_documents`)."""
+        if isinstance(part, (DataPart, LineChunk)):
+            return iter_part_documents(part, self.text_column, start, cursor)
         _, index, shards = part
         dataset = self._hub_dataset(streaming=True)
         return iter(dataset.shard(num_shards=shards, index=index) if shards > 1 else dataset)

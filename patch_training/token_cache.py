@@ -52,26 +52,92 @@ def eos_rule(tokenizer) -> tuple[int, bool]:
     return eos, appends
 
 
-def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, rule=None) -> Iterator[list[list[int]]]:
+PREFETCH_BATCHES = 4  # tokenizer batches of documents read ahead by a background thread (0: none)
+
+
+def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, rule=None, state=None,
+                       prefetch: int | None = None) -> Iterator:
     """Token ids of the documents, `batch_size` documents per tokenizer call: per document the tokenizer's own
-    special tokens (BOS for LLaMA), the text, and one EOS (see `eos_rule`). Empty texts and nulls are skipped."""
+    special tokens (BOS for LLaMA), the text, and one EOS (see `eos_rule`). Empty texts and nulls are skipped.
+
+    The documents are read (decompressed, parsed) by a background thread, up to `prefetch` batches ahead (0: no
+    thread; default PREFETCH_BATCHES where there are 2 cores or more), while the tokenizer, which releases the GIL, encodes the previous batch (see `prefetched`). Yields
+    lists of token-id lists; with `state` (a function called in the reading thread after each batch's last
+    document), (token ids, its value) pairs."""
     eos, appends = rule or eos_rule(tokenizer)
-    batch: list[str] = []
     encode_batch = batch_encoder(tokenizer)
-
-    def encode(texts):
+    batches = _text_batches(documents, text_column, batch_size, state)
+    if prefetch is None:  # a reading thread helps where it has a core of its own
+        prefetch = PREFETCH_BATCHES if available_cores() > 1 else 0
+    for texts, snapshot in prefetched(batches, prefetch):
         ids = encode_batch(texts)
-        return ids if appends else [row + [eos] for row in ids]
+        ids = ids if appends else [row + [eos] for row in ids]
+        yield ids if state is None else (ids, snapshot)
 
+
+def _text_batches(documents, text_column: str, batch_size: int, state=None) -> Iterator[tuple[list[str], object]]:
+    """(`batch_size` non-empty texts, `state()` after the last of them was read) of `documents`; the last batch
+    may be shorter."""
+    batch: list[str] = []
     for example in documents:
         text = example[text_column]
         if text:
             batch.append(text)
         if len(batch) >= batch_size:
-            yield encode(batch)
+            yield batch, state() if state else None
             batch = []
     if batch:
-        yield encode(batch)
+        yield batch, state() if state else None
+
+
+
+def prefetched(items, depth: int) -> Iterator:
+    """The items of the iterable `items`, made by a background thread up to `depth` ahead of the consumer, in
+    order. An exception of `items` (a UsageError for bad data) is raised here, where the item would have come;
+    closing this generator (a consumer that stops early, Ctrl-C) stops the thread at its next item."""
+    import queue
+    import threading
+
+    if depth <= 0:
+        yield from items
+        return
+    channel: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                channel.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((False, error))
+        finally:
+            getattr(items, "close", lambda: None)()  # a generator's open files, closed in its own thread
+
+    thread = threading.Thread(target=produce, name="prefetch-documents", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = channel.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)
 
 
 def batch_encoder(tokenizer):
@@ -88,6 +154,11 @@ def iter_document_tokens(documents, tokenizer, text_column: str, batch_size: int
     """Token ids of each document (see `iter_token_batches`)."""
     for batch in iter_token_batches(documents, tokenizer, text_column, batch_size):
         yield from batch
+
+
+def flat_tokens(batch: list[list[int]], dtype) -> np.ndarray:
+    """The token-id lists of a batch, one after the other, as one array (n_tokens,) of `dtype`."""
+    return np.fromiter(itertools.chain.from_iterable(batch), dtype=dtype, count=sum(map(len, batch)))
 
 
 def token_dtype(vocab_size: int):
@@ -153,14 +224,15 @@ def default_cache_dir() -> str:
 
 
 def write_token_file(documents, tokenizer, text_column: str, batch_size: int, path: str, mode: str = "wb",
-                     on_batch=None, rule=None) -> tuple[int, int]:
+                     on_batch=None, rule=None, prefetch: int | None = None) -> tuple[int, int]:
     """Write (`mode` "ab": append) the token ids of `documents` to the flat binary file `path`.
-    `on_batch(documents, tokens)` is called after each tokenizer call. Returns (tokens, documents)."""
+    `on_batch(documents, tokens)` is called after each tokenizer call; `prefetch`: see `iter_token_batches`.
+    Returns (tokens, documents)."""
     dtype = token_dtype(len(tokenizer))
     num_tokens = num_documents = 0
     with open(path, mode) as out:
-        for batch in iter_token_batches(documents, tokenizer, text_column, batch_size, rule):
-            flat = np.array(list(itertools.chain.from_iterable(batch)), dtype=dtype)
+        for batch in iter_token_batches(documents, tokenizer, text_column, batch_size, rule, prefetch=prefetch):
+            flat = flat_tokens(batch, dtype)
             out.write(flat.tobytes())
             num_tokens += len(flat)
             num_documents += len(batch)
@@ -172,9 +244,10 @@ def write_token_file(documents, tokenizer, text_column: str, batch_size: int, pa
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, counter) -> None:
-    """Per worker process, once: the tokenizer and the shared (documents, tokens) counter of the progress bar."""
-    _WORKER.update(tokenizer=tokenizer, counter=counter, rule=eos_rule(tokenizer))
+def _init_worker(tokenizer, counter, prefetch: int) -> None:
+    """Per worker process, once: the tokenizer, the shared (documents, tokens) counter of the progress bar, and
+    the batches read ahead by a thread (none when the workers already fill the cores)."""
+    _WORKER.update(tokenizer=tokenizer, counter=counter, rule=eos_rule(tokenizer), prefetch=prefetch)
 
 
 def _count(counter, documents: int, tokens: int) -> None:
@@ -184,11 +257,35 @@ def _count(counter, documents: int, tokens: int) -> None:
 
 
 def _tokenize_part(job: tuple) -> tuple[int, int]:
-    """Worker of the parallel tokenisation: one part of the data into one part file."""
+    """Worker of the parallel tokenisation: one part of the data (or a `LineChunk`) into one part file."""
     source, part, text_column, batch_size, part_file = job
     tokenizer, counter = _WORKER["tokenizer"], _WORKER["counter"]
     return write_token_file(source.part_documents(part), tokenizer, text_column, batch_size, part_file,
-                            on_batch=lambda d, t: _count(counter, d, t), rule=_WORKER["rule"])
+                            on_batch=lambda d, t: _count(counter, d, t), rule=_WORKER["rule"], prefetch=_WORKER["prefetch"])
+
+
+FEED_FILES_PER_WORKER = 4  # below this many compressed files per worker, they are read here and fed in chunks
+PARTS_PER_WORKER = 4  # files that can be split are cut in at least this many parts per worker, which balances them
+
+
+def _jobs(source, parts: list, workers: int) -> Iterator:
+    """The units of parallel work, in stream order: the parts, except that compressed JSON-lines and text files
+    (one sequential part each, see `readers.is_sequential`), unless there are FEED_FILES_PER_WORKER of them per
+    worker to keep every worker busy on whole files, are decompressed here and handed out as `LineChunk`s of
+    CHUNK_BYTES (decompression is a few per cent of tokenising: one reader feeds many workers)."""
+    from .readers import is_sequential, sequential_part_chunks
+
+    feed = 0 < sum(map(is_sequential, parts)) < FEED_FILES_PER_WORKER * workers
+    for part in parts:
+        if feed and is_sequential(part):
+            yield from sequential_part_chunks(part)
+        else:
+            yield part
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which a container or `taskset` narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def temporary_name(folder: str) -> str:
@@ -205,8 +302,9 @@ def tokenize_to_cache(
 
     The documents are `source`'s, or those of local `paths`, or the iterable `documents`. With `num_workers` > 1
     the data's parts (files, Parquet row groups, Arrow record batches, byte ranges of an uncompressed JSON-lines
-    or text file, hub shards; see `readers.file_parts`) are tokenised in parallel processes and their streams
-    concatenated in order: the same bytes as one process. `progress`: a tqdm bar (documents, tokens, tokens/s,
+    or text file, hub shards; see `readers.file_parts`), and chunks of lines of compressed files, which this
+    process decompresses (see `_jobs`), are tokenised in parallel processes and their streams concatenated in
+    order: the same bytes as one process. `progress`: a tqdm bar (documents, tokens, tokens/s,
     ETA from the bytes read). Written to a temporary folder (unique across hosts) and renamed, so an interrupted
     run never leaves a half-written cache; an existing `folder` is kept.
     """
@@ -233,13 +331,15 @@ def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_
     start = time.time()
     parts = None  # one hub stream read by one process, or the given `documents`
     if source is not None and (source.paths is not None or num_workers > 1):
-        parts = source.parts(num_workers)
+        parts = source.parts(PARTS_PER_WORKER * num_workers if num_workers > 1 else 1)
     elif source is not None:
         documents = source.documents(streaming=True)
     bar = _progress_bar(parts, progress)
-    if parts is not None and num_workers > 1 and len(parts) > 1:
+    from .readers import is_sequential
+
+    if parts is not None and num_workers > 1 and (len(parts) > 1 or is_sequential(parts[0])):
         counts = _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_folder, tokens_file,
-                                    min(num_workers, len(parts)), bar)
+                                    num_workers, bar)
     else:
         rule = eos_rule(tokenizer)
         open(tokens_file, "wb").close()
@@ -259,37 +359,57 @@ def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_
         "tokenize_seconds": round(time.time() - start, 2),
         "num_workers": num_workers,
         "num_parts": len(parts) if parts is not None else 1,
+        "num_jobs": len(counts),  # the parts, compressed files fed in chunks counted chunk by chunk
     }
     with open(os.path.join(tmp_folder, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
     return meta
 
 
-def _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_folder, tokens_file, workers, bar):
-    """Each part into its own part file by a pool of `workers` processes, then concatenated in order."""
+def _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_folder, tokens_file, num_workers, bar):
+    """The `_jobs` of the data tokenised by a pool of processes, each into its own part file, appended to
+    `tokens_file` in order as soon as the jobs before it are done. At most 2 jobs per worker are queued at once
+    (their chunks' text is held in memory). Returns the (tokens, documents) of each job."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    part_files = [os.path.join(tmp_folder, f"part-{i:06d}.bin") for i in range(len(parts))]
+    from .readers import is_sequential
+
+    sequential = sum(map(is_sequential, parts))
+    workers = num_workers if 0 < sequential < FEED_FILES_PER_WORKER * num_workers else min(num_workers, len(parts))
     counter = multiprocessing.Array("q", 2)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tokenizer, counter)) as pool:
-        futures = {pool.submit(_tokenize_part, (source, part, text_column, batch_size, part_file)): part
-                   for part, part_file in zip(parts, part_files)}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                future.result()  # a worker's UsageError, raised here
+    jobs, queued, finished, counts = _jobs(source, parts, workers), {}, {}, []
+    written = submitted = 0
+    prefetch = PREFETCH_BATCHES if workers < available_cores() else 0  # a reading thread needs a core of its own
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tokenizer, counter, prefetch)) as pool, \
+            open(tokens_file, "wb") as out:
+        try:
+            while True:
+                while len(queued) < 2 * workers and (job := next(jobs, None)) is not None:
+                    part_file = os.path.join(tmp_folder, f"part-{submitted:06d}.bin")
+                    future = pool.submit(_tokenize_part, (source, job, text_column, batch_size, part_file))
+                    queued[future] = (submitted, job, part_file)
+                    submitted += 1
+                if not queued:
+                    break
+                done, _ = wait(queued, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    number, job, part_file = queued.pop(future)
+                    finished[number] = (future.result(), part_file)  # a worker's UsageError, raised here
+                    if bar:
+                        bar.part_done(job)
+                while written in finished:  # the next part file in stream order is complete
+                    count, part_file = finished.pop(written)
+                    with open(part_file, "rb") as handle:
+                        shutil.copyfileobj(handle, out, 64 * 1024 * 1024)
+                    os.remove(part_file)
+                    counts.append(count)
+                    written += 1
                 if bar:
-                    bar.part_done(futures[future])
-            if bar:
-                bar.set_counts(counter[0], counter[1])
-        counts = [future.result() for future in futures]
-    with open(tokens_file, "wb") as out:
-        for part_file in part_files:
-            with open(part_file, "rb") as handle:
-                shutil.copyfileobj(handle, out, 64 * 1024 * 1024)
-            os.remove(part_file)
+                    bar.set_counts(counter[0], counter[1])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return counts
 
 

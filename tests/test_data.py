@@ -131,8 +131,8 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
     read = []
     original = DataSource.part_documents
 
-    def counting(self, part):
-        for document in original(self, part):
+    def counting(self, part, *position):
+        for document in original(self, part, *position):
             read.append(1)
             yield document
 
@@ -144,7 +144,7 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
 
     def counting_batches(*args, **kwargs):
         for batch in batches(*args, **kwargs):
-            tokenised.append(len(batch))
+            tokenised.append(len(batch[0] if kwargs.get("state") else batch))
             yield batch
 
     monkeypatch.setattr(token_cache, "iter_token_batches", counting_batches)
@@ -177,3 +177,47 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
     list(StreamingTokenBlocks(source, tokenizer, "text", 0, far // block, block, batch_size=4, index_file=str(one_part)))
     assert not [line for line in one_part.read_text().splitlines() if "part_tokens" in line]
     assert first_block(far - block, str(one_part), tokenised) < first_block(far - block, None, tokenised) / 4
+
+
+@pytest.mark.parametrize("suffix", [".xz", ".zst"])
+def test_a_streamed_start_inside_a_compressed_file_parses_only_from_its_mark(tmp_path, monkeypatch, suffix):
+    """A compressed file is one part, read from its start. A streamed start (a resume) far inside it goes to the
+    line recorded with the last mark before it: the documents before that line are decompressed, not parsed or
+    tokenised (before: every one parsed), and the blocks are the cache's, at several starts."""
+    import lzma
+
+    import zstandard
+    from transformers import AutoTokenizer
+
+    from patch_training import blocks
+
+    monkeypatch.setattr(blocks, "MARK_TOKENS", 500)
+    paragraphs = [p for line in open(TRAIN_FILE, encoding="utf-8") for p in json.loads(line)["text"].split("\n") if p.strip()]
+    data = "".join(json.dumps({"text": p}) + "\n" for p in paragraphs).encode()
+    path = tmp_path / f"train.jsonl{suffix}"
+    path.write_bytes(lzma.compress(data) if suffix == ".xz" else zstandard.ZstdCompressor().compress(data))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    source = DataSource.from_files(str(path), "train_file")
+    assert len(source.parts()) == 1
+    tokens, _ = cached_token_stream(source, tokenizer, RunTrainingArguments(output_dir=str(tmp_path), report_to="none"),
+                                    cache_dir=str(tmp_path / "cache"))
+    index, block = tmp_path / "stream_index.jsonl", 64
+    list(StreamingTokenBlocks(source, tokenizer, "text", 0, len(tokens) // block, block, batch_size=4, index_file=str(index)))
+    marks = [json.loads(line) for line in index.read_text().splitlines() if '"documents"' in line]
+    assert len(marks) > 5 and all(m["offset"] > 0 and m["line"] > m["documents"] / 2 for m in marks), marks[:3]
+    parsed = []
+    original = DataSource.part_documents
+
+    def counting(self, part, *position):
+        for document in original(self, part, *position):
+            parsed.append(1)
+            yield document
+
+    monkeypatch.setattr(DataSource, "part_documents", counting)
+    documents = len(data.splitlines())
+    for start in (len(tokens) // 3, len(tokens) - 3 * block, len(tokens) + len(tokens) // 2):
+        parsed.clear()
+        stream = StreamingTokenBlocks(source, tokenizer, "text", start, 1, block, batch_size=4, index_file=str(index))
+        assert next(iter(stream))["input_ids"].tolist() == TokenBlocks(tokens, start, 1, block)[0]["input_ids"].tolist()
+        before = max(m["documents"] for m in marks if m["tokens"] <= start % len(tokens))
+        assert before > documents / 4 and len(parsed) < documents / 20, (start, before, len(parsed), documents)

@@ -110,29 +110,74 @@ def test_folders_patterns_and_mixed_lists(formats, tmp_path):
         check_data_files(str(tmp_path / "empty"), "train_file")
 
 
-def test_byte_ranges_cover_every_line_once(tmp_path):
-    """However an uncompressed file is cut, the parts' documents are the file's: each line read by exactly the
-    part where it starts (multi-byte characters and empty lines included)."""
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 200, readers.CHUNK_BYTES])
+@pytest.mark.parametrize("ending", ["\n", ""])
+def test_byte_ranges_cover_every_line_once(tmp_path, monkeypatch, chunk_bytes, ending):
+    """However an uncompressed file is cut, and whatever the size of the chunks it is read in (shorter than a
+    line or not), the parts' documents are the file's: each line read by exactly the part where it starts
+    (multi-byte characters, empty lines and a last line without a newline included); so are a compressed copy's,
+    read whole."""
+    monkeypatch.setattr(readers, "CHUNK_BYTES", chunk_bytes)
     lines = [("é" * (i % 5)) + f"line {i} " + "x" * (i * 37 % 101) for i in range(300)]
     path = tmp_path / "lines.txt"
-    path.write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n\n".join(lines) + ending, encoding="utf-8")
     for pieces in (1, 2, 3, 7, 50, 997):
         parts = file_parts(str(path), "text", pieces)
         assert len(parts) == min(pieces, path.stat().st_size)
         assert [d["text"] for part in parts for d in iter_part_documents(part, "text")] == lines, pieces
+    compressed = tmp_path / "lines.txt.xz"
+    compressed.write_bytes(lzma.compress(b"\xef\xbb\xbf" + path.read_bytes()))
+    assert [d["text"] for d in iter_local_documents([str(compressed)], "text", "text")] == lines
 
 
-@pytest.mark.parametrize("name", ["a.jsonl", "a.txt", "a.parquet", "stream.arrow", "file.arrow", "saved"])
+def test_a_recorded_line_position_reads_on_from_there(formats, tmp_path):
+    """The cursor of a reading records where the next line starts; a reading from that position (a seek, or
+    for a compressed file decompressing up to it) gives exactly the documents after it, for each JSON-lines
+    and text format, plain and compressed, whole files and byte ranges."""
+    for name in ("a.jsonl", "bom.jsonl", "crlf_bom.txt", "a.jsonl.gz", "a.jsonl.xz", "a.jsonl.bz2", "a.jsonl.zst", "a.txt.zst"):
+        for part in file_parts(formats[name], None, 3):
+            whole = list(iter_part_documents(part, "text"))
+            cursor, positions = [None], []
+            for _ in iter_part_documents(part, "text", cursor=cursor):
+                positions.append(cursor[0])
+            for index in (0, 1, len(whole) // 2, len(whole) - 1):
+                after = list(iter_part_documents(part, "text", start=positions[index]))
+                assert after == whole[index + 1 :], (name, part, index)
+            if not part.start:  # line numbers are counted when the part starts the file
+                assert positions[4].line == 6, (name, positions[4])
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.txt", "a.parquet", "stream.arrow", "file.arrow", "saved",
+                                  "a.jsonl.xz", "a.jsonl.zst", "a.txt.zst", "a.jsonl.gz", "bom.jsonl"])
 def test_one_file_tokenised_in_parallel_gives_the_same_bytes(formats, tokenizer, tmp_path, name, monkeypatch):
-    """One file split into parts (row groups, record batches, byte ranges, dataset shards) and tokenised by 2
-    processes gives byte for byte the stream of 1 process."""
+    """One file split into parts (row groups, record batches, byte ranges, dataset shards), or a compressed file
+    decompressed by the main process and fed to the workers in chunks of lines, tokenised by 2 processes gives
+    byte for byte the stream of 1 process."""
     monkeypatch.setattr(readers, "PART_ROWS", 40)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 1000)
     source = DataSource.from_files(formats[name], "train_file")
     one = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "one"), source=source)
     two = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "two"), source=source, num_workers=2)
-    assert two["num_parts"] >= 2 and two["num_documents"] == len(TEXTS)
+    assert two["num_jobs"] >= 2 and two["num_documents"] == len(TEXTS)
     assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
     assert one["num_tokens"] == two["num_tokens"]
+
+
+@pytest.mark.parametrize("files_per_worker", [1, 4])
+def test_several_compressed_files_whole_or_in_chunks_give_the_same_bytes(formats, tokenizer, tmp_path, monkeypatch, files_per_worker):
+    """Compressed files (with a compressed JSON list among them) tokenised by 2 processes, each file whole (as
+    many files as FEED_FILES_PER_WORKER per worker) or fed in chunks, give byte for byte the stream of 1 process."""
+    from patch_training import token_cache
+
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 3000)
+    monkeypatch.setattr(token_cache, "FEED_FILES_PER_WORKER", files_per_worker)
+    (tmp_path / "list.json.gz").write_bytes(gzip.compress(open(formats["a.json"], "rb").read()))
+    files = [formats["a.jsonl.xz"], str(tmp_path / "list.json.gz"), formats["a.jsonl.zst"], formats["a.jsonl.bz2"]]
+    source = DataSource.from_files(json.dumps(files), "train_file")
+    one = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "one"), source=source)
+    two = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "two"), source=source, num_workers=2)
+    assert two["num_documents"] == 4 * len(TEXTS) and (two["num_jobs"] == 4) == (files_per_worker == 1)
+    assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
 
 
 def damaged(formats, tmp_path) -> list:

@@ -213,3 +213,39 @@ def test_one_progress_bar_per_job(tmp_path, capsys, workers):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tokenising: 100%" in err and "tokenising" not in err.split("\n")[1], err
     assert f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens" in err and "tokens/s" in err
+
+
+def test_prefetched_keeps_order_raises_where_the_error_is_and_stops_when_closed():
+    """`prefetched` yields the items in order; an error of the reader comes after the items before it; a
+    consumer that stops early stops the reading thread (and closes the reader) instead of leaving it blocked."""
+    import threading
+
+    from patch_training.token_cache import prefetched
+
+    assert list(prefetched(iter(range(1000)), depth=3)) == list(range(1000))
+
+    def failing():
+        yield from range(5)
+        raise UsageError("data.jsonl, line 6: not valid JSON")
+
+    seen = []
+    with pytest.raises(UsageError, match="line 6"):
+        for item in prefetched(failing(), 2):
+            seen.append(item)
+    assert seen == list(range(5))
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+
+    stream = prefetched(endless(), depth=2)
+    assert [next(stream) for _ in range(10)] == list(range(10))
+    stream.close()
+    assert closed.wait(5) and not any(t.name == "prefetch-documents" for t in threading.enumerate())

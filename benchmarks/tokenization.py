@@ -6,15 +6,19 @@ with the time to the first block of a streamed start (a resume) near the start a
 - bare: `backend_tokenizer.encode_batch` on texts already in memory (the floor; reading not timed), the texts
   split in N contiguous pieces over N processes;
 - ours: `tokenize_to_cache` from the file (read, decompress, parse, tokenise, write tokens.bin), as run_clm.py
-  does it: the .jsonl.xz shard (one compressed file: one part), the same documents as an uncompressed .jsonl
-  (one large file, split in byte ranges), and as two .jsonl.xz files (several files);
+  does it: the documents as one .jsonl.xz file (with 2 processes decompressed by the main process and fed to
+  the workers in chunks of lines), as an uncompressed .jsonl (one large file, split in byte ranges), and as two
+  .jsonl.xz files (several files);
 - datasets.map: `load_dataset("json")` of the shard then `map(batched=True, num_proc=N)`, what a run_clm.py user
   of transformers' example has (loading into Arrow timed too).
 
-Every path gives the same token count (checked). TOKENIZERS_PARALLELISM=false: one thread per process.
-Two rates per row: tokens per wall-clock second, and tokens per CPU second (this process and its finished
-children, `resource.getrusage`), which a machine shared with other jobs disturbs far less; the load average at
-the start is recorded.
+Every path gives the same token count (checked). TOKENIZERS_PARALLELISM=false: one tokenizer thread per
+process. Two rates per row: tokens per wall-clock second, and tokens per CPU second (this process and its
+finished children, `resource.getrusage`); the load average at the start is recorded. Each case runs once per
+round, the rounds one after the other (`--rounds`), and the summary gives medians over the rounds: of the
+rates, and of ratios between runs made back to back (each case at 1 process / a bare-tokenizer run made right
+before it; a case at 2 processes / the same at 1), which a machine whose speed drifts from minute to minute
+disturbs far less than the rates.
 
     python benchmarks/tokenization.py --data ../shared/data/corpus/train-00.jsonl.xz
 """
@@ -73,10 +77,10 @@ def bare(texts: list[str], tokenizer_name: str, processes: int) -> tuple[float, 
         return time.perf_counter() - start, tokens
 
 
-def ours(paths: list[str], tokenizer, processes: int, folder: str) -> tuple[float, int]:
+def ours(paths: list[str], tokenizer, processes: int, folder: str, batch_size: int) -> tuple[float, int]:
     source = DataSource(text_column="text", paths=tuple(paths), fmt="json")
     start = time.perf_counter()
-    meta = tokenize_to_cache(None, tokenizer, "text", 1000, folder, num_workers=processes, source=source)
+    meta = tokenize_to_cache(None, tokenizer, "text", batch_size, folder, num_workers=processes, source=source)
     return time.perf_counter() - start, meta["num_tokens"]
 
 
@@ -93,10 +97,11 @@ def with_datasets_map(path: str, tokenizer, processes: int, cache: str) -> tuple
     return elapsed, sum(len(ids) for ids in mapped["input_ids"])
 
 
-def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int) -> dict:
+def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int, compressed: str | None = None) -> dict:
     """Streamed loader tokens/s over `tokens` tokens (which also writes the stream index), and time to the first
     block at steps 10, 1000 and 1350 of a job reading one block per step, with that index (a resume) and without it
-    (what a resume cost before: every token before the start tokenised again)."""
+    (what a resume cost before: every token before the start tokenised again); the same at steps 10 and 1350 for
+    the `compressed` copy (one part: the index's line position is reached by decompressing, without parsing)."""
     from patch_training.blocks import StreamingTokenBlocks
 
     source = DataSource.from_files(path, "data")
@@ -129,7 +134,53 @@ def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int) -> 
                 next(iter(StreamingTokenBlocks(source, tokenizer, "text", position, 1, block, batch_size=batch_size,
                                                index_file=index_file)))
                 result[f"first_block_s_{name}_{label}"] = time.perf_counter() - start
+        if compressed:  # the same documents as one .jsonl.xz file: one part, read from its start
+            source = DataSource.from_files(compressed, "data")
+            index = os.path.join(folder, "stream_index_xz.jsonl")
+            list(StreamingTokenBlocks(source, tokenizer, "text", 0, tokens // block, block, batch_size=batch_size,
+                                      index_file=index))
+            for name, position in (("step_10", 10 * block), ("step_1350", 1350 * block)):
+                for label, index_file in (("index", index), ("no_index", None)):
+                    start = time.perf_counter()
+                    next(iter(StreamingTokenBlocks(source, tokenizer, "text", position, 1, block, batch_size=batch_size,
+                                                   index_file=index_file)))
+                    result[f"first_block_xz_s_{name}_{label}"] = time.perf_counter() - start
     return result
+
+
+CASES = (
+    "bare tokenizer (encode_batch, texts in memory)",
+    "ours: one .jsonl.xz file",
+    "ours: one .jsonl file (byte ranges)",
+    "ours: two .jsonl.xz files",
+    "datasets.map (load_dataset json + map)",
+)
+
+
+def summary(rows: list[dict], processes: list[int]) -> list[dict]:
+    """Per case: the median over rounds of tokens/s (1 and N processes), of the ratio case / bare tokenizer at 1
+    process (each against the bare run made right before it), and of N / 1 processes (run back to back)."""
+    import statistics
+
+    def runs(method, procs, round_, paired_with=None):
+        return [r["tokens_per_s"] for r in rows if r["method"] == method and r["processes"] == procs
+                and r["round"] == round_ and r.get("paired_with") == paired_with]
+
+    rounds = sorted({r["round"] for r in rows})
+    table = []
+    for method in CASES:
+        entry = {"method": method}
+        for procs in processes:
+            entry[f"tokens_per_s_{procs}"] = statistics.median(
+                rate for r in rows if r["method"] == method and r["processes"] == procs for rate in [r["tokens_per_s"]])
+        if 1 in processes:
+            paired = None if method == CASES[0] else method
+            entry["vs_bare_1"] = statistics.median(
+                runs(method, 1, i)[0] / runs(CASES[0], 1, i, paired)[0] for i in rounds)
+            for procs in processes[1:]:
+                entry[f"scaling_{procs}"] = statistics.median(runs(method, procs, i)[0] / runs(method, 1, i)[0] for i in rounds)
+        table.append(entry)
+    return table
 
 
 def main(argv=None) -> dict:
@@ -138,6 +189,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokenizer_name", default="data/llama2_tokenizer")
     parser.add_argument("--max_documents", type=int, default=None, help="only the first N documents (quick runs)")
     parser.add_argument("--processes", default="1,2")
+    parser.add_argument("--rounds", type=int, default=5, help="each case once per round; the summary takes medians")
+    parser.add_argument("--batch_size", type=int, default=100,
+                        help="documents per tokenizer call in our path (run_clm.py's --tokenize_batch_size, 1000 by "
+                             "default). The reading thread works a batch ahead, so the first batch is not overlapped: "
+                             "with a few thousand documents 1000 would leave a large share of them unoverlapped, "
+                             "which a shard of millions does not")
     parser.add_argument("--stream_block", type=int, default=2048, help="block length of the streamed-loader figures")
     parser.add_argument("--stream_batch_size", type=int, default=64, help="documents per tokenizer call when streaming")
     parser.add_argument("--only_streaming", action="store_true", help="only the streamed-loader figures")
@@ -149,8 +206,10 @@ def main(argv=None) -> dict:
     texts = [d["text"] for d in iter_local_documents([args.data], "json", "text") if d["text"]]
     if args.max_documents:
         texts = texts[: args.max_documents]
+    tokenizer.backend_tokenizer.encode_batch(texts[:100])  # warm: not timed
+    processes = [int(p) for p in args.processes.split(",")]
     rows, results = [], {"data": args.data, "documents": len(texts), "cpus": os.cpu_count(),
-                         "load_average": os.getloadavg()[0]}
+                         "load_average": os.getloadavg()[0], "rounds": args.rounds, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as work:
         lines = [json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts]
         plain = os.path.join(work, "all.jsonl")
@@ -164,32 +223,44 @@ def main(argv=None) -> dict:
             halves.append(os.path.join(work, f"half-{i}.jsonl.xz"))
             with lzma.open(halves[-1], "wt", encoding="utf-8", preset=1) as handle:
                 handle.writelines(lines[len(lines) * i // 2 : len(lines) * (i + 1) // 2])
-        expected = None
-        for processes in [] if args.only_streaming else [int(p) for p in args.processes.split(",")]:
-            cases = {
-                "bare tokenizer (encode_batch, texts in memory)": lambda: bare(texts, args.tokenizer_name, processes),
-                "ours: one .jsonl.xz file": lambda: ours([compressed], tokenizer, processes, os.path.join(work, f"c{processes}")),
-                "ours: one .jsonl file (byte ranges)": lambda: ours([plain], tokenizer, processes, os.path.join(work, f"p{processes}")),
-                "ours: two .jsonl.xz files": lambda: ours(halves, tokenizer, processes, os.path.join(work, f"h{processes}")),
-                "datasets.map (load_dataset json + map)": lambda: with_datasets_map(plain, tokenizer, processes, os.path.join(work, f"hf{processes}")),
-            }
-            for name, run in cases.items():
-                cpu_start = cpu_seconds()
-                seconds, tokens = run()
-                cpu = cpu_seconds() - cpu_start
-                if name.startswith("bare"):
-                    tokens += len(texts)  # + the EOS per document that the others count
-                if name.startswith("datasets"):
-                    tokens += len(texts)
-                expected = expected or tokens
-                assert tokens == expected, (name, tokens, expected)
-                rows.append({"method": name, "processes": processes, "seconds": round(seconds, 2),
-                             "tokens_per_s": round(tokens / seconds), "cpu_seconds": round(cpu, 2),
-                             "tokens_per_cpu_s": round(tokens / cpu)})
-                print(f"{name:50s} {processes} proc {seconds:7.2f} s {tokens / seconds / 1e6:6.3f}M tokens/s "
-                      f"{tokens / cpu / 1e6:6.3f}M tokens/CPU-s", flush=True)
+        expected, run_number = None, 0
+        for round_ in [] if args.only_streaming else range(args.rounds):
+            for index, name in enumerate(CASES):
+                # Each 1-process case right after a 1-process bare run (its ratio to the floor drifts least), and a
+                # case's 1 and 2 processes back to back (likewise their ratio).
+                plan = [(CASES[0], 1, name)] if index > 0 and 1 in processes else []
+                plan += [(name, procs, None) for procs in processes]
+                for method, procs, paired_with in plan:
+                    run_number += 1
+                    folder = os.path.join(work, f"run-{run_number}")
+                    run = (
+                        lambda: bare(texts, args.tokenizer_name, procs),
+                        lambda: ours([compressed], tokenizer, procs, folder, args.batch_size),
+                        lambda: ours([plain], tokenizer, procs, folder, args.batch_size),
+                        lambda: ours(halves, tokenizer, procs, folder, args.batch_size),
+                        lambda: with_datasets_map(plain, tokenizer, procs, folder),
+                    )[CASES.index(method)]
+                    cpu_start = cpu_seconds()
+                    seconds, tokens = run()
+                    cpu = cpu_seconds() - cpu_start
+                    if method.startswith(("bare", "datasets")):
+                        tokens += len(texts)  # + the EOS per document that ours counts
+                    expected = expected or tokens
+                    assert tokens == expected, (method, tokens, expected)
+                    rows.append({"method": method, "processes": procs, "round": round_, "seconds": round(seconds, 2),
+                                 "tokens_per_s": round(tokens / seconds), "cpu_seconds": round(cpu, 2),
+                                 "tokens_per_cpu_s": round(tokens / cpu), **({"paired_with": paired_with} if paired_with else {})})
+                    print(f"round {round_} {method:50s} {procs} proc {seconds:7.2f} s {tokens / seconds / 1e6:6.3f}M tokens/s "
+                          f"{tokens / cpu / 1e6:6.3f}M tokens/CPU-s", flush=True)
         results["rows"] = rows
-        results.update(streamed(plain, tokenizer, 2_800_000, args.stream_block, args.stream_batch_size))
+        if rows:
+            results["summary"] = summary(rows, processes)
+            print(f"\nmedians over {args.rounds} rounds:")
+            for entry in results["summary"]:
+                print(f"{entry['method']:50s} " + " ".join(
+                    f"{key} {value / 1e6:.3f}M" if key.startswith("tokens") else f"{key} {value:.2f}"
+                    for key, value in entry.items() if key != "method"))
+        results.update(streamed(plain, tokenizer, 2_800_000, args.stream_block, args.stream_batch_size, compressed))
     for key, value in results.items():
         if key.startswith(("first_block", "streamed", "tokenise_only", "assembly")):
             print(f"{key:40s} {value:,.3f}")

@@ -176,7 +176,8 @@ def test_several_compressed_files_whole_or_in_chunks_give_the_same_bytes(formats
     source = DataSource.from_files(json.dumps(files), "train_file")
     one = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "one"), source=source)
     two = tokenize_to_cache(None, tokenizer, "text", 7, str(tmp_path / "two"), source=source, num_workers=2)
-    assert two["num_documents"] == 4 * len(TEXTS) and (two["num_jobs"] == 4) == (files_per_worker == 1)
+    assert one["num_documents"] == two["num_documents"] == 4 * len(TEXTS)
+    assert (two["num_jobs"] == 4) == (files_per_worker == 1)
     assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
 
 

@@ -27,6 +27,7 @@ it (readers, token cache, blocks, stages, resume, models, trainer, results) and 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,10 +38,8 @@ from pathlib import Path
 from patch_training.cli import UsageError, parse_arguments as parse_command_line, refuse_below, run_cli
 from patch_training.liger import check_liger_environment, check_liger_kernel_config
 from patch_training.readers import DataSource
-from patch_training.results import ALL_RESULTS_FILE, add_job_totals, recipe_results, report, stage_results
+from patch_training.results import ALL_RESULTS_FILE, add_job_totals, recipe_results, report
 from patch_training.resume import (
-    PATCH_STAGE_DIR,
-    STAGE_COMPLETE_FILE,
     STREAM_INDEX_FILE,
     batch_identity,
     data_files_identity,
@@ -57,9 +56,7 @@ from patch_training.stages import (
     plan_stages,
     repetition_warning,
     split_fractions,
-    stage_max_steps,
     stage_steps,
-    stage_training_args,
 )
 from patch_training.training_args import RunTrainingArguments, torch_compile_caveat
 
@@ -466,13 +463,12 @@ def main(argv: list[str] | None = None) -> dict:
     # Parse the arguments: flags, or a JSON config file (and flags that override it).
     model_args, data_args, patch_args, training_args = parse_arguments(argv)
     import transformers
-    from transformers import default_data_collator, set_seed
+    from transformers import set_seed
 
-    from patch_training.blocks import StreamingTokenBlocks, TokenBlocks, validation_blocks
-    from patch_training.models import build_model, resolve_attn_implementation
+    from patch_training.blocks import training_blocks, validation_blocks
+    from patch_training.models import resolve_attn_implementation
     from patch_training.token_cache import cached_token_stream
-    from patch_training.tracking import JobAxis
-    from patch_training.trainer import PatchTrainer, run_stage, save_stage_model
+    from patch_training.trainer import StageArguments, StageJob, train_stages
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
@@ -502,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     block_size, k = data_args.block_size, patch_args.patch_size
     cache = dict(cache_dir=data_args.data_cache_dir, batch_size=data_args.tokenize_batch_size)
     steps_budget = training_args.max_steps * global_batch_size(training_args) * block_size
-    dataset_tokens = None
+    stream = dataset_tokens = None
     if data_args.streaming:
         total_tokens = steps_budget
     else:
@@ -518,26 +514,15 @@ def main(argv: list[str] | None = None) -> dict:
     patch_fraction, step_fraction = split_fractions(patch_args, training_args, block_size)
     plans = plan_stages(total_tokens, patch_fraction, k, block_size, data_args.skip_data_fraction)
     check_plans(plans, block_size)
-    def stage_dir_of(plan):
-        return os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir
-
-    def stage_args(plan):
-        """The stage's TrainingArguments, made right before its Trainer: making TrainingArguments resets
-        accelerate's state, which a second DeepSpeed Accelerator needs (and which a stage's Trainer set up)."""
-        return stage_training_args(training_args, patch_args, plan, stage_dir_of(plan), stage_max_steps(plan, patch_args, training_args))
+    stage_args = StageArguments(training_args, patch_args, output_dir)  # each made right before its stage's Trainer
 
     # --patch_switch continue: one schedule over both stages' optimizer steps, the optimizer state carried on.
     continued = patch_args.patch_switch == "continue" and len(plans) == 2
     schedule_steps = sum(stage_steps(plan, stage_args(plan)) for plan in plans) if continued else None
 
-    def train_dataset(plan):
-        if data_args.streaming:
-            return StreamingTokenBlocks(train_source, tokenizer, train_source.text_column, plan.start_token,
-                                        plan.num_blocks, plan.block_len, batch_size=data_args.tokenize_batch_size,
-                                        index_file=os.path.join(output_dir, STREAM_INDEX_FILE),
-                                        write_index=training_args.should_save)
-        return TokenBlocks(stream, plan.start_token, plan.num_blocks, plan.block_len)
-
+    train_dataset = functools.partial(training_blocks, stream=stream, source=train_source, tokenizer=tokenizer,
+                                      batch_size=data_args.tokenize_batch_size, write_index=training_args.should_save,
+                                      index_file=os.path.join(output_dir, STREAM_INDEX_FILE))
     eval_datasets = (None, None)
     if eval_source is not None:
         eval_stream, _ = cached_token_stream(eval_source, tokenizer, training_args, **cache)
@@ -545,57 +530,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     logger.info("Attention: %s", attn_implementation)
 
-    # Train each stage: the patch stage (skipped once complete) hands its weights to the token stage.
+    # Train each stage: the patch stage (skipped once complete) hands its weights to the token stage; with λ = 1
+    # the patch model is the final model.
     results = {"output_dir": output_dir, "patch_size": k, "patch_data_fraction": float(patch_fraction),
                "block_size": block_size, "dataset_tokens": dataset_tokens, "budget_tokens": total_tokens,
                "attn_implementation": attn_implementation,
                **recipe_results(patch_args, step_fraction, schedule_steps)}
-    init_from = model_args.model_name_or_path
-    trainer = None
-    for plan in plans:
-        stage_dir = stage_dir_of(plan)
-        marker = Path(stage_dir) / STAGE_COMPLETE_FILE
-        if plan.name == "patch" and marker.is_file():
-            logger.info("The patch stage is complete (%s): going straight to the token stage", marker)
-            results["patch_stage"] = json.loads(marker.read_text())
-            init_from = stage_dir
-            continue
-        args = stage_args(plan)
-        model = build_model(model_args.config_name, init_from, plan.patch_size, attn_implementation, model_args.loss_implementation,
-                            patch_args.offset_weights if plan.name == "patch" else None, tokenizer=tokenizer)
-        handover = init_from if plan.name == "token" and patch_args.has_patch_stage else None
-        job_axis = JobAxis.for_stage(output_dir, training_args.run_name, plan, args, results.get("patch_stage"))
-        carry = handover if continued else None
-        trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover, job_axis,
-                                     schedule_steps, carry)
-        results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
-        if continued and metrics["steps"] != stage_steps(plan, args):  # the one schedule would not end where planned
-            logger.warning("the %s stage took %d optimizer steps, not the %d its schedule planned",
-                           plan.name, metrics["steps"], stage_steps(plan, args))
-        model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
-        save_stage_model(trainer, stage_dir)
-        trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
-        if plan.name == "patch":
-            if continued:  # the token stage carries them on (before the marker: a complete stage has them)
-                trainer.save_optimizer_state(stage_dir)
-            if trainer.args.should_save:  # written last: the model is complete
-                write_json_atomic(marker, results["patch_stage"])
-            trainer.accelerator.wait_for_everyone()
-            init_from = stage_dir
-
-    # λ = 1: the patch model is the final model; save it as a token-level (K = 1) checkpoint.
-    final_eval = {}
-    if not patch_args.has_token_stage:
-        if trainer is None:  # the patch stage was complete before this run
-            model = build_model(model_args.config_name, init_from, 1, attn_implementation, model_args.loss_implementation, tokenizer=tokenizer)
-            trainer = PatchTrainer(model=model, args=stage_training_args(training_args, patch_args, plans[0], output_dir, -1),
-                                   eval_dataset=eval_datasets[0], processing_class=tokenizer, data_collator=default_data_collator)
-            # Its evaluation lies where the patch stage ended, on the job's axes.
-            JobAxis.for_stage(output_dir, training_args.run_name, plans[0], trainer.args, results["patch_stage"]).attach(trainer)
-        trainer.model.config.patch_size = 1
-        save_stage_model(trainer, output_dir)
-        if eval_datasets[0] is not None:
-            results["final_eval"] = final_eval = trainer.evaluate()
+    job = StageJob(output_dir=output_dir, run_name=training_args.run_name, config_name=model_args.config_name,
+                   init_from=model_args.model_name_or_path, attn_implementation=attn_implementation,
+                   loss_implementation=model_args.loss_implementation, offset_weights=patch_args.offset_weights,
+                   has_patch_stage=patch_args.has_patch_stage, has_token_stage=patch_args.has_token_stage,
+                   continued=continued, schedule_steps=schedule_steps)
+    trainer, final_eval = train_stages(job, plans, stage_args, train_dataset, eval_datasets, tokenizer, results)
 
     # Report: the accounting of both stages and the relative cost, in all_results.json.
     stages = [results[f"{p.name}_stage"] for p in plans]

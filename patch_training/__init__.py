@@ -8,7 +8,7 @@ Each module has one reason to change; none imports `run_clm.py`, so a script of 
 - `stages`: the λ split of the token budget (`plan_stages`) and each stage's batch and TrainingArguments;
 - `resume`: the output folder, the run identity, and which checkpoint a re-run resumes from;
 - `models`: the model config, tokenizer and patch model of a stage;
-- `trainer`: `PatchTrainer`, training one stage, saving its model (DeepSpeed's fp32 masters included);
+- `trainer`: `PatchTrainer`, training one stage, saving its model (DeepSpeed's fp32 masters included), the stage loop;
 - `training_args`: `RunTrainingArguments`, transformers' TrainingArguments with this project's defaults;
 - `liger`: Liger-Kernel's switches per stage;
 - `results`: the accounting in all_results.json;

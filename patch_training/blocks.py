@@ -227,6 +227,20 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
             pending, held = [rest], len(rest)
 
 
+def training_blocks(plan, stream: np.ndarray | None, source=None, tokenizer=None, batch_size: int = 1000,
+                    index_file: str | None = None, write_index: bool = True):
+    """The training blocks of the stage `plan` (a `stages.StagePlan`: its start token, blocks and block length):
+    cut from the token cache's `stream` (`TokenBlocks`), or, when `stream` is None (--streaming), tokenised on the
+    fly from the `DataSource` `source` with `tokenizer`, `batch_size` documents per call, the stream's positions
+    kept in `index_file` (written when `write_index`: see `StreamingTokenBlocks`). Raises nothing itself: the data's
+    errors come when the blocks are read."""
+    if stream is None:
+        return StreamingTokenBlocks(source, tokenizer, source.text_column, plan.start_token, plan.num_blocks,
+                                    plan.block_len, batch_size=batch_size, index_file=index_file,
+                                    write_index=write_index)
+    return TokenBlocks(stream, plan.start_token, plan.num_blocks, plan.block_len)
+
+
 def validation_blocks(stream: np.ndarray, block_size: int, patch_size: int, max_blocks: int | None = None):
     """(token-level blocks of T, patch-level blocks of K*T or None) of a validation token stream: at most
     `max_blocks` blocks of T from its start, and K times fewer blocks of K*T over the same tokens (None when

@@ -1,6 +1,7 @@
 """`PatchTrainer` (exact gradient accumulation for the K-way loss, per-offset losses, patch and token
 evaluation, and with `--patch_switch continue` one learning-rate schedule and one AdamW state across both
-stages), training one stage, and saving a stage's model (DeepSpeed's fp32 master weights included)."""
+stages), training one stage, saving a stage's model (DeepSpeed's fp32 master weights included), and training
+the stages of a job one after the other (`train_stages`: the patch stage hands its weights to the token stage)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, default_data_collator
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from modeling_llama_patch import get_patch_size, loss_target_labels
 
 from .cli import UsageError
-from .resume import last_complete_checkpoint
+from .models import build_model
+from .results import stage_results
+from .resume import PATCH_STAGE_DIR, STAGE_COMPLETE_FILE, last_complete_checkpoint, write_json_atomic
+from .stages import StagePlan, stage_max_steps, stage_steps, stage_training_args
+from .tracking import JobAxis
 
 logger = logging.getLogger("run_clm")
 
@@ -324,3 +330,138 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
     if token_eval is not None:
         metrics.update(trainer.evaluate())
     return trainer, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stages of a job
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stage_dir(output_dir: str, plan: StagePlan) -> str:
+    """The folder of the stage `plan` in the job's `output_dir`: `<output_dir>/patch_stage` for the patch stage,
+    `output_dir` itself for the token stage (whose model is the job's). Raises nothing."""
+    return os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir
+
+
+@dataclass(frozen=True)
+class StageArguments:
+    """Each stage's TrainingArguments (`stages.stage_training_args`), made from the job's.
+
+    training_args: the job's `RunTrainingArguments` (the token stage's settings).
+    patch_args: run_clm.py's PatchArguments, read for the patch stage's batch, learning rate, warmup and
+      --patch_max_steps (`stages.stage_training_args`, `stages.stage_max_steps`).
+    output_dir: the job's folder (`stage_dir`).
+
+    Make them right before the stage's Trainer: making TrainingArguments resets accelerate's state, which a
+    second DeepSpeed Accelerator needs (and which a stage's Trainer set up)."""
+
+    training_args: TrainingArguments
+    patch_args: object
+    output_dir: str
+
+    def __call__(self, plan: StagePlan) -> TrainingArguments:
+        """The TrainingArguments that the stage `plan` trains with, in its `stage_dir`. UsageError when the
+        patch stage's batch cannot be derived (`stages.stage_batch_settings`)."""
+        return stage_training_args(self.training_args, self.patch_args, plan, stage_dir(self.output_dir, plan),
+                                   stage_max_steps(plan, self.patch_args, self.training_args))
+
+    def for_final_model(self, plan: StagePlan) -> TrainingArguments:
+        """The TrainingArguments of the stage `plan` in the job's folder with no step limit: those of a Trainer
+        that only evaluates and saves the final model. UsageError as for `__call__`."""
+        return stage_training_args(self.training_args, self.patch_args, plan, self.output_dir, -1)
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """What `train_stages` needs of the job besides its plans, data and TrainingArguments: plain values, fixed
+    before the first stage.
+
+    output_dir: the job's folder (the token stage's and the final model's; `stage_dir`).
+    run_name: --run_name (None: the folder's name), for the trackers' one run per job (`tracking.JobAxis`).
+    config_name: the model config the first stage starts from (random weights) when `init_from` is None.
+    init_from: the checkpoint the first stage starts from (--model_name_or_path), or None.
+    attn_implementation: the resolved attention (`models.resolve_attn_implementation`).
+    loss_implementation: auto, fused or unfused (`models.build_model`).
+    offset_weights: the patch loss's K weights of mean 1, or None (the paper's mean); the patch stage's only.
+    has_patch_stage, has_token_stage: whether the job has each stage (λ > 0, λ < 1), whether or not it is done.
+    continued: --patch_switch continue with both stages: the token stage carries the patch stage's optimizer
+      state and its schedule on.
+    schedule_steps: the optimizer steps of that one schedule over both stages (None: each stage its own)."""
+
+    output_dir: str
+    run_name: str | None
+    config_name: str | None
+    init_from: str | None
+    attn_implementation: str
+    loss_implementation: str
+    offset_weights: tuple[float, ...] | None
+    has_patch_stage: bool
+    has_token_stage: bool
+    continued: bool
+    schedule_steps: int | None
+
+
+def train_stages(job: StageJob, plans: list[StagePlan], stage_args: StageArguments, train_dataset: Callable,
+                 eval_datasets: tuple, tokenizer, results: dict) -> tuple[PatchTrainer, dict]:
+    """Train the stages `plans` in order: a complete patch stage (its `stage_complete.json`) is skipped, and the
+    patch stage hands its weights (with `job.continued`, also its optimizer state) to the token stage. Each
+    stage's model goes to its `stage_dir`, with its trainer_state.json; with λ = 1 (no token stage) the patch
+    model is saved as the final, token-level (K = 1) model in the job's folder and evaluated there.
+
+    `train_dataset(plan)`: a stage's training blocks; `eval_datasets`: (token-level, patch-level) validation
+    blocks, (None, None) without validation data; `results`: the job's all_results.json record, to which each
+    stage's record (`<name>_stage`) and with λ = 1 the final evaluation (`final_eval`) are added.
+    Returns (the Trainer that saved the job's final model, the final evaluation with λ = 1 (else {})).
+    Raises what training raises: UsageError for bad input found only now (e.g. --patch_switch continue after
+    a patch stage finished without its optimizer state)."""
+    init_from = job.init_from
+    trainer = None
+    for plan in plans:
+        folder = stage_dir(job.output_dir, plan)
+        marker = Path(folder) / STAGE_COMPLETE_FILE
+        if plan.name == "patch" and marker.is_file():
+            logger.info("The patch stage is complete (%s): going straight to the token stage", marker)
+            results["patch_stage"] = json.loads(marker.read_text())
+            init_from = folder
+            continue
+        args = stage_args(plan)
+        model = build_model(job.config_name, init_from, plan.patch_size, job.attn_implementation,
+                            job.loss_implementation, job.offset_weights if plan.name == "patch" else None,
+                            tokenizer=tokenizer)
+        handover = init_from if plan.name == "token" and job.has_patch_stage else None
+        job_axis = JobAxis.for_stage(job.output_dir, job.run_name, plan, args, results.get("patch_stage"))
+        carry = handover if job.continued else None
+        trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover,
+                                     job_axis, job.schedule_steps, carry)
+        results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
+        if job.continued and metrics["steps"] != stage_steps(plan, args):  # the schedule would not end as planned
+            logger.warning("the %s stage took %d optimizer steps, not the %d its schedule planned",
+                           plan.name, metrics["steps"], stage_steps(plan, args))
+        model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
+        save_stage_model(trainer, folder)
+        trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
+        if plan.name == "patch":
+            if job.continued:  # the token stage carries them on (before the marker: a complete stage has them)
+                trainer.save_optimizer_state(folder)
+            if trainer.args.should_save:  # written last: the model is complete
+                write_json_atomic(marker, results["patch_stage"])
+            trainer.accelerator.wait_for_everyone()
+            init_from = folder
+
+    # λ = 1: the patch model is the final model; save it as a token-level (K = 1) checkpoint.
+    final_eval = {}
+    if not job.has_token_stage:
+        if trainer is None:  # the patch stage was complete before this run
+            model = build_model(job.config_name, init_from, 1, job.attn_implementation, job.loss_implementation,
+                                tokenizer=tokenizer)
+            trainer = PatchTrainer(model=model, args=stage_args.for_final_model(plans[0]),
+                                   eval_dataset=eval_datasets[0], processing_class=tokenizer,
+                                   data_collator=default_data_collator)
+            # Its evaluation lies where the patch stage ended, on the job's axes.
+            axis = JobAxis.for_stage(job.output_dir, job.run_name, plans[0], trainer.args, results["patch_stage"])
+            axis.attach(trainer)
+        trainer.model.config.patch_size = 1
+        save_stage_model(trainer, job.output_dir)
+        if eval_datasets[0] is not None:
+            results["final_eval"] = final_eval = trainer.evaluate()
+    return trainer, final_eval

@@ -112,6 +112,20 @@ def test_parallel_tokenisation_gives_the_same_stream(tmp_path):
     assert not list((tmp_path / "two").glob("part-*"))
 
 
+def count_documents_read(monkeypatch) -> list:
+    """A list that gets one item per document the data source reads (parses) from now on."""
+    read = []
+    original = DataSource.part_documents
+
+    def counting(self, part, *position):
+        for document in original(self, part, *position):
+            read.append(1)
+            yield document
+
+    monkeypatch.setattr(DataSource, "part_documents", counting)
+    return read
+
+
 def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
     """Starting a streamed stage (or resuming one) at stream token N reads at most one part of the data, whatever
     N (the part index written by an earlier pass), and yields the blocks of the cache from N; without the index it
@@ -128,15 +142,8 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
     assert len(parts) > 5
     tokens, _ = cached_token_stream(source, tokenizer, RunTrainingArguments(output_dir=str(tmp_path), report_to="none"),
                                     cache_dir=str(tmp_path / "cache"))
-    read = []
     original = DataSource.part_documents
-
-    def counting(self, part, *position):
-        for document in original(self, part, *position):
-            read.append(1)
-            yield document
-
-    monkeypatch.setattr(DataSource, "part_documents", counting)
+    read = count_documents_read(monkeypatch)
     from patch_training import token_cache
 
     tokenised = []
@@ -205,15 +212,7 @@ def test_a_streamed_start_inside_a_compressed_file_parses_only_from_its_mark(tmp
     list(StreamingTokenBlocks(source, tokenizer, "text", 0, len(tokens) // block, block, batch_size=4, index_file=str(index)))
     marks = [json.loads(line) for line in index.read_text().splitlines() if '"documents"' in line]
     assert len(marks) > 5 and all(m["offset"] > 0 and m["line"] > m["documents"] / 2 for m in marks), marks[:3]
-    parsed = []
-    original = DataSource.part_documents
-
-    def counting(self, part, *position):
-        for document in original(self, part, *position):
-            parsed.append(1)
-            yield document
-
-    monkeypatch.setattr(DataSource, "part_documents", counting)
+    parsed = count_documents_read(monkeypatch)
     documents = len(data.splitlines())
     for start in (len(tokens) // 3, len(tokens) - 3 * block, len(tokens) + len(tokens) // 2):
         parsed.clear()

@@ -472,7 +472,7 @@ def iter_line_chunks(part: DataPart, start: LinePosition | None = None, chunk_by
             carry = handle.read(len(BOM))
             position, line = (len(BOM), 1) if carry == BOM else (0, 1)
             carry = b"" if carry == BOM else carry
-        read = raw.tell()
+        read = raw.tell() if start is not None or part.start else 0  # a whole file: every byte of it counted
         while stop is None or position < stop:
             block = handle.read(chunk_bytes)
             data = carry + block if carry else block

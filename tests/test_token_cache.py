@@ -201,11 +201,23 @@ def test_a_hub_dataset_is_tokenised_in_parallel_by_shards(tmp_path):
     assert (tmp_path / "one" / "tokens.bin").read_bytes() == (tmp_path / "two" / "tokens.bin").read_bytes()
 
 
+@pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_one_progress_bar_per_job(tmp_path, capsys, workers):
+def test_one_progress_bar_per_job(tmp_path, capsys, workers, compressed, monkeypatch):
     """`progress=True` shows one bar for the whole job (not one per worker): bytes with a total (so an ETA),
-    documents, tokens and tokens/s; `progress=False` (another rank, logging off) shows nothing."""
+    documents, tokens and tokens/s, at 100% at the end also for compressed files fed to the workers in chunks;
+    `progress=False` (another rank, logging off) shows nothing."""
+    import gzip
+
+    from patch_training import readers
+
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 500)
     paths = [write_documents(tmp_path / f"d{i}.jsonl", TEXTS * 5) for i in range(3)]
+    if compressed:
+        for index, path in enumerate(paths):
+            paths[index] = path + ".gz"
+            with open(path, "rb") as plain, gzip.open(paths[index], "wb") as packed:
+                packed.write(plain.read())
     source = DataSource.from_files(",".join(paths), "train_file")
     tokenize_to_cache(None, llama(), "text", 4, str(tmp_path / "quiet"), source=source, num_workers=workers)
     assert capsys.readouterr().err == ""

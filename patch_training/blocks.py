@@ -94,15 +94,12 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
         return [None], ""
 
     def _documents(self, part, start=None, cursor=None):
-        if part is None:
-            return self.source()
-        if start is not None or cursor is not None:
-            return self.source.part_documents(part, start, cursor)
-        return self.source.part_documents(part)
+        return self.source() if part is None else self.source.part_documents(part, start, cursor)
 
     def _load_index(self, key: str) -> tuple[list[int], dict[int, list[list[int]]]]:
-        """(tokens of each part read whole so far, {part: sorted [documents, tokens(, offset, line)] marks}) from the index file,
-        an append-only JSON-lines file whose first line names the data and tokenizer; empty if it is another's."""
+        """(tokens of each part read whole so far, {part: sorted [documents, tokens(, offset, line)] marks}) from
+        the index file, an append-only JSON-lines file whose first line names the data and tokenizer; empty if it is
+        another's."""
         known: dict[int, int] = {}
         marks: dict[int, set] = {}
         if self.index_file and key and os.path.isfile(self.index_file):

@@ -230,6 +230,7 @@ class _ZstdReader(io.RawIOBase):
             self._buffer, self._offset = b"", 0
         return size
 
+
 def _is_compressed(path: str) -> bool:
     return path.lower().endswith(COMPRESSION_SUFFIXES)
 
@@ -294,11 +295,16 @@ def file_parts(path: str, fmt: str | None = None, target_parts: int = 1) -> list
     except Exception as error:  # pyarrow's ArrowInvalid / OSError for a damaged or mislabelled file
         raise UsageError(f"{path} cannot be read as {fmt}: {first_line(error)}") from None
     size = os.path.getsize(path)
-    if _is_compressed(path) or size == 0 or (fmt == "json" and _first_character(path) == "["):
+    if _is_compressed(path) or size == 0 or is_json_list(path, fmt):
         return [DataPart(path, fmt, size=size)]
     pieces = max(target_parts, -(-size // PART_BYTES))
     bounds = [size * i // pieces for i in range(pieces + 1)]
     return [DataPart(path, fmt, a, b, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def is_json_list(path: str, fmt: str) -> bool:
+    """Whether a JSON file (compressed or not) holds one JSON list rather than JSON lines: it is read whole."""
+    return fmt == "json" and _first_character(path) == "["
 
 
 def _first_character(path: str) -> str:
@@ -341,7 +347,7 @@ def iter_part_documents(part, text_column: str, start: LinePosition | None = Non
             yield from chunk_documents(part, text_column, cursor)
         elif part.fmt in ("parquet", "arrow", "saved"):
             yield from _table_documents(part, text_column)
-        elif part.fmt == "json" and part.start is None and start is None and _first_character(part.path) == "[":
+        elif part.start is None and start is None and is_json_list(part.path, part.fmt):
             yield from _json_list_documents(part.path, text_column)
         else:
             for chunk in iter_line_chunks(part, start):
@@ -508,7 +514,7 @@ def sequential_part_chunks(part: DataPart) -> Iterator:
     """A sequential part (see `is_sequential`) read (decompressed) here, as `LineChunk`s for other processes to
     parse and tokenise; a JSON list is left whole (the part itself). One-line errors, see `read_errors`."""
     with read_errors(part.path):
-        if part.fmt == "json" and _first_character(part.path) == "[":
+        if is_json_list(part.path, part.fmt):
             yield part
             return
         yield from iter_line_chunks(part)

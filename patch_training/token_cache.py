@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .cli import UsageError
-from .readers import DataSource
+from .readers import DataSource, is_sequential, sequential_part_chunks
 
 logger = logging.getLogger("run_clm")
 
@@ -61,9 +61,9 @@ def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, 
     special tokens (BOS for LLaMA), the text, and one EOS (see `eos_rule`). Empty texts and nulls are skipped.
 
     The documents are read (decompressed, parsed) by a background thread, up to `prefetch` batches ahead (0: no
-    thread; default PREFETCH_BATCHES where there are 2 cores or more), while the tokenizer, which releases the GIL, encodes the previous batch (see `prefetched`). Yields
-    lists of token-id lists; with `state` (a function called in the reading thread after each batch's last
-    document), (token ids, its value) pairs."""
+    thread; default PREFETCH_BATCHES where there are 2 cores or more), while the tokenizer, which releases the
+    GIL, encodes the previous batch (see `prefetched`). Yields lists of token-id lists; with `state` (a function
+    called in the reading thread after each batch's last document), (token ids, its value) pairs."""
     eos, appends = rule or eos_rule(tokenizer)
     encode_batch = batch_encoder(tokenizer)
     batches = _text_batches(documents, text_column, batch_size, state)
@@ -88,7 +88,6 @@ def _text_batches(documents, text_column: str, batch_size: int, state=None) -> I
             batch = []
     if batch:
         yield batch, state() if state else None
-
 
 
 def prefetched(items, depth: int) -> Iterator:
@@ -261,21 +260,25 @@ def _tokenize_part(job: tuple) -> tuple[int, int]:
     source, part, text_column, batch_size, part_file = job
     tokenizer, counter = _WORKER["tokenizer"], _WORKER["counter"]
     return write_token_file(source.part_documents(part), tokenizer, text_column, batch_size, part_file,
-                            on_batch=lambda d, t: _count(counter, d, t), rule=_WORKER["rule"], prefetch=_WORKER["prefetch"])
+                            on_batch=lambda d, t: _count(counter, d, t), rule=_WORKER["rule"],
+                            prefetch=_WORKER["prefetch"])
 
 
 FEED_FILES_PER_WORKER = 4  # below this many compressed files per worker, they are read here and fed in chunks
 PARTS_PER_WORKER = 4  # files that can be split are cut in at least this many parts per worker, which balances them
 
 
-def _jobs(source, parts: list, workers: int) -> Iterator:
-    """The units of parallel work, in stream order: the parts, except that compressed JSON-lines and text files
-    (one sequential part each, see `readers.is_sequential`), unless there are FEED_FILES_PER_WORKER of them per
-    worker to keep every worker busy on whole files, are decompressed here and handed out as `LineChunk`s of
-    CHUNK_BYTES (decompression is a few per cent of tokenising: one reader feeds many workers)."""
-    from .readers import is_sequential, sequential_part_chunks
+def feeds_chunks(parts: list, workers: int) -> bool:
+    """Whether the compressed JSON-lines and text files among `parts` (one sequential part each, see
+    `readers.is_sequential`) are decompressed here and fed to the `workers` in chunks: when there are some, but
+    fewer than FEED_FILES_PER_WORKER per worker to keep every worker busy on whole files."""
+    return 0 < sum(map(is_sequential, parts)) < FEED_FILES_PER_WORKER * workers
 
-    feed = 0 < sum(map(is_sequential, parts)) < FEED_FILES_PER_WORKER * workers
+
+def _jobs(source, parts: list, feed: bool) -> Iterator:
+    """The units of parallel work, in stream order: the parts, except that with `feed` (see `feeds_chunks`) the
+    sequential ones are decompressed here and handed out as `LineChunk`s of CHUNK_BYTES (decompression is a few
+    per cent of tokenising: one reader feeds many workers)."""
     for part in parts:
         if feed and is_sequential(part):
             yield from sequential_part_chunks(part)
@@ -335,8 +338,6 @@ def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_
     elif source is not None:
         documents = source.documents(streaming=True)
     bar = _progress_bar(parts, progress)
-    from .readers import is_sequential
-
     if parts is not None and num_workers > 1 and (len(parts) > 1 or is_sequential(parts[0])):
         counts = _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_folder, tokens_file,
                                     num_workers, bar)
@@ -373,12 +374,10 @@ def _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_fo
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from .readers import is_sequential
-
-    sequential = sum(map(is_sequential, parts))
-    workers = num_workers if 0 < sequential < FEED_FILES_PER_WORKER * num_workers else min(num_workers, len(parts))
+    feed = feeds_chunks(parts, num_workers)
+    workers = num_workers if feed else min(num_workers, len(parts))
     counter = multiprocessing.Array("q", 2)
-    jobs, queued, finished, counts = _jobs(source, parts, workers), {}, {}, []
+    jobs, queued, finished, counts = _jobs(source, parts, feed), {}, {}, []
     written = submitted = 0
     prefetch = PREFETCH_BATCHES if workers < available_cores() else 0  # a reading thread needs a core of its own
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tokenizer, counter, prefetch)) as pool, \

@@ -434,9 +434,10 @@ def train_stages(job: StageJob, plans: list[StagePlan], stage_args: StageArgumen
         trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover,
                                      job_axis, job.schedule_steps, carry)
         results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
-        if job.continued and metrics["steps"] != stage_steps(plan, args):  # the schedule would not end as planned
+        planned = stage_steps(plan, args)
+        if job.continued and metrics["steps"] != planned:  # the one schedule would not end as planned
             logger.warning("the %s stage took %d optimizer steps, not the %d its schedule planned",
-                           plan.name, metrics["steps"], stage_steps(plan, args))
+                           plan.name, metrics["steps"], planned)
         model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
         save_stage_model(trainer, folder)
         trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history

@@ -97,6 +97,21 @@ def with_datasets_map(path: str, tokenizer, processes: int, cache: str) -> tuple
     return elapsed, sum(len(ids) for ids in mapped["input_ids"])
 
 
+def first_block_seconds(source, tokenizer, index: str, block: int, batch_size: int, steps, prefix: str) -> dict:
+    """{f"{prefix}_step_<n>_index" / "_no_index": seconds to the first block of a streamed start at each of `steps`
+    (one block per step), with the stream index `index` of an earlier pass (a resume) and without it."""
+    from patch_training.blocks import StreamingTokenBlocks
+
+    result = {}
+    for step in steps:
+        for label, index_file in (("index", index), ("no_index", None)):
+            start = time.perf_counter()
+            next(iter(StreamingTokenBlocks(source, tokenizer, "text", step * block, 1, block, batch_size=batch_size,
+                                           index_file=index_file)))
+            result[f"{prefix}_step_{step}_{label}"] = time.perf_counter() - start
+    return result
+
+
 def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int, compressed: str | None = None) -> dict:
     """Streamed loader tokens/s over `tokens` tokens (which also writes the stream index), and time to the first
     block at steps 10, 1000 and 1350 of a job reading one block per step, with that index (a resume) and without it
@@ -128,23 +143,13 @@ def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int, com
         start = time.perf_counter()
         assembled = sum(len(b["input_ids"]) for b in blocks)
         result["assembly_only_tokens_per_s"] = assembled / (time.perf_counter() - start)
-        for name, position in (("step_10", 10 * block), ("step_1000", 1000 * block), ("step_1350", 1350 * block)):
-            for label, index_file in (("index", index), ("no_index", None)):
-                start = time.perf_counter()
-                next(iter(StreamingTokenBlocks(source, tokenizer, "text", position, 1, block, batch_size=batch_size,
-                                               index_file=index_file)))
-                result[f"first_block_s_{name}_{label}"] = time.perf_counter() - start
+        result.update(first_block_seconds(source, tokenizer, index, block, batch_size, (10, 1000, 1350), "first_block_s"))
         if compressed:  # the same documents as one .jsonl.xz file: one part, read from its start
             source = DataSource.from_files(compressed, "data")
             index = os.path.join(folder, "stream_index_xz.jsonl")
             list(StreamingTokenBlocks(source, tokenizer, "text", 0, tokens // block, block, batch_size=batch_size,
                                       index_file=index))
-            for name, position in (("step_10", 10 * block), ("step_1350", 1350 * block)):
-                for label, index_file in (("index", index), ("no_index", None)):
-                    start = time.perf_counter()
-                    next(iter(StreamingTokenBlocks(source, tokenizer, "text", position, 1, block, batch_size=batch_size,
-                                                   index_file=index_file)))
-                    result[f"first_block_xz_s_{name}_{label}"] = time.perf_counter() - start
+            result.update(first_block_seconds(source, tokenizer, index, block, batch_size, (10, 1350), "first_block_xz_s"))
     return result
 
 

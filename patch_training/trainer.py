@@ -21,6 +21,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from modeling_llama_patch import get_patch_size, loss_target_labels
 
+from . import compat
 from .cli import UsageError
 from .models import build_model
 from .results import stage_results
@@ -31,6 +32,7 @@ from .tracking import JobAxis
 logger = logging.getLogger("run_clm")
 
 STAGE_PROGRESS_FILE = "stage_progress.json"
+compat.install()  # transformers 5.17: a multi-process CPU run's optimizer state loads (see compat.py)
 
 
 @dataclass

@@ -227,6 +227,14 @@ def test_architecture(model_type):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def generated(model, ids, **kwargs) -> list | str:
+    """generate()'s ids as a list, or the error it raised as one line (type: message)."""
+    try:
+        return model.generate(ids, **kwargs).tolist()
+    except RuntimeError as error:
+        return f"{type(error).__name__}: {error}"
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_auto_from_config_is_the_stock_class(model_type):
     """AutoPatchModelForCausalLM.from_config returns a subclass of the stock class (isinstance holds) with the
@@ -246,7 +254,14 @@ def test_auto_from_config_is_the_stock_class(model_type):
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        assert torch.equal(patch.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+        outputs = [generated(model, ids, **kwargs) for model in (patch, stock)]
+        assert outputs[0] == outputs[1]  # the same tokens, or the same error as stock
+        if isinstance(outputs[1], str):
+            # Stock MoE generate() with output_router_logits fails in transformers 5.17 (the router loss's mask
+            # has the prompt's length, the logits one step's): then compare tokens without the router loss.
+            patch.config.output_router_logits = stock.config.output_router_logits = False
+            outputs = [generated(model, ids, **kwargs) for model in (patch, stock)]
+            assert isinstance(outputs[1], list) and outputs[0] == outputs[1]
 
     patch.config.patch_size = K
     for cache in ({"cache": DynamicCache()}, {"past_key_values": DynamicCache()}, {"use_cache": True}):

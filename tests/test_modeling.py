@@ -400,7 +400,7 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(patch_si
     patch.zero_grad()
     calls.clear()
 
-    # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns); 5.17 has only the old one.
+    # transformers >= 5.23 names it activation_checkpointing_enable (the old name warns); 5.17 has only the old one.
     (getattr(patch, "activation_checkpointing_enable", None) or patch.gradient_checkpointing_enable)()
     out = patch(ids, labels=ids)
     out.loss.backward()

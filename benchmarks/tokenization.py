@@ -177,7 +177,7 @@ def summary(rows: list[dict], processes: list[int]) -> list[dict]:
         entry = {"method": method}
         for procs in processes:
             entry[f"tokens_per_s_{procs}"] = statistics.median(
-                rate for r in rows if r["method"] == method and r["processes"] == procs for rate in [r["tokens_per_s"]])
+                r["tokens_per_s"] for r in rows if r["method"] == method and r["processes"] == procs)
         if 1 in processes:
             paired = None if method == CASES[0] else method
             entry["vs_bare_1"] = statistics.median(

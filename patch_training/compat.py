@@ -3,6 +3,7 @@ for a bug that a later release fixed; each is a no-op on the releases that have 
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -15,7 +16,6 @@ from packaging.version import Version
 # resume or `--patch_switch continue` failed there. 5.18 maps to plain "cpu" (Trainer._load_optimizer_and_scheduler).
 CPU_MAP_LOCATION_FIXED_IN = Version("5.18")
 _INDEXED_CPU = re.compile(r"cpu:\d+")
-_installed = False
 
 
 def _restore_indexed_cpu(storage, location: str):
@@ -24,13 +24,11 @@ def _restore_indexed_cpu(storage, location: str):
     return storage if _INDEXED_CPU.fullmatch(location) else None
 
 
+@functools.cache  # registered once
 def register_indexed_cpu() -> None:
     """Let torch.load restore storages mapped to "cpu:N" (on the CPU). Idempotent."""
-    global _installed
-    if not _installed:
-        # Priority 11: just after torch's own "cpu" (10); the tagger never claims a storage at save time.
-        torch.serialization.register_package(11, lambda storage: None, _restore_indexed_cpu)
-        _installed = True
+    # Priority 11: just after torch's own "cpu" (10); the tagger never claims a storage at save time.
+    torch.serialization.register_package(11, lambda storage: None, _restore_indexed_cpu)
 
 
 def install() -> bool:

@@ -14,7 +14,7 @@ from packaging.version import Version
 # world_size > 1, which is the indexed device "cpu:0" on a multi-process CPU run; torch.load cannot restore
 # "cpu:0" ("don't know how to restore data location of torch.storage.UntypedStorage (tagged with cpu:0)"), so a
 # resume or `--patch_switch continue` failed there. 5.18 maps to plain "cpu" (Trainer._load_optimizer_and_scheduler).
-CPU_MAP_LOCATION_FIXED_IN = Version("5.18")
+CPU_MAP_LOCATION_FIXED_IN = "5.18"
 _INDEXED_CPU = re.compile(r"cpu:\d+")
 
 
@@ -22,6 +22,12 @@ def _restore_indexed_cpu(storage, location: str):
     """torch.serialization deserializer: a storage mapped to "cpu:N" stays where it was read, on the CPU (the
     only CPU device). Returns None for every other location, which the next registered deserializer handles."""
     return storage if _INDEXED_CPU.fullmatch(location) else None
+
+
+def transformers_at_least(version: str) -> bool:
+    """Whether the installed transformers is `version` or newer, by release numbers alone (a "5.18.0.dev0"
+    counts as 5.18)."""
+    return Version(transformers.__version__).release >= Version(version).release
 
 
 @functools.cache  # registered once
@@ -33,7 +39,7 @@ def register_indexed_cpu() -> None:
 
 def install() -> bool:
     """Install the work-arounds the running transformers needs; returns whether any was. Idempotent."""
-    if Version(transformers.__version__).release >= CPU_MAP_LOCATION_FIXED_IN.release:
+    if transformers_at_least(CPU_MAP_LOCATION_FIXED_IN):
         return False
     register_indexed_cpu()
     return True

@@ -37,5 +37,14 @@ def test_an_indexed_cpu_location_loads(location):
 
 def test_installed_only_where_needed():
     """The work-around is installed on transformers older than the release that fixed the bug, not after."""
-    needed = Version(transformers.__version__).release < compat.CPU_MAP_LOCATION_FIXED_IN.release
+    needed = Version(transformers.__version__).release < Version(compat.CPU_MAP_LOCATION_FIXED_IN).release
     assert compat.install() is needed
+
+
+@pytest.mark.parametrize("installed, version, expected",
+                         [("5.17.0", "5.18", False), ("5.18.0.dev0", "5.18", True), ("5.18.0", "5.18", True),
+                          ("5.24.0", "5.23", True), ("5.9.1", "5.18", False), ("5.17.0", "0", True)])
+def test_transformers_at_least_compares_releases(monkeypatch, installed, version, expected):
+    """By release numbers: a development build of 5.18 already has 5.18's fixes; 5.9 is older than 5.18."""
+    monkeypatch.setattr(transformers, "__version__", installed)
+    assert compat.transformers_at_least(version) is expected

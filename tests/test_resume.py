@@ -9,12 +9,11 @@ import json
 import logging
 
 import pytest
-import transformers
-from packaging.version import Version
 from test_run_clm import Interrupt, interrupt_at, job_args
 
 import run_clm
 from patch_training.cli import UsageError
+from patch_training.compat import transformers_at_least
 from patch_training.resume import (
     MAY_CHANGE,
     RUN_ARGS_FILE,
@@ -166,8 +165,7 @@ def test_every_argument_is_compared_or_may_change(workdir, tmp_path):
     for name in names:
         assert (name in identity) != (name in MAY_CHANGE), f"{name}: neither in the run identity nor on MAY_CHANGE"
     absent = set(MAY_CHANGE) - set(names)  # entries for TrainingArguments fields of a newer transformers only
-    installed = Version(transformers.__version__).release
-    stale = {name for name in absent if installed >= Version(NEWER_TRANSFORMERS_FIELDS.get(name, "0")).release}
+    stale = {name for name in absent if transformers_at_least(NEWER_TRANSFORMERS_FIELDS.get(name, "0"))}
     assert not stale, f"stale MAY_CHANGE entries: {stale}"
     assert "hub_token" not in identity  # a secret is never written to run_args.json
     assert json.loads(json.dumps(identity)) == identity

@@ -4,7 +4,9 @@ against the argument dataclasses, and the wrapper that turns an entry point into
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -14,11 +16,63 @@ class UsageError(ValueError):
 
 
 def refuse_below(arguments, names: tuple[str, ...], minimum: int) -> None:
-    """UsageError naming the first of the `arguments` fields `names` set below `minimum` (None: unset, fine)."""
+    """UsageError naming the first of the `arguments` fields `names` set below `minimum` (None: unset, fine).
+    NaN is refused too: it compares false with every number, so `value < minimum` alone let it through."""
     for name in names:
         value = getattr(arguments, name)
+        if isinstance(value, float) and math.isnan(value):
+            raise UsageError(f"--{name} must be a number, got nan")
         if value is not None and value < minimum:
             raise UsageError(f"--{name} must be >= {minimum}, got {value}")
+
+
+# Float arguments for which +inf means something: each with the reason. Every other float argument of every
+# argument dataclass must be finite (`refuse_non_finite`); NaN is refused everywhere.
+INFINITY_MEANS = {
+    # Trainer clips with torch's clip_grad_norm_ when max_grad_norm > 0; with inf the clipping factor is
+    # min(1, inf / norm) = 1: the gradient norm is measured and logged, nothing is clipped (what transformers
+    # itself passes to measure the norm when max_grad_norm is 0).
+    "max_grad_norm": "no clipping",
+}
+
+
+def refuse_non_finite(arguments) -> None:
+    """UsageError for a NaN or infinite float field of the dataclass instance `arguments` (a flag such as
+    `--learning_rate inf`, or `"learning_rate": Infinity` / `NaN` in a config file, which Python's JSON reader
+    accepts): torch trains with them without a word and ends in NaN losses, or fails deep inside the optimizer
+    or the scheduler. +inf is allowed where it has a meaning (`INFINITY_MEANS`)."""
+    for f in dataclasses.fields(arguments):
+        value = getattr(arguments, f.name, None)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isnan(value):
+            raise UsageError(f"--{f.name} must be a number, got nan")
+        if value > 0 and f.name in INFINITY_MEANS:
+            continue
+        raise UsageError(f"--{f.name} must be a finite number, got {value}")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def object_without_duplicates(pairs: list) -> dict:
+    """`object_pairs_hook` for json.load(s): a JSON object as a dict, or _DuplicateKey naming a key that it
+    holds twice (json keeps the last one without a word)."""
+    values = {}
+    for key, value in pairs:
+        if key in values:
+            raise _DuplicateKey(key)
+        values[key] = value
+    return values
+
+
+def loads_json_object(text: str, what: str):
+    """`json.loads(text)`, refusing a key given twice at any level: UsageError naming `what` and the key."""
+    try:
+        return json.loads(text, object_pairs_hook=object_without_duplicates)
+    except _DuplicateKey as error:
+        raise UsageError(f"{what} has the key {error.args[0]!r} twice (JSON would keep only the last one)") from None
 
 
 def first_line(error: Exception) -> str:
@@ -63,9 +117,13 @@ def load_config_file(path: str, classes: tuple) -> dict:
         raise UsageError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as handle:
         try:
-            values = json.load(handle)
+            values = json.load(handle, object_pairs_hook=object_without_duplicates)
         except json.JSONDecodeError as error:
             raise UsageError(f"config file {path} is not valid JSON: {error}") from None
+        except _DuplicateKey as error:
+            raise UsageError(
+                f"config file {path} has the key {error.args[0]!r} twice (JSON would keep only the last one): remove one"
+            ) from None
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a JSON object of arguments")
     known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
@@ -93,21 +151,52 @@ def parse_arguments(classes: tuple, argv: list[str] | None = None) -> tuple:
         if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
             values = load_config_file(argv[0], classes)
             if len(argv) == 1:
-                return parser.parse_dict(values)
-            parser.set_defaults(**values)  # the flags after the file override it
+                parsed = parser.parse_dict(values)
+            else:
+                parser.set_defaults(**values)  # the flags after the file override it
+                parsed = parser.parse_args_into_dataclasses(args=argv[1:])
         else:
-            argv = [""] + argv
-        return parser.parse_args_into_dataclasses(args=argv[1:])
+            parsed = parser.parse_args_into_dataclasses(args=argv)
     except UsageError:
         raise
     except ValueError as error:  # transformers' own argument checks (e.g. --bf16 without a GPU): one line
         raise UsageError(str(error).strip()) from error
+    for arguments in parsed:  # every float of every class; a class's own __post_init__ may check first
+        refuse_non_finite(arguments)
+    return tuple(parsed)
+
+
+# Failures to write that the user can act on (permissions, a read-only or full filesystem, a quota): one line
+# instead of the traceback; every other OSError keeps its traceback.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def write_error_message(error: BaseException) -> str | None:
+    """The one-line message for a failure to write a file, or None for any other error: an OSError with one
+    of WRITE_ERRNOS and the file it names ("cannot write /x/run_args.json.tmp-1: [Errno 13] Permission denied"),
+    a full disk or quota without a file name, or torch.save's failure to write its zip archive (a RuntimeError
+    from inline_container.cc, as on a full disk, that names neither errno nor file)."""
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        reason = f"[Errno {error.errno}] {error.strerror or ''}".strip()
+        if error.filename is not None:
+            return f"cannot write {error.filename}: {reason}"
+        if error.errno in NO_SPACE_ERRNOS:
+            return f"cannot write: no space left on device ({reason})"
+        return None
+    if isinstance(error, RuntimeError):
+        message = first_line(error)
+        if "inline_container.cc" in message and ("PytorchStreamWriter" in message or "unexpected pos" in message):
+            return f"torch.save could not write a checkpoint file (disk full or write error?): {message}"
+    return None
 
 
 def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> None:
     """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code 2; Ctrl-C
     (KeyboardInterrupt) the line `on_interrupt` and exit code 130 (128 + SIGINT, the shell's), no traceback.
-    A multi-process run that finished ends its process group (`end_process_group`)."""
+    A failure to write (`write_error_message`: permission denied, read-only or full filesystem) is one line and
+    exit code 1: not bad input, the environment. A multi-process run that finished ends its process group
+    (`end_process_group`)."""
     try:
         entry_point()
         end_process_group()
@@ -117,6 +206,12 @@ def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> Non
     except KeyboardInterrupt:
         print(f"{program}: {on_interrupt}", file=sys.stderr)
         sys.exit(130)
+    except (OSError, RuntimeError) as error:
+        message = write_error_message(error)
+        if message is None:
+            raise
+        print(f"{program}: error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def end_process_group() -> None:

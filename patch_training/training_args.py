@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .cli import UsageError, refuse_below
+from .cli import UsageError, first_line, loads_json_object, refuse_below, refuse_non_finite
 from .liger import check_liger_kernel_config
 
 
@@ -67,11 +67,17 @@ class RunTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        refuse_non_finite(self)  # before transformers' own checks, which fail on some (int(inf) for --save_steps)
         if isinstance(self.liger_kernel_config, str):
             try:
-                self.liger_kernel_config = json.loads(self.liger_kernel_config)
+                self.liger_kernel_config = loads_json_object(self.liger_kernel_config, "--liger_kernel_config")
             except json.JSONDecodeError as error:
                 raise UsageError(f"--liger_kernel_config is not valid JSON: {error}") from None
+        if isinstance(self.lr_scheduler_kwargs, str) and self.lr_scheduler_kwargs.strip().startswith("{"):
+            try:  # transformers would read it too, keeping the last of a key given twice
+                self.lr_scheduler_kwargs = loads_json_object(self.lr_scheduler_kwargs, "--lr_scheduler_kwargs")
+            except json.JSONDecodeError as error:
+                raise UsageError(f"--lr_scheduler_kwargs is not valid JSON: {error}") from None
         if isinstance(self.report_to, str) and "," in self.report_to:  # one flag for several trackers
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if not torch.accelerator.is_available():
@@ -100,6 +106,63 @@ def check_training_numbers(args: TrainingArguments) -> None:
         raise UsageError(
             f"--save_steps must be > 0 (steps, or a fraction of the run below 1), got {args.save_steps}: with "
             "--save_strategy steps, 0 would save no checkpoint before the end of each stage"
+        )
+    if not 0 <= args.seed <= 2**32 - 1:  # numpy's seed range: set_seed would fail once the folder is claimed
+        raise UsageError(f"--seed must lie in [0, 2**32 - 1] (numpy's seed range), got {args.seed}")
+    if not 0.0 <= args.label_smoothing_factor < 1.0:
+        raise UsageError(f"--label_smoothing_factor must lie in [0, 1), got {args.label_smoothing_factor}")
+    check_lr_scheduler_kwargs(args)
+
+
+# What the Trainer passes to transformers.get_scheduler itself: not for --lr_scheduler_kwargs.
+SCHEDULER_OWN_ARGUMENTS = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+
+
+def check_lr_scheduler_kwargs(args: TrainingArguments) -> None:
+    """Refuse --lr_scheduler_kwargs that the Trainer's scheduler would fail on only after the data is tokenised
+    (a key the --lr_scheduler_type's schedule does not take, e.g. min_lr for cosine; cosine_with_min_lr without
+    min_lr; lr_end above the learning rate for polynomial) or silently ignore (any key for constant and
+    constant_with_warmup, whose schedules get_scheduler builds without them), or a key the schedule needs and
+    lacks (num_decay_steps for warmup_stable_decay). The scheduler is built the way the
+    Trainer builds it, on a throwaway one-parameter optimizer."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType, get_scheduler
+
+    kwargs = args.lr_scheduler_kwargs or {}  # also checked when empty: cosine_with_min_lr needs min_lr or min_lr_rate
+    name = SchedulerType(args.lr_scheduler_type)
+    flag = f"--lr_scheduler_kwargs for --lr_scheduler_type {name.value}"
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"{flag} must be a JSON object, got {kwargs!r}")
+    parameters = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[name]).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # reduce_lr_on_plateau, greedy
+    if not takes_any:
+        accepted = [] if name in (SchedulerType.CONSTANT, SchedulerType.CONSTANT_WITH_WARMUP) else [
+            p for p in parameters if p not in SCHEDULER_OWN_ARGUMENTS]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            takes = f"takes only {', '.join(accepted)}" if accepted else "takes none"
+            raise UsageError(f"{flag}: unknown key(s) {', '.join(unknown)} ({name.value} {takes})")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=10**6, scheduler_specific_kwargs=dict(kwargs))
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"{flag}: {first_line(error)}") from None
+
+
+def check_patch_stage_settings(training_args: TrainingArguments, has_patch_stage: bool) -> None:
+    """Refuse the TrainingArguments that make transformers' Trainer compute the loss itself from the logits
+    instead of taking the model's: the patch stage's K-way next-patch loss is the model's own (its logits are
+    per patch, not per token), so such a loss fails at the first step ("Size does not match at dimension 1"),
+    after the output folder is claimed. The token stage (K = 1) is not affected.
+
+    - `--label_smoothing_factor` > 0: Trainer.compute_loss pops the labels and calls its LabelSmoother on the
+      logits (transformers 5.24)."""
+    if has_patch_stage and training_args.label_smoothing_factor != 0:
+        raise UsageError(
+            f"--label_smoothing_factor {training_args.label_smoothing_factor} does not work with the patch stage: "
+            "transformers' label smoothing replaces the model's K-way patch loss by a token loss on the logits; "
+            "use --label_smoothing_factor 0, or --patch_data_fraction 0 (token-level only)"
         )
 
 

@@ -1,0 +1,257 @@
+"""Argument checks at parse time: non-finite numbers, the seed's range, --lr_scheduler_kwargs against the
+scheduler, duplicate keys in JSON, settings that break the patch stage; and failures to write as one line
+(`run_cli`). Nothing here trains."""
+
+import dataclasses
+import errno
+import json
+import os
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+import run_clm
+from patch_training.cli import UsageError, refuse_non_finite, run_cli, write_error_message
+from patch_training.training_args import check_patch_stage_settings
+
+TINY_PATCH = str(REPO_ROOT / "configs" / "train" / "tiny-patch.json")
+
+
+def parse(*flags, config=TINY_PATCH):
+    return run_clm.parse_arguments([config, "--output_dir", "/tmp/never-written", "--max_steps", "4",
+                                    "--eval_strategy", "no", *flags])
+
+
+def write_config(tmp_path, text: str) -> str:
+    path = tmp_path / "job.json"
+    path.write_text(text)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite numbers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("learning_rate", "inf", r"^--learning_rate must be a finite number, got inf$"),
+        ("learning_rate", "nan", r"^--learning_rate must be a number, got nan$"),
+        ("patch_learning_rate", "nan", r"^--patch_learning_rate must be a number, got nan$"),  # run_clm's own class
+        ("patch_learning_rate", "inf", r"^--patch_learning_rate must be a finite number, got inf$"),
+        ("patch_warmup_steps", "inf", r"^--patch_warmup_steps must be a finite number, got inf$"),
+        ("weight_decay", "inf", r"^--weight_decay must be a finite number, got inf$"),
+        ("adam_epsilon", "inf", r"^--adam_epsilon must be a finite number, got inf$"),
+        ("max_grad_norm", "nan", r"^--max_grad_norm must be a number, got nan$"),
+        ("max_grad_norm", "-inf", r"^--max_grad_norm must be a finite number, got -inf$"),
+        ("num_train_epochs", "nan", r"^--num_train_epochs must be a number, got nan$"),
+        ("num_train_epochs", "inf", r"^--num_train_epochs must be a finite number, got inf$"),
+        ("warmup_steps", "nan", r"^--warmup_steps must be a number, got nan$"),
+        ("save_steps", "inf", r"^--save_steps must be a finite number, got inf$"),  # was OverflowError in transformers
+        ("logging_steps", "inf", r"^--logging_steps must be a finite number, got inf$"),
+        ("eval_delay", "nan", r"^--eval_delay must be a number, got nan$"),
+        ("neftune_noise_alpha", "inf", r"^--neftune_noise_alpha must be a finite number, got inf$"),
+        ("label_smoothing_factor", "nan", r"^--label_smoothing_factor must be a number, got nan$"),
+        ("label_smoothing_factor", "1", r"^--label_smoothing_factor must lie in \[0, 1\), got 1.0$"),
+        ("seed", "-1", r"^--seed must lie in \[0, 2\*\*32 - 1\] \(numpy's seed range\), got -1$"),
+        ("seed", str(2**32), r"^--seed must lie in \[0, 2\*\*32 - 1\] \(numpy's seed range\), got 4294967296$"),
+    ],
+)
+def test_bad_number_is_refused_at_parse_time(flag, value, message):
+    with pytest.raises(UsageError, match=message):
+        parse(f"--{flag}={value}")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("learning_rate", "Infinity", r"^--learning_rate must be a finite number, got inf$"),
+    ("weight_decay", "NaN", r"^--weight_decay must be a number, got nan$"),
+    ("patch_learning_rate", "-Infinity", r"^--patch_learning_rate must be >= 0, got -inf$"),
+])
+def test_non_finite_number_in_a_config_file_is_refused(tmp_path, key, value, message):
+    """Python's JSON reader takes NaN and Infinity; they reach the same check as the flags."""
+    text = json.dumps({**json.loads(open(TINY_PATCH).read()), key: 1.0}).replace(f'"{key}": 1.0', f'"{key}": {value}')
+    with pytest.raises(UsageError, match=message):
+        parse(config=write_config(tmp_path, text))
+
+
+def test_meaningful_numbers_are_still_accepted():
+    """+inf where it means something (max_grad_norm: measure, never clip), the seed's range ends."""
+    assert parse("--max_grad_norm=inf")[3].max_grad_norm == float("inf")
+    assert parse("--seed=0")[3].seed == 0
+    assert parse(f"--seed={2**32 - 1}")[3].seed == 2**32 - 1
+    assert parse("--label_smoothing_factor=0.1")[3].label_smoothing_factor == 0.1
+
+
+def test_refuse_non_finite_covers_every_float_field():
+    """The check is generic: any float field of any argument dataclass, not a list of names."""
+
+    @dataclasses.dataclass
+    class Other:
+        ratio: float = 0.5
+        maybe: float | None = None
+        count: int = 3
+
+    refuse_non_finite(Other())
+    refuse_non_finite(Other(maybe=2.0))
+    with pytest.raises(UsageError, match=r"^--maybe must be a finite number, got inf$"):
+        refuse_non_finite(Other(maybe=float("inf")))
+    with pytest.raises(UsageError, match=r"^--ratio must be a number, got nan$"):
+        refuse_non_finite(Other(ratio=float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --lr_scheduler_kwargs
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr_scheduler_kwargs", '{"min_lr": 1e-5}'],
+         r"^--lr_scheduler_kwargs for --lr_scheduler_type cosine: unknown key\(s\) min_lr \(cosine takes only num_cycles\)$"),
+        (["--lr_scheduler_kwargs", '{"num_warmup_steps": 3, "zzz": 1}'],
+         r"cosine: unknown key\(s\) num_warmup_steps, zzz \(cosine takes only num_cycles\)$"),
+        (["--lr_scheduler_type", "constant", "--lr_scheduler_kwargs", '{"min_lr": 1e-5}'],
+         r"constant: unknown key\(s\) min_lr \(constant takes none\)$"),
+        (["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_ratio": 0.1}'],
+         r"cosine_with_min_lr: unknown key\(s\) min_lr_ratio \(cosine_with_min_lr takes only num_cycles, min_lr, min_lr_rate\)$"),
+        (["--lr_scheduler_type", "cosine_with_min_lr"], r"cosine_with_min_lr: One of min_lr or min_lr_rate should be set"),
+        (["--lr_scheduler_type", "warmup_stable_decay"], r"warmup_stable_decay: .*missing 1 required positional argument: 'num_decay_steps'"),
+        (["--lr_scheduler_type", "polynomial", "--lr_scheduler_kwargs", '{"lr_end": 1}'], r"polynomial: lr_end \(1\) must be smaller"),
+        (["--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "steps", "--lr_scheduler_kwargs", '{"bogus": 3}'],
+         r"reduce_lr_on_plateau: .*unexpected keyword argument 'bogus'"),
+    ],
+)
+def test_bad_lr_scheduler_kwargs_are_refused_at_parse_time(flags, message):
+    """Before: a TypeError from the scheduler function once the data was tokenised."""
+    with pytest.raises(UsageError, match=message):
+        parse(*flags)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--lr_scheduler_kwargs", '{"num_cycles": 0.5}'], {"num_cycles": 0.5}),
+    (["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr": 1e-5}'], {"min_lr": 1e-5}),
+    (["--lr_scheduler_type", "cosine_warmup_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'], {"min_lr_rate": 0.1}),
+    (["--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs", '{"num_decay_steps": 3}'], {"num_decay_steps": 3}),
+    (["--lr_scheduler_type", "linear"], None),
+])
+def test_good_lr_scheduler_kwargs_are_accepted(flags, expected):
+    assert (parse(*flags)[3].lr_scheduler_kwargs or None) == expected
+
+
+def test_lr_scheduler_kwargs_in_a_config_file_are_checked(tmp_path):
+    values = json.loads(open(TINY_PATCH).read())
+    with pytest.raises(UsageError, match=r"cosine: unknown key\(s\) min_lr"):
+        parse(config=write_config(tmp_path, json.dumps({**values, "lr_scheduler_kwargs": {"min_lr": 1e-5}})))
+    accepted = {**values, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1e-5}}
+    assert parse(config=write_config(tmp_path, json.dumps(accepted)))[3].lr_scheduler_kwargs == {"min_lr": 1e-5}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Duplicate keys in JSON
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, key", [
+    ('{"learning_rate": 0.003, "block_size": 32, "learning_rate": 0.5}', "learning_rate"),  # top level
+    ('{"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1e-5, "min_lr": 0.5}}', "min_lr"),  # nested
+    ('{"train_file": "a.jsonl", "train_file": "b.jsonl"}', "train_file"),
+])
+def test_duplicate_key_in_a_config_file_is_refused(tmp_path, text, key):
+    """Before, json kept the last value without a word (a silently different run)."""
+    path = write_config(tmp_path, text)
+    with pytest.raises(UsageError, match=rf"^config file {path} has the key '{key}' twice \(JSON would keep only the last one\)"):
+        parse(config=path)
+
+
+@pytest.mark.parametrize("flag, text, key", [
+    ("lr_scheduler_kwargs", '{"num_cycles": 0.5, "num_cycles": 1}', "num_cycles"),
+    ("liger_kernel_config", '{"rope": true, "rope": false}', "rope"),
+])
+def test_duplicate_key_in_a_json_flag_is_refused(flag, text, key):
+    with pytest.raises(UsageError, match=rf"^--{flag} has the key '{key}' twice"):
+        parse(f"--{flag}", text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failures to write: one line, exit code 1
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_and_capture(capsys, entry_point):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(entry_point, "run_clm.py")
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def raise_error(error):
+    def entry_point():
+        raise error
+    return entry_point
+
+
+@pytest.mark.parametrize("number, path, line", [
+    (errno.EACCES, "/out/run_args.json.tmp-29841", "cannot write /out/run_args.json.tmp-29841: [Errno 13] Permission denied"),
+    (errno.EPERM, "/out/patch_stage", "cannot write /out/patch_stage: [Errno 1] Operation not permitted"),
+    (errno.EROFS, "/out/run_args.json.tmp-1", "cannot write /out/run_args.json.tmp-1: [Errno 30] Read-only file system"),
+    (errno.ENOSPC, "/cache/tokens.bin", "cannot write /cache/tokens.bin: [Errno 28] No space left on device"),
+    (errno.EDQUOT, "/cache/tokens.bin", f"cannot write /cache/tokens.bin: [Errno {errno.EDQUOT}] {os.strerror(errno.EDQUOT)}"),
+])
+def test_write_failure_naming_a_file_is_one_line(capsys, number, path, line):
+    """OSError(errno, strerror, filename) builds the same exception (and subclass) that the OS call raises."""
+    code, err = run_and_capture(capsys, raise_error(OSError(number, os.strerror(number), path)))
+    assert (code, err) == (1, [f"run_clm.py: error: {line}"])
+
+
+def test_real_write_failures_are_one_line(capsys, tmp_path):
+    """Real failures: a full device (/dev/full) with and without a file name, and torch.save onto it (a
+    RuntimeError from torch's zip writer that names neither the errno nor the file)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+
+    def write_full():
+        with open("/dev/full", "w") as handle:
+            handle.write("x" * 100000)
+            handle.flush()
+
+    code, err = run_and_capture(capsys, write_full)
+    assert code == 1 and len(err) == 1
+    assert err[0] in ("run_clm.py: error: cannot write: no space left on device ([Errno 28] No space left on device)",
+                      "run_clm.py: error: cannot write /dev/full: [Errno 28] No space left on device")
+
+    code, err = run_and_capture(capsys, lambda: os.write(os.open("/dev/full", os.O_WRONLY), b"x"))
+    assert (code, err) == (1, ["run_clm.py: error: cannot write: no space left on device ([Errno 28] No space left on device)"])
+
+    code, err = run_and_capture(capsys, lambda: torch.save({"w": torch.zeros(100000)}, "/dev/full"))
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("run_clm.py: error: torch.save could not write a checkpoint file (disk full or write error?): "
+                             "[enforce fail at inline_container.cc")
+
+
+def test_other_errors_keep_their_traceback(capsys, tmp_path):
+    """Only write failures are turned into a line: a missing file, another errno without a file name, or an
+    unrelated RuntimeError are bugs or other problems, and keep their traceback."""
+    for error in (FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "missing")),
+                  PermissionError(errno.EACCES, "Permission denied"),  # no file named: not ours to explain
+                  RuntimeError("Size does not match at dimension 1"),
+                  RuntimeError("[enforce fail at inline_container.cc:300] . PytorchStreamReader failed reading zip archive")):
+        assert write_error_message(error) is None
+        with pytest.raises(type(error)):
+            run_cli(raise_error(error), "run_clm.py")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings that replace the patch stage's own loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_label_smoothing_is_refused_with_a_patch_stage():
+    """transformers' label smoother computes a token loss from the logits instead of the model's K-way patch
+    loss: "Size does not match at dimension 1" at the first patch step, after the folder was claimed."""
+    training_args = parse("--label_smoothing_factor", "0.1")[3]
+    with pytest.raises(UsageError, match=r"^--label_smoothing_factor 0.1 does not work with the patch stage"):
+        check_patch_stage_settings(training_args, has_patch_stage=True)
+    check_patch_stage_settings(training_args, has_patch_stage=False)  # token level: the smoother works
+    check_patch_stage_settings(parse()[3], has_patch_stage=True)  # no smoothing: fine

@@ -1,10 +1,11 @@
 """Files (and hub datasets) -> documents: the formats the training and validation data come in, read lazily,
 with one-line errors that name the file and the record.
 
-Accepted: `.txt` (a document per line), `.jsonl`/`.json` (a JSON object per line, or one JSON list), each
-optionally compressed (`.gz`, `.xz`, `.bz2`, `.zst`); `.parquet` (pyarrow); `.arrow` (Arrow IPC, stream or file
-format: what `datasets` writes); a folder written by `datasets.save_to_disk` (read with `datasets.load_from_disk`);
-a folder of such files; a glob pattern. Folders and patterns expand in sorted order.
+Accepted: `.txt` (a document per line), `.jsonl`/`.ndjson`/`.json` (a JSON object per line, or one JSON list),
+each optionally compressed (`.gz`, `.xz`, `.bz2`, `.zst`); `.parquet` (pyarrow); `.arrow` (Arrow IPC, stream or
+file format: what `datasets` writes); a folder written by `datasets.save_to_disk` (read with
+`datasets.load_from_disk`); a folder of such files (other files in it skipped, named in one warning); a glob
+pattern. Folders and patterns expand in sorted order.
 
 A file is read in *parts* (`DataPart`) so that one large file can be tokenised by several processes and a
 stream can restart near a position: Parquet row groups, Arrow record batches, byte ranges of an uncompressed
@@ -20,6 +21,7 @@ import contextlib
 import glob
 import io
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +29,15 @@ from typing import NamedTuple
 
 from .cli import UsageError, first_line
 
+logger = logging.getLogger("run_clm")
 
-SUPPORTED_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet", ".arrow")
+
+JSON_EXTENSIONS = (".json", ".jsonl", ".ndjson")  # .ndjson: another name of JSON lines
+SUPPORTED_EXTENSIONS = (".txt", *JSON_EXTENSIONS, ".parquet", ".arrow")
 COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # what `datasets.save_to_disk` writes next to the data
+DOCUMENTATION_NAMES = ("readme", "license", "licence", "copying", "notice", "citation")  # a dataset folder's non-data
+SKIPPED_NAMED = 5  # skipped files of a folder named in its warning (then a count)
 PART_BYTES = 64 * 1024 * 1024  # target size of a byte-range part of an uncompressed JSON-lines / text file
 PART_ROWS = 100_000  # target rows of a part of a saved dataset
 CHUNK_BYTES = 1024 * 1024  # (decompressed) bytes of a LineChunk: whole lines read by one process, parsed by another
@@ -69,10 +76,11 @@ def has_supported_name(path: str) -> bool:
     return name.endswith(SUPPORTED_EXTENSIONS)
 
 
-def expand_data_files(spec: str, argument: str) -> list[str]:
+def expand_data_files(spec: str, argument: str, report_skipped: bool = False) -> list[str]:
     """The files of `spec`, in order: each entry a file, a saved-dataset folder, a folder (its supported files,
-    recursively, sorted; hidden ones skipped) or a glob pattern (its matches, sorted). Paths keep the form given
-    (relative stays relative). UsageError for an entry naming nothing."""
+    recursively, sorted; hidden ones skipped, and with `report_skipped` the others named in one warning, see
+    `folder_files`) or a glob pattern (its matches, sorted). Paths keep the form given (relative stays relative).
+    UsageError for an entry naming nothing, or a folder holding no data file."""
     entries = split_file_list(spec)
     if not entries:
         raise UsageError(f"--{argument} names no file")
@@ -84,19 +92,51 @@ def expand_data_files(spec: str, argument: str) -> list[str]:
                 raise UsageError(f"--{argument}: the pattern {entry} matches no file")
             files.extend(m for m in matches if os.path.isfile(m) or is_saved_dataset(m))
         elif os.path.isdir(entry) and not is_saved_dataset(entry):
-            found = sorted(
-                os.path.join(root, name)
-                for root, folders, names in os.walk(entry)
-                for name in names
-                if not name.startswith(".") and not any(part.startswith(".") for part in os.path.relpath(root, entry).split(os.sep) if part != ".")
-                and has_supported_name(name)
-            )
+            found, skipped = folder_files(entry)
             if not found:
-                raise UsageError(f"--{argument}: the folder {entry} holds no data file ({', '.join(SUPPORTED_EXTENSIONS)})")
+                also = f": it holds {_some_names(skipped)}" if skipped else ""
+                raise UsageError(f"--{argument}: the folder {entry} holds no data file ({', '.join(SUPPORTED_EXTENSIONS)}){also}")
+            if skipped and report_skipped:
+                logger.warning("--%s: skipping %s of the folder %s that are not data files (%s; text and JSON "
+                               "optionally compressed): %s",
+                               argument, _files(len(skipped)), entry, ", ".join(SUPPORTED_EXTENSIONS), _some_names(skipped))
             files.extend(found)
         else:
             files.append(entry)
     return files
+
+
+def folder_files(folder: str) -> tuple[list[str], list[str]]:
+    """(the data files of `folder`, recursively, sorted, as paths under it; the other files, as names relative
+    to it, files that may be data first, then documentation: README.md, LICENSE, *.md, ...). Hidden files and
+    folders (.gitattributes, .cache/) are in neither."""
+    found, skipped = [], []
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            (found if has_supported_name(name) else skipped).append(path)
+    skipped = sorted(skipped, key=lambda path: (_is_documentation(path), path))
+    return sorted(found), [os.path.relpath(path, folder) for path in skipped]
+
+
+def _is_documentation(path: str) -> bool:
+    """Whether a file of a data folder is documentation (README.md, LICENSE, notes.md), not data in an
+    unsupported format (.csv, .ndjson.lz4)."""
+    stem, extension = os.path.splitext(os.path.basename(path).lower())
+    return extension in (".md", ".rst", ".pdf", ".html") or (stem or extension).startswith(DOCUMENTATION_NAMES)
+
+
+def _files(count: int) -> str:
+    return f"{count} file{'s' if count != 1 else ''}"
+
+
+def _some_names(names: list[str]) -> str:
+    """The first SKIPPED_NAMED of `names`, then how many more."""
+    shown = ", ".join(names[:SKIPPED_NAMED])
+    return shown if len(names) <= SKIPPED_NAMED else f"{shown} and {len(names) - SKIPPED_NAMED} more"
 
 
 def file_format(path: str) -> str:
@@ -111,20 +151,21 @@ def file_format(path: str) -> str:
             name, compressed = name.removesuffix(suffix), True
     if name.endswith(".txt"):
         return "text"
-    if name.endswith((".json", ".jsonl")):
+    if name.endswith(JSON_EXTENSIONS):
         return "json"
     if name.endswith((".parquet", ".arrow")) and not compressed:
         return name.rsplit(".", 1)[1]
     raise UsageError(
-        f"unsupported extension for {path}: use one of {', '.join(SUPPORTED_EXTENSIONS)} (.txt, .json and .jsonl "
-        f"optionally compressed: {', '.join(COMPRESSION_SUFFIXES)}) or a datasets.save_to_disk folder"
+        f"unsupported extension for {path}: use one of {', '.join(SUPPORTED_EXTENSIONS)} (.txt, .json, .jsonl and "
+        f".ndjson optionally compressed: {', '.join(COMPRESSION_SUFFIXES)}) or a datasets.save_to_disk folder"
     )
 
 
 def check_data_files(spec: str, argument: str) -> tuple[list[str], str]:
     """Resolve and check a file list: each entry exists, is readable and has a supported format. Returns
-    (absolute paths, format): the one format of all files, or 'mixed'."""
-    paths = expand_data_files(spec, argument)
+    (absolute paths, format): the one format of all files, or 'mixed'. The files a folder holds that are not data
+    are named in one warning (see `expand_data_files`)."""
+    paths = expand_data_files(spec, argument, report_skipped=True)
     formats = set()
     for path in paths:
         if not (os.path.isfile(path) or is_saved_dataset(path)):
@@ -372,12 +413,31 @@ def read_errors(path: str):
 
 
 def _check_text(path: str, where: str, record, text_column: str) -> dict:
+    """`record`, a JSON value read at `where` of `path`; UsageError naming both unless it is an object whose
+    `text_column` is text or null (see `text_problem`)."""
+    problem = text_problem(record, text_column)
+    if problem:
+        raise UsageError(f"{path}, {where}: {problem}")
+    return record
+
+
+def text_problem(record, text_column: str) -> str | None:
+    """What is wrong with a record's text, or None: no `text_column` field, a value other than text or null, or
+    text that is not valid Unicode (a lone surrogate, which a JSON escape such as "\\ud800" can make: the
+    tokenizer would fail on it)."""
     if not isinstance(record, dict) or text_column not in record:
         keys = list(record) if isinstance(record, dict) else type(record).__name__
-        raise UsageError(f"{path}, {where}: no {text_column!r} field (found {keys}); set --text_column_name")
-    if record[text_column] is not None and not isinstance(record[text_column], str):
-        raise UsageError(f"{path}, {where}: its {text_column!r} is a {type(record[text_column]).__name__}, not text")
-    return record
+        return f"no {text_column!r} field (found {keys}); set --text_column_name"
+    text = record[text_column]
+    if text is not None and not isinstance(text, str):
+        return f"its {text_column!r} is a {type(text).__name__}, not text"
+    if text and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return (f"its {text_column!r} holds a lone surrogate ({ascii(text[error.start])[1:-1]} at character "
+                    f"{error.start + 1}), not valid Unicode")
+    return None
 
 
 def _table_documents(part: DataPart, text_column: str) -> Iterator[dict]:
@@ -559,7 +619,9 @@ def chunk_documents(chunk: LineChunk, text_column: str, cursor: list | None = No
             except json.JSONDecodeError as error:
                 where = number if line else _line_number(path, line_start)
                 raise UsageError(f"{path}, line {where}: not valid JSON ({error})") from None
-            if not (isinstance(document, dict) and isinstance(document.get(text_column, 0), (str, type(None)))):
+            # only a \u escape can put a lone surrogate in the text of a line that is UTF-8
+            if not (isinstance(document, dict) and isinstance(document.get(text_column, 0), (str, type(None)))) or \
+                    ("\\u" in text and text_problem(document, text_column)):
                 _check_text(path, f"record {number if line else _line_number(path, line_start)}", document, text_column)  # raises
         if cursor is not None:
             cursor[:] = [LinePosition(offset + position, number + 1 if line else 0)]

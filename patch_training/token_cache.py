@@ -56,9 +56,11 @@ PREFETCH_BATCHES = 4  # tokenizer batches of documents read ahead by a backgroun
 
 
 def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, rule=None, state=None,
-                       prefetch: int | None = None) -> Iterator:
+                       prefetch: int | None = None, skipped: list | None = None) -> Iterator:
     """Token ids of the documents, `batch_size` documents per tokenizer call: per document the tokenizer's own
-    special tokens (BOS for LLaMA), the text, and one EOS (see `eos_rule`). Empty texts and nulls are skipped.
+    special tokens (BOS for LLaMA), the text, and one EOS (see `eos_rule`). Empty texts and nulls are skipped
+    (they hold no tokens), and counted in `skipped`, a one-item list, when given. UsageError for a text the
+    tokenizer refuses (not text, a lone surrogate: the readers of local files name the record before this).
 
     The documents are read (decompressed, parsed) by a background thread, up to `prefetch` batches ahead (0: no
     thread; default PREFETCH_BATCHES where there are 2 cores or more), while the tokenizer, which releases the
@@ -66,28 +68,45 @@ def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, 
     called in the reading thread after each batch's last document), (token ids, its value) pairs."""
     eos, appends = rule or eos_rule(tokenizer)
     encode_batch = batch_encoder(tokenizer)
-    batches = _text_batches(documents, text_column, batch_size, state)
+    batches = _text_batches(documents, text_column, batch_size, state, skipped)
     if prefetch is None:  # a reading thread helps where it has a core of its own
         prefetch = PREFETCH_BATCHES if available_cores() > 1 else 0
     for texts, snapshot in prefetched(batches, prefetch):
-        ids = encode_batch(texts)
+        try:
+            ids = encode_batch(texts)
+        except TypeError:  # the fast tokenizer's "TextEncodeInput must be Union[...]"
+            _check_texts(texts, text_column)
+            raise
         ids = ids if appends else [row + [eos] for row in ids]
         yield ids if state is None else (ids, snapshot)
 
 
-def _text_batches(documents, text_column: str, batch_size: int, state=None) -> Iterator[tuple[list[str], object]]:
+def _text_batches(documents, text_column: str, batch_size: int, state=None,
+                  skipped: list | None = None) -> Iterator[tuple[list[str], object]]:
     """(`batch_size` non-empty texts, `state()` after the last of them was read) of `documents`; the last batch
-    may be shorter."""
+    may be shorter. `skipped`: a one-item list counting the empty and null texts left out."""
     batch: list[str] = []
     for example in documents:
         text = example[text_column]
         if text:
             batch.append(text)
+        elif skipped is not None:
+            skipped[0] += 1
         if len(batch) >= batch_size:
             yield batch, state() if state else None
             batch = []
     if batch:
         yield batch, state() if state else None
+
+
+def _check_texts(texts: list, text_column: str) -> None:
+    """UsageError naming the first of a batch's `texts` that is not valid text (see `readers.text_problem`)."""
+    from .readers import text_problem
+
+    for text in texts:
+        problem = text_problem({text_column: text}, text_column)
+        if problem:
+            raise UsageError(f"a document of the data: {problem}")
 
 
 def prefetched(items, depth: int) -> Iterator:
@@ -223,21 +242,23 @@ def default_cache_dir() -> str:
 
 
 def write_token_file(documents, tokenizer, text_column: str, batch_size: int, path: str, mode: str = "wb",
-                     on_batch=None, rule=None, prefetch: int | None = None) -> tuple[int, int]:
+                     on_batch=None, rule=None, prefetch: int | None = None) -> tuple[int, int, int]:
     """Write (`mode` "ab": append) the token ids of `documents` to the flat binary file `path`.
     `on_batch(documents, tokens)` is called after each tokenizer call; `prefetch`: see `iter_token_batches`.
-    Returns (tokens, documents)."""
+    Returns (tokens, documents, empty or null texts skipped)."""
     dtype = token_dtype(len(tokenizer))
     num_tokens = num_documents = 0
+    skipped = [0]
     with open(path, mode) as out:
-        for batch in iter_token_batches(documents, tokenizer, text_column, batch_size, rule, prefetch=prefetch):
+        for batch in iter_token_batches(documents, tokenizer, text_column, batch_size, rule, prefetch=prefetch,
+                                        skipped=skipped):
             flat = flat_tokens(batch, dtype)
             out.write(flat.tobytes())
             num_tokens += len(flat)
             num_documents += len(batch)
             if on_batch is not None:
                 on_batch(len(batch), len(flat))
-    return num_tokens, num_documents
+    return num_tokens, num_documents, skipped[0]
 
 
 _WORKER: dict = {}
@@ -255,7 +276,7 @@ def _count(counter, documents: int, tokens: int) -> None:
         counter[1] += tokens
 
 
-def _tokenize_part(job: tuple) -> tuple[int, int]:
+def _tokenize_part(job: tuple) -> tuple[int, int, int]:
     """Worker of the parallel tokenisation: one part of the data (or a `LineChunk`) into one part file."""
     source, part, text_column, batch_size, part_file = job
     tokenizer, counter = _WORKER["tokenizer"], _WORKER["counter"]
@@ -307,7 +328,8 @@ def tokenize_to_cache(
     the data's parts (files, Parquet row groups, Arrow record batches, byte ranges of an uncompressed JSON-lines
     or text file, hub shards; see `readers.file_parts`), and chunks of lines of compressed files, which this
     process decompresses (see `_jobs`), are tokenised in parallel processes and their streams concatenated in
-    order: the same bytes as one process. `progress`: a tqdm bar (documents, tokens, tokens/s,
+    order: the same bytes as one process. meta.json holds the tokens, the documents tokenised, the null or empty
+    texts skipped (`num_skipped_empty`), the dtype and how the work was split. `progress`: a tqdm bar (documents, tokens, tokens/s,
     ETA from the bytes read). Written to a temporary folder (unique across hosts) and renamed, so an interrupted
     run never leaves a half-written cache; an existing `folder` is kept.
     """
@@ -356,6 +378,7 @@ def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_
     meta = {
         "num_tokens": sum(c[0] for c in counts),
         "num_documents": sum(c[1] for c in counts),
+        "num_skipped_empty": sum(c[2] for c in counts),  # null or empty texts: no tokens (not in caches before it)
         "dtype": np.dtype(token_dtype(len(tokenizer))).name,
         "tokenize_seconds": round(time.time() - start, 2),
         "num_workers": num_workers,
@@ -370,7 +393,7 @@ def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_
 def _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_folder, tokens_file, num_workers, bar):
     """The `_jobs` of the data tokenised by a pool of processes, each into its own part file, appended to
     `tokens_file` in order as soon as the jobs before it are done. At most 2 jobs per worker are queued at once
-    (their chunks' text is held in memory). Returns the (tokens, documents) of each job."""
+    (their chunks' text is held in memory). Returns the (tokens, documents, texts skipped) of each job."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -451,6 +474,15 @@ def _progress_bar(parts, progress: bool) -> _Progress | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def skipped_note(meta: dict) -> str:
+    """' (3 null or empty texts skipped)' after the documents tokenised, when there were some; '' otherwise and
+    for a cache written before they were counted."""
+    skipped = meta.get("num_skipped_empty", 0)
+    if not skipped:
+        return ""
+    return f" ({skipped:,} null or empty text{'s' if skipped != 1 else ''} skipped)"
+
+
 def load_token_stream(folder: str) -> np.memmap:
     with open(os.path.join(folder, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
@@ -484,7 +516,8 @@ def cached_token_stream(
                         None, tokenizer, source.text_column, batch_size, folder, num_workers=num_workers, source=source,
                         progress=bool(getattr(training_args, "should_log", False)) and logger.isEnabledFor(logging.INFO),
                     )
-                    logger.info("Tokenised %d documents into %d tokens in %.1fs", meta["num_documents"], meta["num_tokens"], meta["tokenize_seconds"])
+                    logger.info("Tokenised %d documents%s into %d tokens in %.1fs", meta["num_documents"],
+                                skipped_note(meta), meta["num_tokens"], meta["tokenize_seconds"])
                 else:
                     logger.info("Reading tokenised data from the cache %s (written by another node)", folder)
         else:

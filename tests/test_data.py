@@ -91,6 +91,52 @@ def test_bad_records_are_named(tmp_path):
         list(iter_local_documents([str(no_column)], "json", "text"))
 
 
+SURROGATES = [("\\ud800", "\\ud800"), ("\\uDFFF", "\\udfff"), ("\\ud83d x", "\\ud83d")]  # JSON escape, as named
+
+
+@pytest.mark.parametrize("escape,named", SURROGATES)
+def test_a_lone_surrogate_is_named_wherever_it_is_read(tmp_path, escape, named):
+    """Regression: valid JSON holding a lone surrogate ("\\ud800", or a pair cut in half) is a str that is not
+    Unicode, and the tokenizer failed on it with a TypeError traceback. It is one line naming file and record,
+    read whole or in a byte range, compressed, as a JSON list, tokenised by 2 processes, or streamed; a valid
+    pair and an escaped backslash before 'u' are text."""
+    import gzip
+    import itertools
+    import re
+
+    from transformers import AutoTokenizer
+
+    from patch_training.readers import file_parts, iter_part_documents
+
+    good = ['{"text": "ok \\ud83d\\ude00 pair"}', '{"text": "C:\\\\ud800 not an escape"}', '{"text": "caf\\u00e9"}']
+    bad = f'{{"text": "bad {escape} surrogate", "id": 9}}'
+    lines = good * 17 + [bad]
+    message = re.escape(f"record 52: its 'text' holds a lone surrogate ({named} at character 5), not valid Unicode") + "$"
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    as_list = tmp_path / "x.json"
+    as_list.write_text("[" + ",\n".join(lines) + "]")
+    compressed = tmp_path / "x.jsonl.gz"
+    compressed.write_bytes(gzip.compress(jsonl.read_bytes()))
+    assert [d["text"] for d in itertools.islice(iter_local_documents([str(jsonl)], "json", "text"), 3)] == ["ok 😀 pair", "C:\\ud800 not an escape", "café"]
+    for path in (jsonl, as_list, compressed):
+        with pytest.raises(UsageError, match=rf"^{path}, {message}"):
+            list(iter_local_documents([str(path)], "json", "text"))
+    last = file_parts(str(jsonl), "json", target_parts=4)[-1]  # a byte range: its line numbers counted on error
+    assert last.start > 0
+    with pytest.raises(UsageError, match=rf"^{jsonl}, {message}"):
+        list(iter_part_documents(last, "text"))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    for workers in (1, 2):
+        with pytest.raises(UsageError, match=rf"^{jsonl}, {message}"):
+            tokenize_to_cache(None, tokenizer, "text", 5, str(tmp_path / f"cache{workers}"),
+                              source=DataSource.from_files(str(jsonl), "train_file"), num_workers=workers)
+        assert not (tmp_path / f"cache{workers}").exists()
+    streamed = StreamingTokenBlocks(DataSource.from_files(str(jsonl), "train_file"), tokenizer, "text", 0, 10**6, 64)
+    with pytest.raises(UsageError, match=rf"^{jsonl}, {message}"):
+        list(streamed)
+
+
 def test_parallel_tokenisation_gives_the_same_stream(tmp_path):
     """Several files tokenised by 2 processes give byte for byte the stream of one process."""
     from transformers import AutoTokenizer

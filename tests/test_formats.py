@@ -42,6 +42,8 @@ def write_all_formats(folder) -> dict:
         files[name] = str(folder / name)
 
     put("a.jsonl", jsonl.encode())
+    put("a.ndjson", jsonl.encode())
+    put("a.ndjson.gz", gzip.compress(jsonl.encode()))
     put("a.json", json.dumps([{"text": t} for t in TEXTS]).encode())
     put("a.txt", txt.encode())
     put("crlf_bom.txt", b"\xef\xbb\xbf" + txt.replace("\n", "\r\n").encode())
@@ -222,6 +224,57 @@ def test_damaged_files_are_one_line_naming_the_file(formats, tokenizer, tmp_path
                 tokenize_to_cache(None, tokenizer, "text", 8, str(tmp_path / "cache" / path.name), source=source, num_workers=workers)
             assert str(path) in str(error.value) and "\n" not in str(error.value), (path, str(error.value))
             assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), path
+
+
+def test_a_folder_names_the_files_it_skips(tmp_path, caplog):
+    """Regression: a folder silently dropped the files it holds with other extensions (b.ndjson, d.csv). Now
+    .ndjson, compressed or not, is JSON lines; every other file, data in another format or a dataset's README.md
+    and LICENSE, is named in one warning (the first few, then a count) where the data is checked, not where the
+    run identity lists the files; hidden files and folders are skipped unnamed; a folder holding no data file
+    names what it holds."""
+    import logging
+
+    from patch_training.readers import expand_data_files
+
+    folder = tmp_path / "mix"
+    (folder / "notes").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    data = {"a.jsonl": "a", "b.ndjson": "b", "c.JSONL": "c", "e.ndjson.zst": "e"}
+    import zstandard
+
+    for name, text in data.items():
+        line = (json.dumps({"text": text}) + "\n").encode()
+        (folder / name).write_bytes(zstandard.ZstdCompressor().compress(line) if name.endswith(".zst") else line)
+    for name in ("d.csv", "README.md", "LICENSE", "notes/more.md", ".gitattributes", ".cache/x.csv"):
+        (folder / name).write_text("not data\n")
+    with caplog.at_level(logging.INFO, logger="run_clm"):
+        paths, fmt = check_data_files(str(folder), "train_file")
+    assert [p.rsplit("/", 1)[1] for p in paths] == sorted(data) and fmt == "json"
+    assert [d["text"] for d in iter_local_documents(paths, fmt, "text")] == ["a", "b", "c", "e"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"--train_file: skipping 4 files of the folder {folder} that are not data files (.txt, .json, "
+                        ".jsonl, .ndjson, .parquet, .arrow; text and JSON optionally compressed): d.csv, LICENSE, "
+                        "README.md, notes/more.md"], warnings
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="run_clm"):
+        assert expand_data_files(str(folder), "train_file") == paths  # the run identity: no second warning
+    assert not caplog.records
+    for index in range(4):
+        (folder / f"table{index}.csv").write_text("x\n")
+    with caplog.at_level(logging.WARNING, logger="run_clm"):
+        check_data_files(str(folder), "validation_file")
+    assert caplog.records[-1].getMessage().endswith(": d.csv, table0.csv, table1.csv, table2.csv, table3.csv and 3 more")
+    assert "skipping 8 files" in caplog.records[-1].getMessage()
+    only = tmp_path / "only_csv"
+    only.mkdir()
+    (only / "x.csv").write_text("x\n")
+    (only / "README.md").write_text("x\n")
+    with pytest.raises(UsageError, match=r"^--train_file: the folder .*/only_csv holds no data file \(.*\): it holds x.csv, README.md$"):
+        check_data_files(str(only), "train_file")
+    for name in ("x.ndjson", "x.NDJSON.xz", "x.ndjson.bz2"):
+        assert readers.file_format(name) == "json", name
+    with pytest.raises(UsageError, match=r"unsupported extension for x.csv: .*\.ndjson"):
+        readers.file_format("x.csv")
 
 
 def test_run_identity_holds_the_files_a_pattern_expands_to(tmp_path):

@@ -261,3 +261,55 @@ def test_prefetched_keeps_order_raises_where_the_error_is_and_stops_when_closed(
     assert [next(stream) for _ in range(10)] == list(range(10))
     stream.close()
     assert closed.wait(5) and not any(t.name == "prefetch-documents" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_null_and_empty_texts_are_skipped_and_counted(tmp_path, caplog, workers, monkeypatch):
+    """Regression: null and empty texts (JSON null or "", Parquet nulls) were dropped without a word. They are
+    still skipped (no tokens), but counted in meta.json's `num_skipped_empty` and in the "Tokenised" line, read
+    by one process or by 2 (byte ranges, row groups, a compressed file fed in chunks); a whitespace text is
+    tokenised; a cache written before the count reports nothing."""
+    import gzip
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from patch_training import readers
+    from patch_training.token_cache import skipped_note
+
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(readers, "PART_BYTES", 300)
+    records = [{"text": t} for t in TEXTS * 3] + [{"text": None}, {"text": ""}, {"text": " "}, {"text": None, "id": 1}]
+    records = records[::2] + records[1::2]  # the nulls and empties in several parts
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    packed = tmp_path / "b.jsonl.gz"
+    packed.write_bytes(gzip.compress(jsonl.read_bytes()))
+    table = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [None, "Row one.", "", None, "Row four."]}), table, row_group_size=2)
+    expected = {str(jsonl): (13, 3), str(packed): (13, 3), str(table): (2, 3)}  # (documents, skipped)
+    for path, (documents, skipped) in expected.items():
+        meta = tokenize_to_cache(None, llama(), "text", 2, str(tmp_path / f"{workers}-{os.path.basename(path)}"),
+                                 source=DataSource.from_files(path, "train_file"), num_workers=workers)
+        assert (meta["num_documents"], meta["num_skipped_empty"]) == (documents, skipped), path
+    assert workers == 1 or meta["num_jobs"] == 3
+    args = RunTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    source = DataSource.from_files(",".join(expected), "train_file")
+    with caplog.at_level(logging.INFO, logger="run_clm"):
+        cached_token_stream(source, llama(), args, cache_dir=str(tmp_path / "cache"), batch_size=3, num_workers=workers)
+    assert any(r.getMessage().startswith("Tokenised 28 documents (9 null or empty texts skipped) into ")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert skipped_note({"num_skipped_empty": 1}) == " (1 null or empty text skipped)"
+    assert skipped_note({"num_documents": 3}) == skipped_note({"num_skipped_empty": 0}) == ""
+
+
+def test_a_text_the_tokenizer_refuses_is_one_line():
+    """Documents not read by our readers (a hub dataset) are checked where the tokenizer refuses a batch: a lone
+    surrogate or a value that is not text is one line, not the tokenizer's TypeError."""
+    from patch_training.token_cache import iter_document_tokens
+
+    for text, message in (("bad \ud800 one", r"its 'text' holds a lone surrogate \(\\ud800 at character 5\), not valid"),
+                          (5, "its 'text' is a int, not text")):
+        with pytest.raises(UsageError, match=rf"^a document of the data: {message}"):
+            list(iter_document_tokens([{"text": "fine"}, {"text": text}], llama(), "text", 4))

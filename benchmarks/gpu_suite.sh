@@ -30,8 +30,26 @@ STEPS=${STEPS:-30}
 SUITE_SECONDS=${SUITE_SECONDS:-450}
 PYTHON=${PYTHON:-python}
 mkdir -p "$OUT_DIR"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# Only the wheels built for this Python and platform (packaging's tags, as pip decides): .whl/ is prepared for the
+# device's Python 3.12, and a machine with another Python keeps its own packages.
+mapfile -t wheels < <("$PYTHON" - <<'PY'
+import glob
+import os
+import sys
+
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
+
+supported = set(sys_tags())
+for path in sorted(glob.glob(".whl/*.whl")):
+    if supported & set(parse_wheel_filename(os.path.basename(path))[3]):
+        print(path)
+    else:
+        print(f"gpu_suite: not installing {path}: built for another Python or platform", file=sys.stderr)
+PY
+)
+if (( ${#wheels[@]} )); then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 read -r -a extra <<< "${BENCH_FLAGS:-}"

@@ -43,9 +43,11 @@ from patch_training.resume import (
     STREAM_INDEX_FILE,
     batch_identity,
     data_files_identity,
+    check_output_folder,
     check_same_run,
+    claim_output_dir,
     file_in_the_way,
-    prepare_output_dir,
+    output_dir_lock,
     run_identity,
     write_json_atomic,
 )
@@ -58,7 +60,7 @@ from patch_training.stages import (
     split_fractions,
     stage_steps,
 )
-from patch_training.training_args import RunTrainingArguments, torch_compile_caveat
+from patch_training.training_args import RunTrainingArguments, check_patch_stage_settings, torch_compile_caveat
 
 # The model, the Trainer, the data pipeline and the token cache are imported in the functions that use them, so
 # that `--help` and a usage error answer without loading them.
@@ -387,6 +389,65 @@ def job_identity(model_args, data_args, patch_args, training_args) -> dict:
     return run_identity((model_args, data_args, patch_args, training_args), derived)
 
 
+def content_identity(model_args, config, tokenizer, train_source, eval_source) -> dict:
+    """What the run's input paths hold, for `job_identity`'s record: a file rewritten in place between attempts
+    (another shard under the same name, an edited model config, another tokenizer) is another run, refused on
+    resume like a changed flag. Data files and a local --model_name_or_path folder are identified as the token
+    cache identifies them, without reading them: size and modification time (`readers.source_fingerprint`);
+    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`."""
+    import datetime
+    import hashlib
+
+    from patch_training.readers import source_fingerprint
+    from patch_training.token_cache import tokenizer_fingerprint
+
+    def state(path: str) -> str:
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            modified = datetime.datetime.fromtimestamp(stat.st_mtime_ns / 1e9, datetime.timezone.utc)
+            return f"{stat.st_size} bytes, modified {modified.isoformat(timespec='microseconds')}"
+        if os.path.isdir(path):
+            return "folder " + hashlib.sha256(source_fingerprint(path).encode()).hexdigest()[:16]
+        return "not a local path"
+
+    def data(source):
+        return None if source is None else {name: state(name) for name in source.names}
+
+    values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    init = model_args.model_name_or_path
+    return {
+        "model_config": json.loads(json.dumps(values, sort_keys=True, default=str)),
+        "init_weights": state(init) if init and os.path.isdir(init) else None,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "train_data": data(train_source),
+        "validation_data": data(eval_source),
+    }
+
+
+def check_output_outside_data(output_dir: str, data_args) -> None:
+    """UsageError when --output_dir lies in a folder that --train_file or --validation_file reads (the folder
+    itself, or the base of a recursive `**` pattern): the run's own outputs (its JSON files, checkpoints) would be
+    read as data by the next attempt, which would then be refused as another run or train on them."""
+    import glob
+
+    output = Path(output_dir).resolve()
+    for name, spec in (("train_file", data_args.train_file), ("validation_file", data_args.validation_file)):
+        for entry in (spec or "").split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            if glob.has_magic(entry):
+                if "**" not in entry:
+                    continue
+                base = entry.split("**", 1)[0]
+                entry = base if base else "."
+            if os.path.isdir(entry) and (output == Path(entry).resolve() or Path(entry).resolve() in output.parents):
+                raise UsageError(
+                    f"--output_dir {output_dir} lies in {entry}, a folder that --{name} reads: the run's outputs "
+                    "would become its data on the next attempt; choose an --output_dir outside it"
+                )
+
+
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
@@ -411,9 +472,13 @@ def check_inputs(model_args, data_args, patch_args, training_args):
             "--patch_switch continue carries the optimizer state across the switch under DDP or one device; "
             f"with --{'deepspeed' if training_args.deepspeed else 'fsdp'} it is not supported yet (use --patch_switch restart)"
         )
+    check_patch_stage_settings(training_args, patch_args.has_patch_stage)
     caveat = torch_compile_caveat(training_args)
     if caveat:
         logger.warning(caveat)
+    if training_args.save_only_model and training_args.save_strategy != "no":
+        logger.warning("--save_only_model: checkpoints hold only the weights, so an interrupted run cannot resume "
+                       "from them (a re-run is refused; --overwrite_output_dir starts over)")
     if data_args.streaming and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps: it fixes the token budget that --patch_data_fraction splits")
     if data_args.streaming and training_args.dataloader_num_workers > 1:
@@ -463,18 +528,17 @@ def main(argv: list[str] | None = None) -> dict:
     # Parse the arguments: flags, or a JSON config file (and flags that override it).
     model_args, data_args, patch_args, training_args = parse_arguments(argv)
     import transformers
-    from transformers import set_seed
 
-    from patch_training.blocks import training_blocks, validation_blocks
     from patch_training.models import resolve_attn_implementation
-    from patch_training.token_cache import cached_token_stream
-    from patch_training.trainer import StageArguments, StageJob, train_stages
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
     output_dir = check_output_dir(data_args, training_args)
+    check_output_outside_data(output_dir, data_args)
     # Also checks the patch stage's batch settings (stage_batch_settings raises) before any data is read.
     identity = job_identity(model_args, data_args, patch_args, training_args)
+    train_source, eval_source, config, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
+    identity.update(content_identity(model_args, config, tokenizer, train_source, eval_source))
 
     # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE
@@ -486,12 +550,28 @@ def main(argv: list[str] | None = None) -> dict:
             report(results)
         return results
 
-    # Check every input before any work; claim the output folder.
-    train_source, eval_source, config, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
+    # Check every input before any work. The folder is locked now (a second run into it is refused) but
+    # claimed, and with --overwrite_output_dir emptied of the earlier run's outputs, only once the data has been
+    # read: bad data never costs a finished model.
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation, config)
-    with training_args.main_process_first(desc="output directory"):
-        prepare_output_dir(output_dir, identity, training_args.overwrite_output_dir, training_args.should_save,
-                           inputs=input_paths(model_args, data_args, training_args))
+    with output_dir_lock(output_dir, training_args.should_save):
+        with training_args.main_process_first(desc="output directory"):
+            outdated = check_output_folder(output_dir, identity, training_args.overwrite_output_dir,
+                                           inputs=input_paths(model_args, data_args, training_args))
+        return train_job(model_args, data_args, patch_args, training_args, output_dir, identity, outdated,
+                         train_source, eval_source, tokenizer, attn_implementation)
+
+
+def train_job(model_args, data_args, patch_args, training_args, output_dir, identity, outdated, train_source,
+              eval_source, tokenizer, attn_implementation) -> dict:
+    """Tokenise, plan the stages, claim the output folder (`claim_output_dir`), train and report; `main` has
+    checked the inputs and the folder, and holds its lock."""
+    from transformers import set_seed
+
+    from patch_training.blocks import training_blocks, validation_blocks
+    from patch_training.token_cache import cached_token_stream
+    from patch_training.trainer import StageArguments, StageJob, train_stages
+
     set_seed(training_args.seed)
 
     # Tokenise once into the on-disk cache (or stream), and split the token budget between the stages.
@@ -528,6 +608,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_stream, _ = cached_token_stream(eval_source, tokenizer, training_args, **cache)
         eval_datasets = validation_blocks(eval_stream, block_size, k, data_args.max_eval_blocks)
 
+    # Every input has been read: claim the folder (delete an overwritten run's outputs, record this run).
+    with training_args.main_process_first(desc="output directory"):
+        claim_output_dir(output_dir, identity, outdated, training_args.should_save)
+
     logger.info("Attention: %s", attn_implementation)
 
     # Train each stage: the patch stage (skipped once complete) hands its weights to the token stage; with λ = 1
@@ -544,6 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer, final_eval = train_stages(job, plans, stage_args, train_dataset, eval_datasets, tokenizer, results)
 
     # Report: the accounting of both stages and the relative cost, in all_results.json.
+    results_file = Path(output_dir) / ALL_RESULTS_FILE
     stages = [results[f"{p.name}_stage"] for p in plans]
     add_job_totals(results, stages, patch_fraction, k, stages[-1] if patch_args.has_token_stage else final_eval)
     if trainer is None or trainer.args.should_save:

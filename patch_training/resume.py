@@ -3,6 +3,7 @@ checkpoint an interrupted run resumes from."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -22,6 +23,7 @@ PATCH_STAGE_DIR = "patch_stage"
 STAGE_COMPLETE_FILE = "stage_complete.json"
 RUN_ARGS_FILE = "run_args.json"
 STREAM_INDEX_FILE = "stream_index.jsonl"  # --streaming: tokens per part of the data (blocks.StreamingTokenBlocks)
+LOCK_FILE = ".run_clm.lock"  # held by the run using the folder (`output_dir_lock`); never deleted
 
 
 # Settings that may change between attempts of one run: they change how the run is launched, logged, saved or
@@ -152,11 +154,22 @@ def check_same_run(output_dir: str, identity: dict) -> None:
     previous = json.loads(record.read_text())
     changed = {k: (previous[k], v) for k, v in identity.items() if k in previous and not same_setting(previous[k], v)}
     if changed:
-        details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        details = "; ".join(describe_change(k, old, new) for k, (old, new) in changed.items())
         raise UsageError(
             f"--output_dir {output_dir} holds a different run ({details}): choose another directory "
             "or pass --overwrite_output_dir"
         )
+
+
+def describe_change(name: str, old, new) -> str:
+    """`name: old -> new`; for two dicts (per-file fingerprints, a model config) only the entries that differ,
+    at most five, so that a changed shard among thousands is named in a line of readable length."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{name}: {old!r} -> {new!r}"
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "(absent)") != new.get(k, "(absent)")]
+    parts = [f"{k} {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys[:5]]
+    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return f"{name}: {', '.join(parts)}{more}"
 
 
 # What this script writes into an output folder (and a stage folder), itself or through the Trainer and
@@ -181,6 +194,8 @@ def sort_entries(folder: Path, inputs: list[Path], claimed: bool) -> tuple[list[
     input lies where the run writes (it would be overwritten or deleted)."""
     own, kept, foreign = [], [], []
     for child in sorted(folder.iterdir()):
+        if child.name == LOCK_FILE:  # the lock this run holds: neither a foreign file nor deleted
+            continue
         inside = [p for p in inputs if p == child or child in p.parents]
         if inside and child.name == PATCH_STAGE_DIR and child.is_dir():
             sub_own, sub_kept, sub_foreign = sort_entries(child, inputs, claimed)
@@ -201,37 +216,79 @@ def sort_entries(folder: Path, inputs: list[Path], claimed: bool) -> tuple[list[
     return own, kept, foreign
 
 
-def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main: bool, inputs=()) -> None:
-    """Claim `output_dir` for this run and record its identity (RUN_ARGS_FILE).
+def check_output_folder(output_dir: str, identity: dict, overwrite: bool, inputs=()) -> list[Path]:
+    """Check that this run may use `output_dir`, changing nothing; returns what claiming it will delete
+    (`claim_output_dir`): with `overwrite`, this script's own outputs of an earlier run.
 
     An empty or new folder, or one holding only this run's `inputs` (paths: data files, model config,
-    tokenizer, token cache), is claimed. A folder this script claimed before resumes (the same identity, else
+    tokenizer, token cache), may be claimed. A folder this script claimed before resumes (the same identity, else
     UsageError) or, with `overwrite`, loses this script's own outputs (OWN_OUTPUTS) and nothing else. Anything
     else in the folder (files this script did not write) is refused with or without `overwrite`, naming it, and
     left untouched; so is an input lying where the run writes (its output folder's config.json, say)."""
     path = Path(output_dir)
-    record = path / RUN_ARGS_FILE
-    if path.is_dir():
-        claimed = record.is_file()
-        inputs = [Path(p).resolve() for p in inputs]
-        own, kept, foreign = sort_entries(path.resolve(), inputs, claimed)
-        if foreign and (overwrite or not claimed):
-            names = ", ".join(str(p.relative_to(path.resolve())) + ("/" if p.is_dir() else "") for p in foreign[:5])
-            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-            raise UsageError(
-                f"--output_dir {output_dir} holds files this script did not write ({names}{more}): move them or "
-                "choose another directory (--overwrite_output_dir only replaces this script's own outputs)"
-            )
-        if claimed and overwrite and own and is_main:
-            logger.warning("--overwrite_output_dir: deleting this script's outputs in %s (%s)", output_dir,
-                           ", ".join(p.name for p in own))
-            for child in own:
+    if not path.is_dir():
+        return []
+    claimed = (path / RUN_ARGS_FILE).is_file()
+    inputs = [Path(p).resolve() for p in inputs]
+    own, kept, foreign = sort_entries(path.resolve(), inputs, claimed)
+    if foreign and (overwrite or not claimed):
+        names = ", ".join(str(p.relative_to(path.resolve())) + ("/" if p.is_dir() else "") for p in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UsageError(
+            f"--output_dir {output_dir} holds files this script did not write ({names}{more}): move them or "
+            "choose another directory (--overwrite_output_dir only replaces this script's own outputs)"
+        )
+    if claimed and not overwrite:
+        check_same_run(output_dir, identity)
+    return own if claimed and overwrite else []
+
+
+def claim_output_dir(output_dir: str, identity: dict, outdated: list[Path], is_main: bool) -> None:
+    """Claim `output_dir` for this run: the main process deletes `outdated` (what `check_output_folder`
+    returned) and records the run's identity (RUN_ARGS_FILE). Called once every input has been read, so that
+    bad data never costs the outputs of an earlier run."""
+    if not is_main:
+        return
+    if outdated:
+        logger.warning("--overwrite_output_dir: deleting this script's outputs in %s (%s)", output_dir,
+                       ", ".join(p.name for p in outdated))
+        for child in outdated:
+            if child.exists():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif claimed and not overwrite:
-            check_same_run(output_dir, identity)
-    if is_main:
-        path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(record, identity)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(output_dir) / RUN_ARGS_FILE, identity)
+
+
+def prepare_output_dir(output_dir: str, identity: dict, overwrite: bool, is_main: bool, inputs=()) -> None:
+    """`check_output_folder` then `claim_output_dir`, at once."""
+    claim_output_dir(output_dir, identity, check_output_folder(output_dir, identity, overwrite, inputs), is_main)
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str, is_main: bool):
+    """Hold an exclusive lock on `output_dir` (its LOCK_FILE, via `filelock`) in the main process while the run
+    uses it, so that a second run started into the same folder is refused (UsageError) instead of resuming
+    from, and rotating away, the checkpoints the first is writing. Creates the folder. Other processes of the
+    run hold nothing (they follow the main one). An advisory lock: on a network file system it holds where the
+    file system supports `flock`."""
+    if not is_main:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(output_dir) / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(
+            f"--output_dir {output_dir} is in use by another run (it holds {LOCK_FILE}): wait for it to end, or "
+            "choose another directory"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def file_in_the_way(path: str | Path) -> Path | None:
@@ -272,6 +329,18 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+def check_resumable(folder: Path) -> None:
+    """UsageError for a complete checkpoint that holds only the model: saved with --save_only_model true, it
+    lacks the optimizer, scheduler and RNG states (transformers' `_save_checkpoint` writes the RNG state, as
+    rng_state.pth or rng_state_<rank>.pth, exactly when it saves them), so training cannot continue exactly
+    from it; transformers would go on with a fresh optimizer without a word."""
+    if not any(folder.glob("rng_state*.pth")):
+        raise UsageError(
+            f"{folder} holds only the model (saved with --save_only_model true: no optimizer, scheduler or RNG "
+            "state), so the run cannot resume from it exactly: pass --overwrite_output_dir to start over"
+        )
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint-N of `output_dir` that a resume can load; newer damaged ones are skipped with a
     warning (and left in place). None if there is none."""
@@ -281,6 +350,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     for candidate in sorted(numbered, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True):
         problem = checkpoint_problem(candidate)
         if problem is None:
+            check_resumable(candidate)
             return str(candidate)
         logger.warning("Not resuming from %s: %s (a save that did not finish?)", candidate, problem)
     return None

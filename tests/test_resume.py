@@ -255,8 +255,9 @@ def test_results_after_resume_equal_uninterrupted(workdir, reference_job, tmp_pa
     with pytest.raises(Interrupt):
         run_clm.main(job_args(workdir, output_dir, **CADENCE))
     monkeypatch.undo()
-    with pytest.raises(UsageError, match=r"lr_scheduler_kwargs: None -> \{'min_lr_rate': 0.5\}"):
-        run_clm.main(job_args(workdir, output_dir, **CADENCE, lr_scheduler_kwargs='{"min_lr_rate": 0.5}'))
+    with pytest.raises(UsageError, match=r"lr_scheduler_kwargs: None -> \{'num_cycles': 0.25\}"):
+        run_clm.main(job_args(workdir, output_dir, **CADENCE, lr_scheduler_type="cosine",
+                              lr_scheduler_kwargs='{"num_cycles": 0.25}'))
 
     results = run_clm.main(job_args(workdir, output_dir, **CADENCE))
     _, reference, _ = reference_job

@@ -1,0 +1,207 @@
+"""Faults a newcomer's trial found (2026-11-30), each as a class of input with several members:
+
+- bad data after --overwrite_output_dir deleted the finished model before the data was read;
+- a resume (or a finished run's report) went on when an input file was rewritten in place (data, model config);
+- a checkpoint saved with --save_only_model was resumed with a fresh optimizer, without a word;
+- a second run into a folder in use resumed from, and rotated away, the first run's checkpoints;
+- an --output_dir inside a data folder read its own outputs as data on the next attempt.
+
+Tiny jobs on CPU (`test_run_clm.job_args`: hidden 32, 2 layers, T = 32)."""
+
+import json
+import lzma
+import subprocess
+import sys
+import time
+
+import pytest
+from test_resume import synthetic_corpus, write
+from test_run_clm import Interrupt, interrupt_at, job_args
+
+import run_clm
+from patch_training.cli import UsageError
+from patch_training.resume import LOCK_FILE, RUN_ARGS_FILE, describe_change
+
+SMALL = dict(save_steps=2, validation_file=None)
+
+
+def snapshot(folder):
+    """Every file of `folder` (but the lock) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+# Each member: a file name and what to write there; every one is refused while the data is read.
+BAD_DATA = {
+    "number_as_text": ("bad.jsonl", lambda path: write(path, '{"text": "fine words here"}\n{"text": 42}\n')),
+    "not_json": ("bad.jsonl", lambda path: write(path, '{"text": "fine"}\n{"text": oops\n')),
+    "truncated_xz": ("bad.jsonl.xz", lambda path: path.write_bytes(
+        lzma.compress(synthetic_corpus(path.with_name("src.jsonl")).read_bytes())[:200])),
+    "only_blank_lines": ("blank.jsonl", lambda path: write(path, "\n  \n\n")),
+}
+
+
+@pytest.mark.parametrize("member", BAD_DATA)
+def test_bad_data_with_overwrite_keeps_the_finished_run(workdir, tmp_path, member):
+    """Before: --overwrite_output_dir deleted the finished model, then the data was refused; the folder was left
+    holding run_args.json alone. Now every input is read before the folder is claimed."""
+    folder = tmp_path / "out"
+    train = synthetic_corpus(tmp_path / "train.jsonl")
+    run_clm.main(job_args(workdir, folder, train_file=train, **SMALL))
+    before = snapshot(folder)
+    assert "model.safetensors" in before and "all_results.json" in before
+    name, make = BAD_DATA[member]
+    make(tmp_path / name)
+    with pytest.raises(UsageError):
+        run_clm.main(job_args(workdir, folder, train_file=tmp_path / name, overwrite_output_dir="true", **SMALL))
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("member", ["number_as_text", "only_blank_lines"])
+def test_a_refused_first_run_does_not_claim_the_folder(workdir, tmp_path, member):
+    """Before: a first run refused for its data left run_args.json, and the corrected command was refused as
+    "a different run". Now nothing is recorded until the data has been read."""
+    folder = tmp_path / "out"
+    name, make = BAD_DATA[member]
+    make(tmp_path / name)
+    with pytest.raises(UsageError):
+        run_clm.main(job_args(workdir, folder, train_file=tmp_path / name, **SMALL))
+    assert not (folder / RUN_ARGS_FILE).exists()
+    results = run_clm.main(job_args(workdir, folder, train_file=synthetic_corpus(tmp_path / "good.jsonl"), **SMALL))
+    assert results["token_stage"]["steps"] > 0
+
+
+def rewrite_data(tmp_path, args_dir):
+    path = tmp_path / "train.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(json.dumps({"text": json.loads(line)["text"][::-1]}) for line in lines) + "\n")
+    return r"train_data: \S*train.jsonl '\d+ bytes, modified"
+
+
+def edit_model_config(tmp_path, config_dir):
+    path = config_dir / "config.json"
+    values = json.loads(path.read_text())
+    values["rms_norm_eps"] = 0.001
+    path.write_text(json.dumps(values))
+    return r"model_config: rms_norm_eps [0-9.e-]+ -> 0\.001"
+
+
+def add_a_shard(tmp_path, config_dir):
+    synthetic_corpus(tmp_path / "data" / "b.jsonl", documents=20)
+    return r"train_files: "
+
+
+REWRITES = {"data_file": rewrite_data, "model_config": edit_model_config, "shard_in_folder": add_a_shard}
+
+
+def rewritable_job(workdir, tmp_path, member):
+    """A job whose model config and data lie in `tmp_path`, free to be rewritten."""
+    import shutil
+
+    config_dir = tmp_path / "model_config"
+    shutil.copytree(workdir / "model_config", config_dir)
+    if member == "shard_in_folder":
+        synthetic_corpus(tmp_path / "data" / "a.jsonl")
+        train = tmp_path / "data"
+    else:
+        train = synthetic_corpus(tmp_path / "train.jsonl")
+    return config_dir, job_args(workdir, tmp_path / "out", train_file=train, config_name=config_dir, **SMALL)
+
+
+@pytest.mark.parametrize("member", REWRITES)
+def test_an_input_rewritten_in_place_is_another_run(workdir, tmp_path, monkeypatch, member):
+    """Before: a data file or model config rewritten under the same path between an interruption and the re-run
+    was resumed without a word (the first steps on the old data, the rest on the new). Now it is refused like a
+    changed flag, naming what changed; a finished run is not reported as if it had used the new inputs."""
+    config_dir, args = rewritable_job(workdir, tmp_path, member)
+    interrupt_at(monkeypatch, 4, step=3)
+    with pytest.raises(Interrupt):
+        run_clm.main(args)
+    monkeypatch.undo()
+    time.sleep(0.01)  # a later modification time on file systems with coarse timestamps
+    pattern = REWRITES[member](tmp_path, config_dir)
+    with pytest.raises(UsageError, match="holds a different run .*" + pattern):
+        run_clm.main(args)
+
+
+def test_a_finished_run_with_rewritten_data_is_not_reported(workdir, tmp_path):
+    config_dir, args = rewritable_job(workdir, tmp_path, "data_file")
+    run_clm.main(args)
+    assert run_clm.main(args)["token_stage"]["steps"] > 0  # the same inputs: reported again
+    rewrite_data(tmp_path, config_dir)
+    with pytest.raises(UsageError, match="holds a different run .*train_data"):
+        run_clm.main(args)
+
+
+def test_describe_change_names_only_the_changed_entries():
+    old = {f"shard{i}": "1 bytes" for i in range(1000)}
+    new = {**old, "shard7": "2 bytes"}
+    assert describe_change("train_data", old, new) == "train_data: shard7 '1 bytes' -> '2 bytes'"
+    many = {k: "3 bytes" for k in old}
+    assert describe_change("train_data", old, many).endswith("and 995 more")
+    assert describe_change("seed", 1, 2) == "seed: 1 -> 2"
+
+
+@pytest.mark.parametrize("stage_patch_size", [4, 1], ids=["in_patch_stage", "in_token_stage"])
+def test_a_model_only_checkpoint_is_not_resumed(workdir, tmp_path, monkeypatch, stage_patch_size):
+    """Before: a run interrupted with --save_only_model true resumed from weights alone with a fresh optimizer and
+    schedule (perplexity 4907 vs 5490 uninterrupted), saying only "Resuming". Now the re-run is refused in one line,
+    also when the flag is dropped for the re-run (the checkpoint still holds no optimizer state)."""
+    args = job_args(workdir, tmp_path / "out", save_only_model="true", **SMALL)
+    interrupt_at(monkeypatch, stage_patch_size, step=3)
+    with pytest.raises(Interrupt):
+        run_clm.main(args)
+    monkeypatch.undo()
+    for rerun in (args, job_args(workdir, tmp_path / "out", **SMALL)):
+        with pytest.raises(UsageError, match=r"checkpoint-2 holds only the model .*--overwrite_output_dir"):
+            run_clm.main(rerun)
+    results = run_clm.main(args + ["--overwrite_output_dir", "true"])
+    assert results["token_stage"]["resumed_from"] is None
+
+
+def test_a_folder_in_use_is_refused(workdir, tmp_path):
+    """Before: a second run started into the folder of a running one resumed from its newest checkpoint; its
+    checkpoint rotation then deleted the folder the first was saving into (a SafetensorError traceback). Now the
+    first run holds a lock (another process here) and the second is refused; once it is released, the run goes."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); sys.stdin.read()", str(folder / LOCK_FILE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match="is in use by another run"):
+            run_clm.main(job_args(workdir, folder, **SMALL))
+        assert not (folder / RUN_ARGS_FILE).exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert run_clm.main(job_args(workdir, folder, **SMALL))["token_stage"]["steps"] > 0
+
+
+@pytest.mark.parametrize("member", ["train_folder", "recursive_glob", "validation_folder", "the_folder_itself"])
+def test_an_output_dir_inside_a_data_folder_is_refused(workdir, tmp_path, member):
+    """Before: the first run succeeded and the identical re-run was refused as a different run (its outputs,
+    JSON files and checkpoints, had become training files). Now refused up front, before anything is written."""
+    data = tmp_path / "data"
+    synthetic_corpus(data / "a.jsonl")
+    output = data if member == "the_folder_itself" else data / "out"
+    spec = {"train_folder": dict(train_file=data), "recursive_glob": dict(train_file=f"{data}/**/*.jsonl"),
+            "validation_folder": dict(validation_file=data, train_file=synthetic_corpus(tmp_path / "t.jsonl")),
+            "the_folder_itself": dict(train_file=data)}[member]
+    with pytest.raises(UsageError, match="a folder that --(train|validation)_file reads"):
+        run_clm.main(job_args(workdir, output, **{**SMALL, **spec}))
+    assert not (data / "out").exists()
+
+
+def test_label_smoothing_with_a_patch_stage_is_refused_before_any_work(workdir, tmp_path):
+    """Before: the patch stage crashed at its first step (transformers' label smoother replaced the K-way loss:
+    "Size does not match at dimension 1"), after the folder was claimed. Now refused up front; the token-level
+    baseline (--patch_data_fraction 0) takes it."""
+    with pytest.raises(UsageError, match="--label_smoothing_factor 0.1 does not work with the patch stage"):
+        run_clm.main(job_args(workdir, tmp_path / "out", label_smoothing_factor=0.1, **SMALL))
+    assert not (tmp_path / "out" / RUN_ARGS_FILE).exists()
+    results = run_clm.main(job_args(workdir, tmp_path / "out", label_smoothing_factor=0.1, patch_data_fraction=0, **SMALL))
+    assert results["token_stage"]["steps"] == 12

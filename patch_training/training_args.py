@@ -94,9 +94,11 @@ def check_training_numbers(args: TrainingArguments) -> None:
     """Refuse the numbers that transformers lets through but that would fail deep inside torch once training
     starts (a batch of 0, Adam's betas outside [0, 1)) or silently do something else than asked (a negative
     weight decay grows the weights, a negative clipping norm turns clipping off, --save_steps 0 saves no
-    checkpoint until the end)."""
+    checkpoint until the end, a negative epoch count, logging or evaluation interval)."""
     refuse_below(args, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"), 1)
     refuse_below(args, ("learning_rate", "weight_decay", "adam_epsilon"), 0)
+    # Negative counts and fractions: an epoch budget below zero, logging or evaluating every -1 steps.
+    refuse_below(args, ("num_train_epochs", "logging_steps", "eval_steps", "eval_delay"), 0)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise UsageError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")

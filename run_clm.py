@@ -37,7 +37,7 @@ from pathlib import Path
 
 from patch_training.cli import UsageError, parse_arguments as parse_command_line, refuse_below, run_cli
 from patch_training.liger import check_liger_environment, check_liger_kernel_config
-from patch_training.readers import DataSource
+from patch_training.readers import DataSource, split_file_list
 from patch_training.results import ALL_RESULTS_FILE, add_job_totals, recipe_results, report
 from patch_training.resume import (
     STREAM_INDEX_FILE,
@@ -375,7 +375,7 @@ def input_paths(model_args: ModelArguments, data_args: DataArguments, training_a
     DeepSpeed config): never deleted or written over, even inside --output_dir."""
     paths = [model_args.config_name, model_args.model_name_or_path, model_args.tokenizer_name, data_args.data_cache_dir]
     for spec in (data_args.train_file, data_args.validation_file):
-        paths += (spec or "").split(",")
+        paths += split_file_list(spec or "")  # 'a,b' or a JSON list
     if isinstance(training_args.deepspeed, str):
         paths.append(training_args.deepspeed)
     return [p.strip() for p in paths if p and p.strip() and os.path.exists(p.strip())]
@@ -432,10 +432,7 @@ def check_output_outside_data(output_dir: str, data_args) -> None:
 
     output = Path(output_dir).resolve()
     for name, spec in (("train_file", data_args.train_file), ("validation_file", data_args.validation_file)):
-        for entry in (spec or "").split(","):
-            entry = entry.strip()
-            if not entry:
-                continue
+        for entry in split_file_list(spec or ""):  # 'a,b' or a JSON list
             if glob.has_magic(entry):
                 if "**" not in entry:
                     continue

@@ -181,7 +181,8 @@ def test_a_folder_in_use_is_refused(workdir, tmp_path):
     assert run_clm.main(job_args(workdir, folder, **SMALL))["token_stage"]["steps"] > 0
 
 
-@pytest.mark.parametrize("member", ["train_folder", "recursive_glob", "validation_folder", "the_folder_itself"])
+@pytest.mark.parametrize("member", ["train_folder", "recursive_glob", "validation_folder", "the_folder_itself",
+                                    "json_list"])
 def test_an_output_dir_inside_a_data_folder_is_refused(workdir, tmp_path, member):
     """Before: the first run succeeded and the identical re-run was refused as a different run (its outputs,
     JSON files and checkpoints, had become training files). Now refused up front, before anything is written."""
@@ -190,7 +191,10 @@ def test_an_output_dir_inside_a_data_folder_is_refused(workdir, tmp_path, member
     output = data if member == "the_folder_itself" else data / "out"
     spec = {"train_folder": dict(train_file=data), "recursive_glob": dict(train_file=f"{data}/**/*.jsonl"),
             "validation_folder": dict(validation_file=data, train_file=synthetic_corpus(tmp_path / "t.jsonl")),
-            "the_folder_itself": dict(train_file=data)}[member]
+            "the_folder_itself": dict(train_file=data),
+            "json_list": dict(train_file=json.dumps([str(tmp_path / "t.jsonl"), str(data)]))}[member]
+    if member == "json_list":
+        synthetic_corpus(tmp_path / "t.jsonl")
     with pytest.raises(UsageError, match="a folder that --(train|validation)_file reads"):
         run_clm.main(job_args(workdir, output, **{**SMALL, **spec}))
     assert not (data / "out").exists()
@@ -205,3 +209,14 @@ def test_label_smoothing_with_a_patch_stage_is_refused_before_any_work(workdir, 
     assert not (tmp_path / "out" / RUN_ARGS_FILE).exists()
     results = run_clm.main(job_args(workdir, tmp_path / "out", label_smoothing_factor=0.1, patch_data_fraction=0, **SMALL))
     assert results["token_stage"]["steps"] == 12
+
+
+def test_inputs_given_as_a_json_list_are_protected(workdir, tmp_path):
+    """The run's inputs, which --overwrite_output_dir never deletes, include the files of a JSON-list
+    --train_file/--validation_file (before, only comma lists were split: a JSON list's files inside the output
+    folder, under a name like checkpoint-3/, counted as this script's outputs)."""
+    folder = tmp_path / "out"
+    train, valid = synthetic_corpus(folder / "checkpoint-3" / "train.jsonl"), synthetic_corpus(tmp_path / "v.jsonl")
+    arguments = run_clm.parse_arguments(job_args(workdir, folder, train_file=json.dumps([str(train)]),
+                                                 validation_file=f'["{valid}"]'))
+    assert {str(train), str(valid)} <= set(run_clm.input_paths(arguments[0], arguments[1], arguments[3]))

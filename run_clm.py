@@ -425,22 +425,30 @@ def content_identity(model_args, config, tokenizer, train_source, eval_source) -
 
 
 def check_output_outside_data(output_dir: str, data_args) -> None:
-    """UsageError when --output_dir lies in a folder that --train_file or --validation_file reads (the folder
-    itself, or the base of a recursive `**` pattern): the run's own outputs (its JSON files, checkpoints) would be
-    read as data by the next attempt, which would then be refused as another run or train on them."""
+    """UsageError when --output_dir lies where --train_file or --validation_file reads: in a folder it names, or
+    where one of its glob patterns can reach (`data/*` reads a folder `data/run`, `data/**/*.json` the files in it;
+    `readers.pattern_may_reach`), whether the output folder exists yet or not. The run's own outputs (its JSON
+    files, checkpoints) would be read as data by the next attempt, which would then be refused as another run or
+    train on them."""
     import glob
+
+    from patch_training.readers import pattern_may_reach
 
     output = Path(output_dir).resolve()
     for name, spec in (("train_file", data_args.train_file), ("validation_file", data_args.validation_file)):
         for entry in split_file_list(spec or ""):  # 'a,b' or a JSON list
             if glob.has_magic(entry):
-                if "**" not in entry:
-                    continue
-                base = entry.split("**", 1)[0]
-                entry = base if base else "."
-            if os.path.isdir(entry) and (output == Path(entry).resolve() or Path(entry).resolve() in output.parents):
+                parts = Path(entry).parts  # the pattern from its first folder that exists, symbolic links resolved
+                base = next(i for i in range(len(parts), -1, -1) if not glob.has_magic(os.path.join("", *parts[:i])))
+                resolved = os.path.join(os.path.realpath(os.path.join(".", *parts[:base])), *parts[base:])
+                inside = pattern_may_reach(entry, output_dir) or pattern_may_reach(resolved, str(output))
+                what = f"{entry}, a pattern"
+            else:
+                inside = os.path.isdir(entry) and (output == Path(entry).resolve() or Path(entry).resolve() in output.parents)
+                what = f"{entry}, a folder"
+            if inside:
                 raise UsageError(
-                    f"--output_dir {output_dir} lies in {entry}, a folder that --{name} reads: the run's outputs "
+                    f"--output_dir {output_dir} lies in {what} that --{name} reads: the run's outputs "
                     "would become its data on the next attempt; choose an --output_dir outside it"
                 )
 

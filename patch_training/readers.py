@@ -5,7 +5,7 @@ Accepted: `.txt` (a document per line), `.jsonl`/`.ndjson`/`.json` (a JSON objec
 each optionally compressed (`.gz`, `.xz`, `.bz2`, `.zst`); `.parquet` (pyarrow); `.arrow` (Arrow IPC, stream or
 file format: what `datasets` writes); a folder written by `datasets.save_to_disk` (read with
 `datasets.load_from_disk`); a folder of such files (other files in it skipped, named in one warning); a glob
-pattern. Folders and patterns expand in sorted order.
+pattern (each folder it matches read as a folder). Folders and patterns expand in sorted order.
 
 A file is read in *parts* (`DataPart`) so that one large file can be tokenised by several processes and a
 stream can restart near a position: Parquet row groups, Arrow record batches, byte ranges of an uncompressed
@@ -18,6 +18,8 @@ and a reading can record where each line starts (`LinePosition`) to go back ther
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import functools
 import glob
 import io
 import json
@@ -25,6 +27,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 from .cli import UsageError, first_line
@@ -79,8 +82,9 @@ def has_supported_name(path: str) -> bool:
 def expand_data_files(spec: str, argument: str, report_skipped: bool = False) -> list[str]:
     """The files of `spec`, in order: each entry a file, a saved-dataset folder, a folder (its supported files,
     recursively, sorted; hidden ones skipped, and with `report_skipped` the others named in one warning, see
-    `folder_files`) or a glob pattern (its matches, sorted). Paths keep the form given (relative stays relative).
-    UsageError for an entry naming nothing, or a folder holding no data file."""
+    `folder_files`) or a glob pattern (its matches, sorted, folders read as folders: see `pattern_files`). Paths
+    keep the form given (relative stays relative). UsageError for an entry naming nothing, or a folder or pattern
+    holding no data file."""
     entries = split_file_list(spec)
     if not entries:
         raise UsageError(f"--{argument} names no file")
@@ -90,7 +94,15 @@ def expand_data_files(spec: str, argument: str, report_skipped: bool = False) ->
             matches = sorted(glob.glob(entry, recursive=True))
             if not matches:
                 raise UsageError(f"--{argument}: the pattern {entry} matches no file")
-            files.extend(m for m in matches if os.path.isfile(m) or is_saved_dataset(m))
+            found, skipped = pattern_files(matches)
+            if not found:
+                raise UsageError(f"--{argument}: the pattern {entry} matches no data file "
+                                 f"({', '.join(SUPPORTED_EXTENSIONS)}): it matches {_some_names(skipped)}")
+            if skipped and report_skipped:
+                logger.warning("--%s: skipping %s in the folders the pattern %s matches that are not data files (%s; "
+                               "text and JSON optionally compressed): %s",
+                               argument, _files(len(skipped)), entry, ", ".join(SUPPORTED_EXTENSIONS), _some_names(skipped))
+            files.extend(found)
         elif os.path.isdir(entry) and not is_saved_dataset(entry):
             found, skipped = folder_files(entry)
             if not found:
@@ -106,13 +118,66 @@ def expand_data_files(spec: str, argument: str, report_skipped: bool = False) ->
     return files
 
 
+def pattern_files(matches: list[str]) -> tuple[list[str], list[str]]:
+    """(the data files of a glob pattern's sorted `matches`, the paths skipped), read as a folder is (see
+    `folder_files`): a matched data file or saved-dataset folder is itself, any other matched folder gives its data
+    files (`shards_*` matching folders reads them, as naming each would), each file once (`dir/**` matches a
+    folder and the files under it), a saved dataset whole (not its own files that `**` matches). Skipped: matched
+    files that are not data (`dir/*` over a README.md), the non-data files of matched folders, and a matched
+    folder holding nothing (named with a trailing /)."""
+    found, skipped, saved = [], [], []
+    for match in matches:
+        if any(match.startswith(os.path.join(folder, "")) for folder in saved):
+            continue  # a file of a saved dataset matched by `**`: the dataset is read whole
+        if is_saved_dataset(match):
+            saved.append(match)
+            found.append(match)
+        elif os.path.isfile(match):
+            (found if has_supported_name(match) else skipped).append(match)
+        elif os.path.isdir(match):
+            inside, others = folder_files(match)
+            found.extend(inside)
+            skipped.extend(os.path.join(match, name) for name in others)
+            if not inside and not others:
+                skipped.append(os.path.join(match, ""))
+    skipped = [name for name in dict.fromkeys(skipped) if name.rstrip("/") not in found]
+    return list(dict.fromkeys(found)), sorted(skipped, key=lambda path: (_is_documentation(path), path))
+
+
+def pattern_may_reach(pattern: str, path: str) -> bool:
+    """Whether the glob `pattern` (as `expand_data_files` reads it: `**` recursive, hidden names matched only by
+    a pattern part that starts with a dot, a matched folder read whole) can match `path` itself, a folder above it,
+    or something inside it, now or once `path` exists. Both are made absolute; no file system access beyond that.
+    `data/*` and `data/**/*.json` reach `data/run`; `data/*.jsonl` and `data/*` (for `data/.run`) do not."""
+    pattern_parts = Path(os.path.abspath(pattern)).parts
+    path_parts = Path(os.path.abspath(path)).parts
+
+    @functools.lru_cache(maxsize=None)
+    def reach(i: int, j: int) -> bool:  # pattern_parts[i:] against path_parts[j:]
+        if j == len(path_parts):
+            return True  # something inside `path` may match
+        if i == len(pattern_parts):  # a folder above `path` matches: read whole, but for hidden names
+            return not any(name.startswith(".") for name in path_parts[j:])
+        part, name = pattern_parts[i], path_parts[j]
+        visible = not name.startswith(".") or part.startswith(".")
+        if part == "**":
+            return reach(i + 1, j) or (not name.startswith(".") and reach(i, j + 1))
+        return visible and fnmatch.fnmatchcase(name, part) and reach(i + 1, j + 1)
+
+    return reach(0, 0)
+
+
 def folder_files(folder: str) -> tuple[list[str], list[str]]:
     """(the data files of `folder`, recursively, sorted, as paths under it; the other files, as names relative
     to it, files that may be data first, then documentation: README.md, LICENSE, *.md, ...). Hidden files and
-    folders (.gitattributes, .cache/) are in neither."""
+    folders (.gitattributes, .cache/) are in neither. A saved dataset inside (`datasets.save_to_disk`) is one data
+    file: its own files are not listed."""
     found, skipped = [], []
     for root, folders, names in os.walk(folder):
         folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in [name for name in folders if is_saved_dataset(os.path.join(root, name))]:
+            found.append(os.path.join(root, name))
+            folders.remove(name)
         for name in names:
             if name.startswith("."):
                 continue

@@ -277,6 +277,46 @@ def test_a_folder_names_the_files_it_skips(tmp_path, caplog):
         readers.file_format("x.csv")
 
 
+def test_a_pattern_reads_the_folders_it_matches(tmp_path, caplog):
+    """Regression: a glob pattern dropped the folders it matched without a word (`data/*` over shard folders read
+    only the loose files; `shards_*` matching only folders read nothing). Each match is now taken as if named:
+    a folder gives its data files (recursively), a saved dataset is read whole (also inside a folder, and not its
+    own .arrow/.json files under `**`), each file once; the matched folders' other files are named in one
+    warning, and a pattern matching no data file is one line naming what it matches."""
+    import logging
+
+    import datasets
+
+    data = tmp_path / "data"
+    for shard in ("shard_b", "shard_a", "shard_a/deeper"):
+        (data / shard).mkdir(parents=True)
+    names = ["loose.jsonl", "shard_a/1.jsonl", "shard_a/deeper/2.txt", "shard_b/0.jsonl"]
+    for name in names:
+        (data / name).write_text(json.dumps({"text": name}) + "\n" if name.endswith(".jsonl") else name + "\n")
+    (data / "shard_b" / "README.md").write_text("about shard b\n")
+    (data / "LICENSE").write_text("the licence\n")
+    (data / "empty_shard").mkdir()
+    datasets.Dataset.from_dict({"text": ["saved 0", "saved 1"]}).save_to_disk(str(data / "shard_c"))
+    read = lambda spec: [d["text"] for d in iter_local_documents(*check_data_files(spec, "train_file"), "text")]
+
+    with caplog.at_level(logging.WARNING, logger="run_clm"):
+        paths, fmt = check_data_files(str(data / "*"), "train_file")
+    assert paths == [str(data / n) for n in ("loose.jsonl", "shard_a/1.jsonl", "shard_a/deeper/2.txt", "shard_b/0.jsonl",
+                                              "shard_c")] and fmt == "mixed"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--train_file: skipping 3 files in the folders the pattern {data}/* matches that are not data files (.txt, "
+        f".json, .jsonl, .ndjson, .parquet, .arrow; text and JSON optionally compressed): {data}/empty_shard/, "
+        f"{data}/LICENSE, {data}/shard_b/README.md"]
+    assert read(str(data / "*")) == names + ["saved 0", "saved 1"]
+    assert read(str(data / "shard_*")) == names[1:] + ["saved 0", "saved 1"]  # folders only: read, not dropped
+    assert check_data_files(str(data / "**"), "train_file")[0] == paths  # each file once, the saved dataset whole
+    assert check_data_files(str(data), "train_file")[0] == paths  # the folder itself: the same files
+    assert check_data_files(str(data / "shard_[ab]" / "*.jsonl"), "train_file")[0] == [paths[1], paths[3]]
+    with pytest.raises(UsageError, match=r"^--train_file: the pattern .*/empty_\* matches no data file \(.*\): it "
+                                         r"matches .*/empty_shard/$"):
+        check_data_files(str(data / "empty_*"), "train_file")
+
+
 def test_run_identity_holds_the_files_a_pattern_expands_to(tmp_path):
     """run_args.json records the expanded file list: a new shard matched by the same pattern is another run
     (a resume would otherwise silently train on other data), refused in one line."""

@@ -10,6 +10,8 @@ Tiny jobs on CPU (`test_run_clm.job_args`: hidden 32, 2 layers, T = 32)."""
 
 import json
 import lzma
+import os
+import re
 import subprocess
 import sys
 import time
@@ -182,7 +184,7 @@ def test_a_folder_in_use_is_refused(workdir, tmp_path):
 
 
 @pytest.mark.parametrize("member", ["train_folder", "recursive_glob", "validation_folder", "the_folder_itself",
-                                    "json_list"])
+                                    "json_list", "folder_glob", "glob_of_folders_below"])
 def test_an_output_dir_inside_a_data_folder_is_refused(workdir, tmp_path, member):
     """Before: the first run succeeded and the identical re-run was refused as a different run (its outputs,
     JSON files and checkpoints, had become training files). Now refused up front, before anything is written."""
@@ -192,12 +194,54 @@ def test_an_output_dir_inside_a_data_folder_is_refused(workdir, tmp_path, member
     spec = {"train_folder": dict(train_file=data), "recursive_glob": dict(train_file=f"{data}/**/*.jsonl"),
             "validation_folder": dict(validation_file=data, train_file=synthetic_corpus(tmp_path / "t.jsonl")),
             "the_folder_itself": dict(train_file=data),
-            "json_list": dict(train_file=json.dumps([str(tmp_path / "t.jsonl"), str(data)]))}[member]
+            "json_list": dict(train_file=json.dumps([str(tmp_path / "t.jsonl"), str(data)])),
+            "folder_glob": dict(train_file=f"{data}/*"),  # reads the folder data/out: its JSON files
+            "glob_of_folders_below": dict(train_file=f"{tmp_path}/d*/*")}[member]
     if member == "json_list":
         synthetic_corpus(tmp_path / "t.jsonl")
-    with pytest.raises(UsageError, match="a folder that --(train|validation)_file reads"):
+    with pytest.raises(UsageError, match="a (folder|pattern) that --(train|validation)_file reads"):
         run_clm.main(job_args(workdir, output, **{**SMALL, **spec}))
     assert not (data / "out").exists()
+
+
+PATTERN_REACH = [  # (pattern, output folder, whether the pattern reads in it), relative to a folder
+    ("data/*", "data/run", True), ("data/*", "data/run/sub", True), ("data/*", "data", True),
+    ("data/**", "data/a/b/run", True), ("data/**/*.json", "data/run", True), ("data/*/*.jsonl", "data", True),
+    ("data/*.jsonl", "data/x.jsonl/run", True), ("data/shard_*", "data/shard_run", True), ("data/.*", "data/.run", True),
+    ("data/*.jsonl", "data/run", False), ("data/shard_*", "data/run", False), ("other/*", "data/run", False),
+    ("data/*", "data/.run", False), ("data/**", "data/.x/run", False), ("data/*", "data/a/.b/run", False),
+]
+
+
+@pytest.mark.parametrize("pattern, output, reaches", PATTERN_REACH)
+def test_where_a_pattern_reads(tmp_path, monkeypatch, pattern, output, reaches):
+    """`pattern_may_reach` against what `expand_data_files` really reads: with JSON files written in the output
+    folder and a subfolder, the pattern's expansion holds a file of that folder exactly when it is said to reach
+    it (hidden names and all); and `check_output_outside_data` refuses exactly those, absolute or relative."""
+    import types
+
+    from patch_training.readers import expand_data_files, pattern_may_reach
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.jsonl").write_text('{"text": "x"}\n')
+    assert pattern_may_reach(pattern, output) is reaches
+    assert pattern_may_reach(str(tmp_path / pattern), str(tmp_path / output)) is reaches
+    arguments = types.SimpleNamespace(train_file=pattern, validation_file=None)
+    if reaches:
+        with pytest.raises(UsageError, match=f"lies in {re.escape(pattern)}, a pattern that --train_file reads"):
+            run_clm.check_output_outside_data(output, arguments)
+    else:
+        run_clm.check_output_outside_data(output, arguments)
+    (tmp_path / output / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+    (tmp_path / output / "all_results.json").write_text("{}")
+    (tmp_path / output / "checkpoint-1" / "stream.jsonl").write_text("{}\n")
+    try:
+        read = expand_data_files(pattern, "train_file")
+    except UsageError:  # matches no data file
+        read = []
+    inside = [p for p in read if os.path.abspath(p).startswith(str(tmp_path / output) + os.sep)]
+    assert bool(inside) is reaches, read
 
 
 def test_label_smoothing_with_a_patch_stage_is_refused_before_any_work(workdir, tmp_path):

@@ -573,8 +573,8 @@ def train_job(model_args, data_args, patch_args, training_args, output_dir, iden
     checked the inputs and the folder, and holds its lock."""
     from transformers import set_seed
 
-    from patch_training.blocks import training_blocks, validation_blocks
-    from patch_training.token_cache import cached_token_stream
+    from patch_training.blocks import streamed_counts, training_blocks, validation_blocks
+    from patch_training.token_cache import cached_token_stream, skipped_note
     from patch_training.trainer import StageArguments, StageJob, train_stages
 
     set_seed(training_args.seed)
@@ -636,6 +636,13 @@ def train_job(model_args, data_args, patch_args, training_args, output_dir, iden
     results_file = Path(output_dir) / ALL_RESULTS_FILE
     stages = [results[f"{p.name}_stage"] for p in plans]
     add_job_totals(results, stages, patch_fraction, k, stages[-1] if patch_args.has_token_stage else final_eval)
+    if data_args.streaming:  # what the stream read of the data, null texts included (the cache logs it up front)
+        results["streamed_data"] = streamed = streamed_counts(os.path.join(output_dir, STREAM_INDEX_FILE))
+        if streamed and (trainer is None or trainer.args.should_save):
+            logger.info("Streamed %s documents of the training data%s, %s tokens (%d of its %d parts read whole)",
+                        f"{streamed['documents'] - streamed['skipped_empty']:,}",
+                        skipped_note({"num_skipped_empty": streamed["skipped_empty"]}), f"{streamed['tokens']:,}",
+                        streamed["parts_read_whole"], streamed["parts"])
     if trainer is None or trainer.args.should_save:
         write_json_atomic(results_file, results)
         report(results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator
 
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 
 from .cli import UsageError
+
+logger = logging.getLogger("run_clm")
 
 
 class TokenBlocks(torch.utils.data.Dataset):
@@ -99,9 +102,11 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
     def _load_index(self, key: str) -> tuple[list[int], dict[int, list[list[int]]]]:
         """(tokens of each part read whole so far, {part: sorted [documents, tokens(, offset, line)] marks}) from
         the index file, an append-only JSON-lines file whose first line names the data and tokenizer; empty if it is
-        another's."""
+        another's. Also kept, in `self._counts`: {(part, tokens): null or empty texts skipped} of the marks, where
+        the index has them (see `streamed_counts`)."""
         known: dict[int, int] = {}
         marks: dict[int, set] = {}
+        self._counts: dict = {}
         if self.index_file and key and os.path.isfile(self.index_file):
             try:
                 with open(self.index_file, encoding="utf-8") as handle:
@@ -113,6 +118,8 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                     if "part_tokens" in entry:
                         known[entry["part"]] = entry["part_tokens"]
                     else:
+                        if "skipped" in entry:
+                            self._counts[entry["part"], entry["tokens"]] = entry["skipped"]
                         position = (entry["offset"], entry["line"]) if "offset" in entry else ()
                         marks.setdefault(entry["part"], set()).add((entry["documents"], entry["tokens"], *position))
                 self._index_key = key
@@ -169,6 +176,8 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
             produced, skip = mark[1], skip - mark[1]
             next_mark = (part_marks[-1][1] if part_marks else 0) + MARK_TOKENS
             cursor = [None]
+            # null or empty texts before the start (None: an index written before they were counted), and after it
+            skipped_start, counter = self._counts.get((part_index, mark[1]), 0 if mark[1] == 0 else None), [0]
             if len(mark) > 2:  # a line position: read from there
                 read = [mark[0]]
                 documents = _counted(self._documents(parts[part_index], LinePosition(*mark[2:]), cursor), read)
@@ -176,28 +185,43 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                 read = [0]
                 documents = itertools.islice(_counted(self._documents(parts[part_index], None, cursor), read), mark[0], None)
 
-            def position(documents_read=read, cursor=cursor):
-                return documents_read[0], cursor[0]
+            def position(documents_read=read, cursor=cursor, start=skipped_start, counter=counter):
+                return documents_read[0], cursor[0], None if start is None else start + counter[0]
 
-            for batch, (documents_read, line_position) in iter_token_batches(
-                    documents, self.tokenizer, self.text_column, self.batch_size, rule, state=position):
-                chunk = flat_tokens(batch, dtype)
-                produced += len(chunk)
-                if recording and produced >= next_mark:
-                    entry = {"part": part_index, "documents": documents_read, "tokens": produced}
-                    if line_position is not None:
-                        entry.update(offset=line_position.offset, line=line_position.line)
-                    self._record(key, entry)
-                    marks.setdefault(part_index, []).append([documents_read, produced, *(line_position or ())])
-                    next_mark = produced + MARK_TOKENS
-                if skip >= len(chunk):
-                    skip -= len(chunk)
-                    continue
-                yield chunk[skip:]
-                skip = 0
+            def add_mark(documents_read, tokens, line_position, skipped_before, part=part_index):
+                entry = {"part": part, "documents": documents_read, "tokens": tokens}
+                if line_position is not None:
+                    entry.update(offset=line_position.offset, line=line_position.line)
+                if skipped_before is not None:
+                    entry["skipped"] = skipped_before
+                self._record(key, entry)
+                marks.setdefault(part, []).append([documents_read, tokens, *(line_position or ())])
+
+            last, finished = None, False  # the position after the last batch tokenised
+            try:
+                for batch, (documents_read, line_position, skipped_before) in iter_token_batches(
+                        documents, self.tokenizer, self.text_column, self.batch_size, rule, state=position, skipped=counter):
+                    chunk = flat_tokens(batch, dtype)
+                    produced += len(chunk)
+                    last = (documents_read, produced, line_position, skipped_before)
+                    if recording and produced >= next_mark:
+                        add_mark(*last)
+                        next_mark = produced + MARK_TOKENS
+                    if skip >= len(chunk):
+                        skip -= len(chunk)
+                        continue
+                    yield chunk[skip:]
+                    skip = 0
+                finished = True
+            finally:  # the stream stops inside this part (its last block, an error): mark how far it read
+                if recording and not finished and last is not None and last[1] > max([0] + [m[1] for m in marks.get(part_index, [])]):
+                    add_mark(*last)
             if recording:
                 known.append(produced)
-                self._record(key, {"part": part_index, "part_tokens": produced})
+                entry = {"part": part_index, "part_tokens": produced}
+                if skipped_start is not None:
+                    entry.update(part_documents=read[0], part_skipped=skipped_start + counter[0])
+                self._record(key, entry)
             part_index += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -222,6 +246,37 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                 return
             rest = flat[whole * self.block_len :]
             pending, held = [rest], len(rest)
+
+
+def streamed_counts(index_file: str) -> dict | None:
+    """What the index of a stream (`StreamingTokenBlocks`) says of the training data it has read, over all its
+    passes: {"documents": documents read (texts and skipped ones), "skipped_empty": null or empty texts skipped
+    (no tokens; the token cache's `num_skipped_empty`), "tokens": their tokens, "parts_read_whole", "parts"};
+    a part read in part counts up to where the stream stopped (its last mark). None without an index, or for one
+    written before texts were counted."""
+    try:
+        with open(index_file, encoding="utf-8") as handle:
+            lines = [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if not lines or "key" not in lines[0]:
+        return None
+    whole, last_mark = {}, {}
+    for entry in lines[1:]:
+        if "part_tokens" in entry:
+            whole[entry["part"]] = entry
+        elif entry["tokens"] >= last_mark.get(entry["part"], {}).get("tokens", -1):
+            last_mark[entry["part"]] = entry
+    counts = {"documents": 0, "skipped_empty": 0, "tokens": 0}
+    for part in set(whole) | set(last_mark):
+        entry = whole.get(part)
+        fields = ("part_documents", "part_skipped", "part_tokens") if entry else ("documents", "skipped", "tokens")
+        entry = entry or last_mark[part]
+        if any(name not in entry for name in fields):
+            return None
+        for name, field_name in zip(counts, fields):
+            counts[name] += entry[field_name]
+    return {**counts, "parts_read_whole": len(whole), "parts": int(lines[0]["key"].rsplit("|", 1)[-1])}
 
 
 def training_blocks(plan, stream: np.ndarray | None, source=None, tokenizer=None, batch_size: int = 1000,

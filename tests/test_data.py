@@ -3,6 +3,7 @@ reads them, errors that name the record, parallel tokenisation byte-identical to
 blocks equal to the cached ones."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,6 +231,63 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
     list(StreamingTokenBlocks(source, tokenizer, "text", 0, far // block, block, batch_size=4, index_file=str(one_part)))
     assert not [line for line in one_part.read_text().splitlines() if "part_tokens" in line]
     assert first_block(far - block, str(one_part), tokenised) < first_block(far - block, None, tokenised) / 4
+
+
+def test_streaming_counts_null_and_empty_texts_as_the_cache_does(tmp_path, monkeypatch):
+    """Regression: under --streaming, null and empty texts were skipped without a word (the cache counts them in
+    its "Tokenised N documents (M null or empty texts skipped)" line). The stream's index now counts them with the
+    documents and tokens (`streamed_counts`, which run_clm logs and records at the end of a job): the cache's
+    numbers once the data has been read whole, whether in one pass or interrupted inside a part and resumed from
+    its mark (a JSON-lines file cut in byte ranges, a Parquet file whose row groups are skipped by count); and, for
+    a pass stopped inside the data, exactly the documents before where it stopped reading."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from patch_training import blocks, readers
+    from patch_training.blocks import streamed_counts
+
+    monkeypatch.setattr(blocks, "MARK_TOKENS", 300)
+    monkeypatch.setattr(readers, "PART_BYTES", 3_000)
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    paragraphs = [p for line in open(TRAIN_FILE, encoding="utf-8") for p in json.loads(line)["text"].split("\n") if p.strip()]
+    texts = [None if i % 7 == 3 else "" if i % 11 == 5 else p for i, p in enumerate(paragraphs[:400])]
+    nulls = sum(not t for t in texts)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:250]))
+    pq.write_table(pa.table({"text": texts[250:]}), tmp_path / "b.parquet", row_group_size=20)
+    source = DataSource.from_files(f"{tmp_path}/a.jsonl,{tmp_path}/b.parquet", "train_file")
+    parts = len(source.parts())
+    assert parts > 4
+    tokens, folder = cached_token_stream(source, tokenizer, RunTrainingArguments(output_dir=str(tmp_path), report_to="none"),
+                                         cache_dir=str(tmp_path / "cache"))
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    assert meta["num_skipped_empty"] == nulls > 40 and meta["num_documents"] == len(texts) - nulls
+    whole = {"documents": len(texts), "skipped_empty": nulls, "tokens": len(tokens), "parts_read_whole": parts, "parts": parts}
+    block = 64
+
+    def stream(start, blocks_wanted, index):
+        streamed = [b["input_ids"] for b in StreamingTokenBlocks(source, tokenizer, "text", start, blocks_wanted, block,
+                                                                 batch_size=4, index_file=str(index))]
+        cached = TokenBlocks(tokens, start, blocks_wanted, block)
+        assert torch.cat(streamed).tolist() == torch.cat([cached[i]["input_ids"] for i in range(blocks_wanted)]).tolist()
+        return streamed_counts(str(index))
+
+    assert streamed_counts(str(tmp_path / "none.jsonl")) is None
+    assert stream(0, len(tokens) // block + 3, tmp_path / "whole.jsonl") == whole  # into a second epoch
+    assert stream(0, len(tokens) // block + 3, tmp_path / "whole.jsonl") == whole  # the data counted once
+    for stop in (len(tokens) // 3, 2 * len(tokens) // 3):  # interrupted in the first file, or in the second
+        index = tmp_path / f"cut_{stop}.jsonl"
+        partial = stream(0, stop // block, index)
+        # The documents of the batches tokenised (4 documents per call, texts only) up to where the stream stopped.
+        ends = [i + 1 for i, t in enumerate(texts) if t]
+        tokenised = partial["tokens"]
+        assert stop // block * block <= tokenised < stop // block * block + 4 * 200, (stop, partial)
+        assert partial["parts_read_whole"] < parts and partial["documents"] <= len(texts)
+        assert partial["skipped_empty"] == sum(not t for t in texts[:partial["documents"]])
+        assert texts[partial["documents"] - 1], "a stop is after a document with text"
+        assert partial["documents"] in ends
+        start = stop // block * block
+        assert stream(start, (len(tokens) - start) // block + 3, index) == whole, stop
 
 
 @pytest.mark.parametrize("suffix", [".xz", ".zst"])

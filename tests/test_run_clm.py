@@ -338,11 +338,29 @@ def test_streaming_worker_error_is_one_line(workdir, tmp_path, capsys):
     assert errors == ["run_clm.py: error: the streamed training data holds no text"]
 
 
-def test_streaming_two_stage_job(workdir, tmp_path):
-    """A streaming two-stage job runs to the end (the reference code crashes on len() of the stream)."""
-    results = run_clm.main(job_args(workdir, tmp_path / "job", streaming=True, max_steps=4, save_steps=100))
+def test_streaming_two_stage_job(workdir, tmp_path, caplog):
+    """A streaming two-stage job runs to the end (the reference code crashes on len() of the stream), with a
+    worker tokenising the stream; it records and logs what it streamed, null and empty texts counted (before:
+    skipped without a word under --streaming): the data's numbers once it has been read whole."""
+    import logging
+
+    lines = open(TRAIN_FILE, encoding="utf-8").read().splitlines()
+    texts = [json.loads(line)["text"] for line in lines][:6]
+    data = tmp_path / "with_nulls.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in [None, texts[0], "", *texts[1:], None]))
+    with caplog.at_level(logging.INFO, logger="run_clm"):
+        results = run_clm.main(job_args(workdir, tmp_path / "job", streaming=True, max_steps=4, save_steps=100,
+                                        train_file=str(data), dataloader_num_workers=1))
     assert results["patch_stage"]["steps"] == 2 and results["token_stage"]["steps"] == 2
     assert np.isfinite(results["perplexity"])
+    streamed = results["streamed_data"]
+    assert streamed["documents"] <= 9 and streamed["skipped_empty"] == sum(t is None or t == "" for t in
+                                                                          [None, texts[0], "", *texts[1:], None][:streamed["documents"]])
+    assert streamed["tokens"] >= results["tokens"] and streamed["skipped_empty"] >= 2
+    assert json.loads((tmp_path / "job" / "all_results.json").read_text())["streamed_data"] == streamed
+    assert any(r.getMessage().startswith(f"Streamed {streamed['documents'] - streamed['skipped_empty']} documents of the "
+                                         f"training data ({streamed['skipped_empty']} null or empty texts skipped)")
+               for r in caplog.records)
 
 
 def test_json_config_file(workdir, tmp_path):

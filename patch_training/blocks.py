@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .cli import UsageError
+from .cli import UsageError, naming_file, write_failures_as_messages
 
 logger = logging.getLogger("run_clm")
 
@@ -132,12 +132,13 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
         """Append `entry` to the index file (started with the key line when it holds another data's index)."""
         if not (self.index_file and key and self.write_index):
             return
-        if getattr(self, "_index_key", None) != key:
-            with open(self.index_file, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps({"key": key}) + "\n")
-            self._index_key = key
-        with open(self.index_file, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        with naming_file(self.index_file):
+            if getattr(self, "_index_key", None) != key:
+                with open(self.index_file, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"key": key}) + "\n")
+                self._index_key = key
+            with open(self.index_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
 
     def _chunks(self) -> Iterator[np.ndarray]:
         """The token stream from `skip_tokens` on, as numpy arrays (one per tokenizer call).
@@ -197,7 +198,7 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                 self._record(key, entry)
                 marks.setdefault(part, []).append([documents_read, tokens, *(line_position or ())])
 
-            last, finished = None, False  # the position after the last batch tokenised
+            last = None  # the position after the last batch tokenised
             try:
                 for batch, (documents_read, line_position, skipped_before) in iter_token_batches(
                         documents, self.tokenizer, self.text_column, self.batch_size, rule, state=position, skipped=counter):
@@ -212,10 +213,10 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
                         continue
                     yield chunk[skip:]
                     skip = 0
-                finished = True
-            finally:  # the stream stops inside this part (its last block, an error): mark how far it read
-                if recording and not finished and last is not None and last[1] > max([0] + [m[1] for m in marks.get(part_index, [])]):
+            except GeneratorExit:  # the stream stops inside this part (its last block): mark how far it read
+                if recording and last is not None and last[1] > max([0] + [m[1] for m in marks.get(part_index, [])]):
                     add_mark(*last)
+                raise
             if recording:
                 known.append(produced)
                 entry = {"part": part_index, "part_tokens": produced}
@@ -228,6 +229,10 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         if worker is not None and worker.num_workers > 1:
             raise UsageError(f"streamed blocks read by {worker.num_workers} data-loader workers would repeat: use at most 1")
+        with write_failures_as_messages():  # from a worker process, torch's re-raise would lose errno and file
+            yield from self._blocks()
+
+    def _blocks(self) -> Iterator[dict[str, torch.Tensor]]:
         pending: list[np.ndarray] = []
         held = 0
         blocks = 0

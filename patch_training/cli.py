@@ -3,11 +3,13 @@ against the argument dataclasses, and the wrapper that turns an entry point into
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -191,6 +193,37 @@ def write_error_message(error: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def naming_file(path) -> Iterator[None]:
+    """Give `path` to an OSError raised inside that names no file: write(2) and close(2) name none, so a full disk
+    met while writing or flushing `path` said only "[Errno 28] No space left on device"."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+class WriteFailure(Exception):
+    """A failure to write a file, carried as its one-line message (`write_error_message`) out of a data-loader
+    worker: torch re-raises a worker's exception from its text alone, so an OSError arrived without its errno or
+    file, and with the worker's traceback. `run_cli` prints it as it does in the main process."""
+
+
+@contextlib.contextmanager
+def write_failures_as_messages() -> Iterator[None]:
+    """Raise a failure to write (see `write_error_message`) met inside as a `WriteFailure`: for code that runs in a
+    data-loader worker."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        message = write_error_message(error)
+        if message is None:
+            raise
+        raise WriteFailure(message) from error
+
+
 def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> None:
     """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code 2; Ctrl-C
     (KeyboardInterrupt) the line `on_interrupt` and exit code 130 (128 + SIGINT, the shell's), no traceback.
@@ -203,6 +236,9 @@ def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> Non
     except UsageError as error:
         print(f"{program}: error: {usage_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except WriteFailure as error:
+        print(f"{program}: error: {usage_message(error)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{program}: {on_interrupt}", file=sys.stderr)
         sys.exit(130)
@@ -226,11 +262,12 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def usage_message(error: UsageError) -> str:
-    """The message of a UsageError; one raised in a data-loader worker (`--streaming` with a worker) arrives
-    re-raised by torch with the worker's whole traceback in its message: keep only the original message."""
+def usage_message(error: UsageError | WriteFailure) -> str:
+    """The message of a UsageError or WriteFailure; one raised in a data-loader worker (`--streaming` with a
+    worker) arrives re-raised by torch with the worker's whole traceback in its message: keep only the original
+    message."""
     message = str(error)
-    if "Original Traceback" in message:
+    if message.startswith("Caught ") and "\nOriginal " in message:  # torch's "Caught X in DataLoader worker process 0."
         last = [line for line in message.strip().splitlines() if line.strip()][-1]
-        message = last.split(f"{UsageError.__name__}: ", 1)[-1]
+        message = last.split(f"{type(error).__name__}: ", 1)[-1]
     return message

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .cli import UsageError, first_line
+from .cli import UsageError, first_line, naming_file
 from .readers import expand_data_files
 from .results import ALL_RESULTS_FILE
 from .stages import global_batch_size, stage_batch_settings
@@ -301,7 +301,7 @@ def file_in_the_way(path: str | Path) -> Path | None:
 
 def write_json_atomic(path, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with naming_file(tmp), open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
     os.replace(tmp, path)

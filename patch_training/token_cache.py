@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .cli import UsageError
+from .cli import UsageError, naming_file
 from .readers import DataSource, is_sequential, sequential_part_chunks
 
 logger = logging.getLogger("run_clm")
@@ -249,7 +249,7 @@ def write_token_file(documents, tokenizer, text_column: str, batch_size: int, pa
     dtype = token_dtype(len(tokenizer))
     num_tokens = num_documents = 0
     skipped = [0]
-    with open(path, mode) as out:
+    with naming_file(path), open(path, mode) as out:
         for batch in iter_token_batches(documents, tokenizer, text_column, batch_size, rule, prefetch=prefetch,
                                         skipped=skipped):
             flat = flat_tokens(batch, dtype)
@@ -385,7 +385,7 @@ def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_
         "num_parts": len(parts) if parts is not None else 1,
         "num_jobs": len(counts),  # the parts, compressed files fed in chunks counted chunk by chunk
     }
-    with open(os.path.join(tmp_folder, "meta.json"), "w", encoding="utf-8") as handle:
+    with naming_file(os.path.join(tmp_folder, "meta.json")), open(os.path.join(tmp_folder, "meta.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
     return meta
 
@@ -404,7 +404,7 @@ def _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_fo
     written = submitted = 0
     prefetch = PREFETCH_BATCHES if workers < available_cores() else 0  # a reading thread needs a core of its own
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tokenizer, counter, prefetch)) as pool, \
-            open(tokens_file, "wb") as out:
+            naming_file(tokens_file), open(tokens_file, "wb") as out:
         try:
             while True:
                 while len(queued) < 2 * workers and (job := next(jobs, None)) is not None:

@@ -234,6 +234,39 @@ def test_real_write_failures_are_one_line(capsys, tmp_path):
                              "[enforce fail at inline_container.cc")
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_write_failures_name_their_file_also_from_a_data_loader_worker(capsys, tmp_path, monkeypatch, workers):
+    """Regression: write(2) names no file, so a full disk met while writing the token cache, the stream's index or
+    a JSON record said only "cannot write: no space left on device"; and in a data-loader worker (--streaming with
+    --dataloader_num_workers 1) torch re-raised the OSError from its text, without errno or file: a traceback.
+    Now each names the file it wrote (`cli.naming_file`), in one line with exit code 1, with or without a worker.
+    Other errors in a worker (EIO writing /proc) keep their traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    from transformers import AutoTokenizer
+
+    from conftest import DATA_DIR, TOKENIZER_DIR
+    from patch_training import blocks
+    from patch_training.readers import DataSource
+    from patch_training.token_cache import write_token_file
+
+    monkeypatch.setattr(blocks, "MARK_TOKENS", 100)
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    source = DataSource.from_files(str(DATA_DIR / "sample_train.jsonl"), "train_file")
+
+    def stream(index_file):
+        dataset = blocks.StreamingTokenBlocks(source, tokenizer, "text", 0, 40, 64, index_file=index_file)
+        return lambda: list(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers))
+
+    full = "run_clm.py: error: cannot write /dev/full: [Errno 28] No space left on device"
+    assert run_and_capture(capsys, stream("/dev/full")) == (1, [full])
+    documents = [{"text": "some text"}] * 3000
+    assert run_and_capture(capsys, lambda: write_token_file(documents, tokenizer, "text", 100, "/dev/full")) == (1, [full])
+    if os.path.exists("/proc/version"):
+        with pytest.raises(OSError, match="Input/output error"):
+            run_cli(stream("/proc/version"), "run_clm.py")
+
+
 def test_other_errors_keep_their_traceback(capsys, tmp_path):
     """Only write failures are turned into a line: a missing file, another errno without a file name, or an
     unrelated RuntimeError are bugs or other problems, and keep their traceback."""

@@ -584,7 +584,8 @@ def train_job(model_args, data_args, patch_args, training_args, output_dir, iden
     cache = dict(cache_dir=data_args.data_cache_dir, batch_size=data_args.tokenize_batch_size)
     steps_budget = training_args.max_steps * global_batch_size(training_args) * block_size
     stream = dataset_tokens = None
-    if data_args.streaming:
+    if data_args.streaming:  # read during training, after the claim: check what can be checked now
+        train_source.check_starts()
         total_tokens = steps_budget
     else:
         stream, _ = cached_token_stream(train_source, tokenizer, training_args, num_workers=data_args.preprocessing_num_workers, **cache)

@@ -22,6 +22,7 @@ import fnmatch
 import functools
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ DOCUMENTATION_NAMES = ("readme", "license", "licence", "copying", "notice", "cit
 SKIPPED_NAMED = 5  # skipped files of a folder named in its warning (then a count)
 PART_BYTES = 64 * 1024 * 1024  # target size of a byte-range part of an uncompressed JSON-lines / text file
 PART_ROWS = 100_000  # target rows of a part of a saved dataset
+START_DOCUMENTS = 100  # documents of each file read before a stream starts (`DataSource.check_starts`)
+START_BUDGET = 100_000  # ... and in all, for many files (at least one a file)
 CHUNK_BYTES = 1024 * 1024  # (decompressed) bytes of a LineChunk: whole lines read by one process, parsed by another
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: not text
 
@@ -765,6 +768,37 @@ class DataSource:
         _, index, shards = part
         dataset = self._hub_dataset(streaming=True)
         return iter(dataset.shard(num_shards=shards, index=index) if shards > 1 else dataset)
+
+    def check_starts(self, documents: int = START_DOCUMENTS) -> None:
+        """Read the start of each source, as `--streaming` does before it claims the output folder: a Parquet,
+        Arrow or saved dataset's schema (the text column, its type); the first `documents` documents of a
+        JSON-lines, JSON or text file (fewer when there are many files: START_BUDGET documents in all, at least
+        one a file), which checks its format, compression, encoding and text column; a hub dataset's columns.
+        UsageError naming the file and record for what it finds, and "holds no text" when the line files ended
+        before that many documents without a text and there is no other file. A bad record further in is found when the
+        stream reaches it."""
+        if self.paths is None:
+            self._hub_dataset(streaming=True)
+            return
+        per_file = max(1, min(documents, START_BUDGET // len(self.paths)))
+        empty = True  # every file read to its end, without a text
+        for path in self.paths:
+            fmt = file_format(path)
+            with read_errors(path):
+                if fmt in ("parquet", "arrow", "saved"):
+                    import pyarrow.parquet as pq
+
+                    schema = {"parquet": lambda: pq.ParquetFile(path).schema_arrow,
+                              "arrow": lambda: _arrow_reader(path).schema,
+                              "saved": lambda: _load_saved(path).data.schema}[fmt]()
+                    _check_column(path, schema, self.text_column)
+                    empty = False
+                    continue
+                parts = file_parts(path, fmt)
+                read = list(itertools.islice(iter_part_documents(parts[0], self.text_column), per_file))
+                empty &= len(read) < per_file and len(parts) == 1 and not any(d[self.text_column] for d in read)
+        if empty:
+            raise UsageError("the streamed training data holds no text")
 
     def _hub_dataset(self, streaming: bool):
         import datasets

@@ -40,22 +40,36 @@ BAD_DATA = {
     "truncated_xz": ("bad.jsonl.xz", lambda path: path.write_bytes(
         lzma.compress(synthetic_corpus(path.with_name("src.jsonl")).read_bytes())[:200])),
     "only_blank_lines": ("blank.jsonl", lambda path: write(path, "\n  \n\n")),
+    "wrong_column": ("content.jsonl", lambda path: write(path, '{"content": "fine words"}\n' * 20)),
+    "not_utf8": ("latin1.txt", lambda path: path.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 20)),
+    "parquet_without_text": ("table.parquet", lambda path: __import__("pyarrow.parquet").parquet.write_table(
+        __import__("pyarrow").table({"content": ["fine words"] * 20}), path)),
 }
 
 
-@pytest.mark.parametrize("member", BAD_DATA)
-def test_bad_data_with_overwrite_keeps_the_finished_run(workdir, tmp_path, member):
-    """Before: --overwrite_output_dir deleted the finished model, then the data was refused; the folder was left
-    holding run_args.json alone. Now every input is read before the folder is claimed."""
-    folder = tmp_path / "out"
-    train = synthetic_corpus(tmp_path / "train.jsonl")
-    run_clm.main(job_args(workdir, folder, train_file=train, **SMALL))
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, workdir):
+    """A finished run's folder and its files."""
+    folder = tmp_path_factory.mktemp("finished") / "out"
+    run_clm.main(job_args(workdir, folder, train_file=synthetic_corpus(folder.parent / "train.jsonl"), **SMALL))
     before = snapshot(folder)
     assert "model.safetensors" in before and "all_results.json" in before
+    return folder, before
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("member", BAD_DATA)
+def test_bad_data_with_overwrite_keeps_the_finished_run(workdir, finished_run, tmp_path, member, streaming):
+    """Before: --overwrite_output_dir deleted the finished model, then the data was refused; the folder was left
+    holding run_args.json alone. Now every input is read before the folder is claimed; with --streaming, which
+    reads the data while training, the start of each file is read first (`DataSource.check_starts`: its first
+    documents, a table's schema), which finds these (before: the model was deleted, then the stream failed)."""
+    folder, before = finished_run
     name, make = BAD_DATA[member]
     make(tmp_path / name)
-    with pytest.raises(UsageError):
-        run_clm.main(job_args(workdir, folder, train_file=tmp_path / name, overwrite_output_dir="true", **SMALL))
+    with pytest.raises(UsageError, match=re.escape(name) if member != "only_blank_lines" else "no text"):
+        run_clm.main(job_args(workdir, folder, train_file=tmp_path / name, overwrite_output_dir="true",
+                              streaming=streaming, **SMALL))
     assert snapshot(folder) == before
 
 

@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patch_training.cli import UsageError, parse_arguments as parse_command_line, refuse_below, run_cli
+from patch_training.cli import UsageError, blank_as_unset, parse_arguments as parse_command_line, refuse_below, run_cli
 from patch_training.liger import check_liger_environment, check_liger_kernel_config
 from patch_training.readers import DataSource, split_file_list
 from patch_training.results import ALL_RESULTS_FILE, add_job_totals, recipe_results, report
@@ -44,6 +44,7 @@ from patch_training.resume import (
     batch_identity,
     data_files_identity,
     check_output_folder,
+    check_output_not_an_input,
     check_same_run,
     claim_output_dir,
     file_in_the_way,
@@ -118,6 +119,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        blank_as_unset(self)
         if self.config_name is None and self.model_name_or_path is None:
             raise UsageError("give --config_name (a model config JSON, to train from scratch) or --model_name_or_path")
         if self.attn_implementation not in ("auto", "eager", "sdpa", "flash_attention_2"):
@@ -197,6 +199,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        blank_as_unset(self)
         if self.train_file is None and self.dataset_name is None:
             raise UsageError("give --train_file (local text files) or --dataset_name (a hub dataset)")
         if self.block_size < 2:
@@ -273,6 +276,7 @@ class PatchArguments:
     def __post_init__(self):
         from modeling_llama_patch import validate_patch_size
 
+        blank_as_unset(self)
         try:
             self.patch_size = validate_patch_size(self.patch_size)
         except ValueError as error:
@@ -456,7 +460,7 @@ def check_output_outside_data(output_dir: str, data_args) -> None:
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
-    from patch_training.models import load_model_config, load_tokenizer
+    from patch_training.models import check_one_model_config, load_model_config, load_tokenizer
     from patch_training.tracking import check_report_to
 
     if data_args.train_file is not None:
@@ -492,6 +496,7 @@ def check_inputs(model_args, data_args, patch_args, training_args):
             f"{training_args.dataloader_num_workers} would read that many times over (every block repeated): use "
             "--dataloader_num_workers 1 (tokenise in a background process) or 0, or drop --streaming to use the cache"
         )
+    check_one_model_config(model_args.config_name, model_args.model_name_or_path)
     config = load_model_config(model_args.model_name_or_path or model_args.config_name)
     if training_args.use_liger_kernel:
         check_liger_environment(training_args.use_cpu, config.model_type)
@@ -544,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
     identity = job_identity(model_args, data_args, patch_args, training_args)
     train_source, eval_source, config, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
     identity.update(content_identity(model_args, config, tokenizer, train_source, eval_source))
+    check_output_not_an_input(output_dir, input_paths(model_args, data_args, training_args))
 
     # A finished job: report and change nothing (the same job: a changed one is refused).
     results_file = Path(output_dir) / ALL_RESULTS_FILE

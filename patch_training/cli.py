@@ -38,6 +38,23 @@ INFINITY_MEANS = {
 }
 
 
+def blank_as_unset(arguments) -> None:
+    """Set every optional text field of the dataclass instance `arguments` (type `str | None`) that holds only
+    blanks to None: `--tokenizer_name ""` on the command line, or "" in a config, unsets the value a config file
+    gave (the way to drop tiny-patch.json's `config_name` or `tokenizer_name`), as it already did for the fields
+    read by truth value; before, "" reached the tokenizer loader as a name."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(type(arguments))
+    for f in dataclasses.fields(arguments):
+        kind = hints.get(f.name)
+        optional_text = isinstance(kind, types.UnionType) and set(typing.get_args(kind)) == {str, type(None)}
+        value = getattr(arguments, f.name, None)
+        if optional_text and isinstance(value, str) and not value.strip():
+            setattr(arguments, f.name, None)
+
+
 def refuse_non_finite(arguments) -> None:
     """UsageError for a NaN or infinite float field of the dataclass instance `arguments` (a flag such as
     `--learning_rate inf`, or `"learning_rate": Infinity` / `NaN` in a config file, which Python's JSON reader

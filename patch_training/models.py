@@ -68,6 +68,35 @@ def load_model_config(source: str):
     return config
 
 
+# Config entries a checkpoint's config.json differs in from the config it was trained from without being another
+# model: what saving writes (architectures, dtype, versions), the special tokens recorded from the tokenizer
+# (`record_special_tokens`), the patch size of the stage, the generation cache switch.
+SAVED_CONFIG_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version", "use_cache", "patch_size",
+                     "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def check_one_model_config(config_name: str | None, model_name_or_path: str | None) -> None:
+    """UsageError when --config_name and --model_name_or_path are both given and describe different models: the
+    run starts from the checkpoint with the checkpoint's own config, so the other would be silently ignored (say
+    tiny-patch.json's config_name beside a 370M checkpoint, or a config with another max_position_embeddings).
+    Configs that differ only in what saving adds (SAVED_CONFIG_KEYS) are the same model."""
+    from .resume import describe_change
+
+    if not (config_name and model_name_or_path):
+        return
+    given, checkpoint = (
+        {k: v for k, v in load_model_config(source).to_dict().items() if not k.startswith("_") and k not in SAVED_CONFIG_KEYS}
+        for source in (config_name, model_name_or_path)
+    )
+    if given != checkpoint:
+        raise UsageError(
+            f"--config_name {config_name} and --model_name_or_path {model_name_or_path} describe different models "
+            f"({describe_change('checkpoint -> config', checkpoint, given).split(': ', 1)[1]}); the run would start "
+            "from the checkpoint with its own config: drop --config_name (--config_name \"\" after a config file that "
+            "sets it), or drop --model_name_or_path to train a new model from the config"
+        )
+
+
 def load_tokenizer(name: str):
     """AutoTokenizer.from_pretrained(name), with a one-line UsageError where there is none to load."""
     if not os.path.exists(name) and os.path.sep in name:

@@ -188,10 +188,30 @@ def is_own_output(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWN_OUTPUTS)
 
 
+def refuse_input_folders(folders: list[Path], inputs: list[Path]) -> None:
+    """UsageError when one of the resolved `inputs` is one of the resolved `folders` the run writes in (its output
+    folder, its patch_stage/): the run's outputs would replace or delete the model, tokenizer, data or cache it
+    reads."""
+    for folder in folders:
+        if folder in inputs:
+            raise UsageError(
+                f"{folder} is an input of this run (the model, tokenizer, data or cache it reads) and the folder where "
+                "it writes its outputs, which would replace or delete it: choose another --output_dir"
+            )
+
+
+def check_output_not_an_input(output_dir: str, inputs) -> None:
+    """`refuse_input_folders` for the output folder and its patch_stage/ (before anything else looks at them)."""
+    folder = Path(output_dir).resolve()
+    refuse_input_folders([folder, folder / PATCH_STAGE_DIR], [Path(p).resolve() for p in inputs])
+
+
 def sort_entries(folder: Path, inputs: list[Path], claimed: bool) -> tuple[list[Path], list[Path], list[Path]]:
     """Sort what `folder` holds into (this script's outputs, the run's inputs and the entries holding them,
     foreign entries). Outputs are named as in OWN_OUTPUTS and lie in a `claimed` folder. UsageError where an
-    input lies where the run writes (it would be overwritten or deleted)."""
+    input lies where the run writes (it would be overwritten or deleted), the folder itself included (a run
+    continuing from the model in its own --output_dir, or from its patch_stage/)."""
+    refuse_input_folders([folder], inputs)
     own, kept, foreign = [], [], []
     for child in sorted(folder.iterdir()):
         if child.name == LOCK_FILE:  # the lock this run holds: neither a foreign file nor deleted

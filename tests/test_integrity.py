@@ -73,6 +73,73 @@ def test_bad_data_with_overwrite_keeps_the_finished_run(workdir, finished_run, t
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("overwrite", ["true", "false"])
+@pytest.mark.parametrize("member", ["model_is_the_folder", "model_is_its_patch_stage", "tokenizer_is_the_folder",
+                                    "cache_is_the_folder"])
+def test_an_input_that_is_the_output_folder_is_refused(workdir, finished_run, member, overwrite):
+    """Before: continuing from the model in the output folder itself (or from its patch_stage/) with
+    --overwrite_output_dir deleted that model, then failed to load it ("Unrecognized model"). Now an input that
+    is the output folder, or a folder the run writes, is refused in one line before anything is touched."""
+    folder, before = finished_run
+    inputs = {"model_is_the_folder": dict(model_name_or_path=folder, config_name=None),
+              "model_is_its_patch_stage": dict(model_name_or_path=folder / "patch_stage", config_name=None),
+              "tokenizer_is_the_folder": dict(tokenizer_name=folder),
+              "cache_is_the_folder": dict(data_cache_dir=folder)}[member]
+    with pytest.raises(UsageError, match=r"is an input of this run .* and the folder where it writes"):
+        run_clm.main(job_args(workdir, folder, overwrite_output_dir=overwrite, **{**SMALL, **inputs}))
+    assert snapshot(folder) == before
+
+
+def test_the_readme_continued_pretraining_command_runs(workdir, finished_run, tmp_path):
+    """Regression: the README's continued pre-training command (tiny-patch.json with --config_name "" and
+    --tokenizer_name "") was refused: "" reached the tokenizer loader as a name. A blank optional text value now
+    unsets it (`cli.blank_as_unset`), for every such field: the tokenizer is the checkpoint's, the config too."""
+    import shlex
+
+    from conftest import REPO_ROOT
+
+    folder, _ = finished_run
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(l for l in readme.splitlines() if "--model_name_or_path path/to/checkpoint" in l)
+    argv = shlex.split(line.replace("\\", ""))[2:]  # after "python run_clm.py"
+    assert argv[:1] == ["configs/train/tiny-patch.json"] and argv[argv.index("--tokenizer_name") + 1] == ""
+    argv = [str(REPO_ROOT / argv[0])] + [str(folder) if a == "path/to/checkpoint" else a for a in argv[1:]]
+    argv += ["--output_dir", str(tmp_path / "continued"), "--max_steps", "2", "--eval_strategy", "no",
+             "--train_file", str(folder.parent / "train.jsonl"), "--data_cache_dir", str(workdir / "token_cache")]
+    model_args, data_args, *_ = run_clm.parse_arguments(argv)
+    assert model_args.config_name is None and model_args.tokenizer_name == str(folder)
+    results = run_clm.main(argv)
+    assert results["token_stage"]["steps"] > 0
+    blank = run_clm.parse_arguments(argv + ["--validation_file", " ", "--patch_offset_weights", ""])
+    assert blank[1].validation_file is None and blank[2].patch_offset_weights is None
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"max_position_embeddings": 64}, "max_position_embeddings 256 -> 64"),
+    ({"hidden_size": 128, "intermediate_size": 256}, "hidden_size 32 -> 128, intermediate_size"),
+    ({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}, "rope_parameters"),
+    ({}, None),  # the checkpoint's own model: taken
+])
+def test_a_config_beside_a_checkpoint_must_describe_it(workdir, finished_run, tmp_path, change, named):
+    """Regression: --config_name beside --model_name_or_path was silently ignored (the checkpoint's config was
+    used; a config file setting config_name plus a checkpoint flag gave no word). Now a config describing
+    another model is refused in one line naming what differs, before any work; the checkpoint's own model
+    (differing only in what saving records: architectures, dtype, special tokens) is taken."""
+    from patch_training.models import check_one_model_config
+
+    folder, before = finished_run
+    values = json.loads((workdir / "model_config" / "config.json").read_text())
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**values, **change}))
+    if named is None:
+        check_one_model_config(str(config), str(folder))
+        return
+    with pytest.raises(UsageError, match=r"^--config_name .* and --model_name_or_path .* describe different models "
+                                         rf"\(.*{re.escape(named)}.*\); the run would start from the checkpoint"):
+        run_clm.main(job_args(workdir, tmp_path / "out", config_name=config, model_name_or_path=folder, **SMALL))
+    assert not (tmp_path / "out").exists() and snapshot(folder) == before
+
+
 @pytest.mark.parametrize("member", ["number_as_text", "only_blank_lines"])
 def test_a_refused_first_run_does_not_claim_the_folder(workdir, tmp_path, member):
     """Before: a first run refused for its data left run_args.json, and the corrected command was refused as

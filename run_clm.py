@@ -61,7 +61,12 @@ from patch_training.stages import (
     split_fractions,
     stage_steps,
 )
-from patch_training.training_args import RunTrainingArguments, check_patch_stage_settings, torch_compile_caveat
+from patch_training.training_args import (
+    RunTrainingArguments,
+    check_patch_stage_settings,
+    check_trainer_settings,
+    torch_compile_caveat,
+)
 
 # The model, the Trainer, the data pipeline and the token cache are imported in the functions that use them, so
 # that `--help` and a usage error answer without loading them.
@@ -476,6 +481,7 @@ def check_inputs(model_args, data_args, patch_args, training_args):
             f"--eval_strategy {training_args.eval_strategy.value} needs a --validation_file (or set --eval_strategy no)"
         )
     check_report_to(training_args.report_to)
+    check_trainer_settings(training_args)
     if patch_args.patch_switch == "continue" and (training_args.deepspeed or training_args.fsdp):
         raise UsageError(
             "--patch_switch continue carries the optimizer state across the switch under DDP or one device; "

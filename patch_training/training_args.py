@@ -33,6 +33,9 @@ class RunTrainingArguments(TrainingArguments):
     Liger's architectures; run_clm.py checks them against the model's once its config is read).
     """
 
+    do_train: bool = field(
+        default=True, metadata={"help": "run_clm.py always trains: false is refused (transformers' default is false)."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -88,6 +91,7 @@ class RunTrainingArguments(TrainingArguments):
             check_liger_kernel_config(self.liger_kernel_config)
         super().__post_init__()
         check_training_numbers(self)
+        check_settings_run_clm_does_not_honour(self)
 
 
 def check_training_numbers(args: TrainingArguments) -> None:
@@ -166,6 +170,73 @@ def check_patch_stage_settings(training_args: TrainingArguments, has_patch_stage
             "transformers' label smoothing replaces the model's K-way patch loss by a token loss on the logits; "
             "use --label_smoothing_factor 0, or --patch_data_fraction 0 (token-level only)"
         )
+
+
+def check_settings_run_clm_does_not_honour(args: TrainingArguments) -> None:
+    """Refuse TrainingArguments that transformers accepts but that would do nothing here, or something else than
+    asked, without a word: run_clm.py always trains (`--do_train false`) and never predicts (`--do_predict`);
+    `--dataloader_drop_last` would drop the last validation blocks (the perplexity over fewer than
+    --max_eval_blocks, none when there are fewer than one evaluation batch) and the last partial training batch
+    that the accounting counts; `--fp16` / `--fp16_full_eval` on a CPU are ignored by transformers (the run is
+    fp32; --bf16 with --use_cpu autocasts)."""
+    if not args.do_train:
+        raise UsageError("--do_train false: run_clm.py always trains (to evaluate a model, use scripts/eval_perplexity.py)")
+    if args.do_predict:
+        raise UsageError("--do_predict: run_clm.py has no prediction step (it evaluates perplexity on --validation_file)")
+    if args.dataloader_drop_last:
+        raise UsageError(
+            "--dataloader_drop_last true would drop the last validation blocks (the perplexity over fewer than "
+            "--max_eval_blocks) and the last partial training batch, which the token accounting counts: drop the flag "
+            "(run_clm.py cuts whole blocks itself)"
+        )
+    on_cpu = args.use_cpu or not torch.accelerator.is_available()
+    for name in ("fp16", "fp16_full_eval"):
+        if getattr(args, name) and on_cpu:
+            raise UsageError(f"--{name} needs a GPU: on a CPU transformers runs in fp32 without a word (use --bf16 "
+                             "true --use_cpu true for bf16 autocast on a CPU, or drop the flag)")
+
+
+# torch.compile's modes (torch.compile's docstring); None is its default.
+TORCH_COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_trainer_settings(args: TrainingArguments) -> None:
+    """Refuse the settings the Trainer would fail on only once it is built, after the output folder is claimed
+    (and, with --overwrite_output_dir, the earlier run's outputs deleted): an optimizer whose package is missing
+    or whose --optim_args do not parse (resolved by transformers' own `Trainer.get_optimizer_cls_and_kwargs`;
+    those that need the model, GaLore, APOLLO, LOMO, are resolved only when their package is there), an unknown
+    --torch_compile_backend or --torch_compile_mode, --push_to_hub without access to the Hub (offline, no login:
+    the Trainer creates the repository first)."""
+    from transformers import Trainer
+
+    optim = getattr(args.optim, "value", args.optim)
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as error:
+        raise UsageError(f"--optim {optim}: {first_line(error)}") from None
+    except (ValueError, TypeError) as error:
+        if "model" not in str(error):  # not "needs the model", which only the Trainer has
+            raise UsageError(f"--optim {optim} with --optim_args {args.optim_args!r}: {first_line(error)}") from None
+    if args.torch_compile:
+        from accelerate.utils import DynamoBackend
+
+        backend = args.torch_compile_backend or "inductor"
+        if backend.upper() not in DynamoBackend.__members__:
+            names = ", ".join(b.lower() for b in DynamoBackend.__members__ if b != "NO")
+            raise UsageError(f"--torch_compile_backend {backend!r} is not a backend accelerate knows ({names})")
+        if args.torch_compile_mode not in TORCH_COMPILE_MODES:
+            raise UsageError(f"--torch_compile_mode {args.torch_compile_mode!r} is not one of torch.compile's modes "
+                             f"({', '.join(m for m in TORCH_COMPILE_MODES if m)})")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise UsageError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: drop --push_to_hub")
+        try:
+            HfApi().whoami(token=args.hub_token)
+        except Exception as error:  # not logged in, no network, a bad token: huggingface_hub's and httpx's errors
+            raise UsageError(f"--push_to_hub cannot reach the Hugging Face Hub as a logged-in user ({first_line(error)}): "
+                             "log in (hf auth login) or drop --push_to_hub") from None
 
 
 def torch_compile_caveat(training_args: TrainingArguments) -> str | None:

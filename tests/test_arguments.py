@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_llama_config
 
 import run_clm
 from patch_training.cli import UsageError, refuse_non_finite, run_cli, write_error_message
@@ -292,3 +292,65 @@ def test_label_smoothing_is_refused_with_a_patch_stage():
         check_patch_stage_settings(training_args, has_patch_stage=True)
     check_patch_stage_settings(training_args, has_patch_stage=False)  # token level: the smoother works
     check_patch_stage_settings(parse()[3], has_patch_stage=True)  # no smoothing: fine
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings accepted by transformers that run_clm would not honour, or that fail only once the Trainer is built
+# ---------------------------------------------------------------------------------------------------------
+
+
+LATE_FAILURES = {  # flags -> the start of the one line
+    "missing_optimizer_package": (["--optim", "adamw_bnb_8bit"], "--optim adamw_bnb_8bit: You need to install `bitsandbytes`"),
+    "missing_package_needing_the_model": (["--optim", "galore_adamw"], "--optim galore_adamw: You need to install `galore_torch`"),
+    "bad_optim_args": (["--optim", "sgd", "--optim_args", "foo"], "--optim sgd with --optim_args 'foo': not enough values"),
+    "compile_backend": (["--torch_compile", "true", "--torch_compile_backend", "nonsense"],
+                        "--torch_compile_backend 'nonsense' is not a backend accelerate knows (eager, aot_eager, inductor"),
+    "compile_mode": (["--torch_compile", "true", "--torch_compile_mode", "fast"], "--torch_compile_mode 'fast' is not one"),
+    "push_to_hub_offline": (["--push_to_hub", "true"], "--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set"),
+    "push_to_hub_unreachable": (["--push_to_hub", "true", "--hub_token", "hf_not_a_token"],
+                                "--push_to_hub cannot reach the Hugging Face Hub as a logged-in user ("),
+    "do_train_false": (["--do_train", "false"], "--do_train false: run_clm.py always trains"),
+    "do_predict": (["--do_predict", "true"], "--do_predict: run_clm.py has no prediction step"),
+    "drop_last": (["--dataloader_drop_last", "true"], "--dataloader_drop_last true would drop the last validation blocks"),
+    "fp16_on_cpu": (["--fp16", "true", "--use_cpu", "true"], "--fp16 needs a GPU"),
+    "fp16_eval_on_cpu": (["--fp16_full_eval", "true", "--use_cpu", "true"], "--fp16_full_eval needs a GPU"),
+}
+
+
+@pytest.mark.parametrize("member", LATE_FAILURES)
+def test_settings_that_would_fail_late_or_do_nothing_are_refused_up_front(tmp_path, monkeypatch, member):
+    """Before: a missing optimizer package, unparsable --optim_args, an unknown compile backend and --push_to_hub
+    offline each gave a traceback once the Trainer was built, after the folder was claimed (and, with
+    --overwrite_output_dir, the earlier outputs deleted); a re-run with the fix was then refused as another run.
+    --do_train false, --do_predict, --dataloader_drop_last and --fp16 on a CPU were accepted and not honoured
+    (drop_last silently evaluated fewer blocks). Now each is one line before any work; the folder is not made."""
+    from huggingface_hub import constants
+
+    from test_run_clm import job_args
+
+    flags, line = LATE_FAILURES[member]
+    if member == "push_to_hub_offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    if member == "push_to_hub_unreachable":  # a real request, refused by a closed local port
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    workdir = tmp_path / "work"
+    tiny_llama_config(max_position_embeddings=256).save_pretrained(workdir / "model_config")
+    argv = job_args(workdir, tmp_path / "out") + flags
+    with pytest.raises(UsageError) as refused:
+        run_clm.main(argv)
+    assert str(refused.value).startswith(line), str(refused.value)
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_the_same_settings_done_right_are_taken(tmp_path):
+    """What the checks take: an installed optimizer with parsable arguments, known compile settings, the
+    flags' defaults."""
+    from patch_training.training_args import RunTrainingArguments, check_trainer_settings
+
+    for flags in ({"optim": "sgd", "optim_args": "momentum=0.9"}, {"optim": "adafactor"},
+                  {"torch_compile": True, "torch_compile_backend": "aot_eager", "torch_compile_mode": "max-autotune"},
+                  {"do_predict": False, "dataloader_drop_last": False, "fp16": False}):
+        args = RunTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **flags)
+        check_trainer_settings(args)
+        assert args.do_train

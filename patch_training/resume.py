@@ -37,7 +37,8 @@ MAY_CHANGE = {
     "resume_from_checkpoint": "refused anyway: run_clm resumes by itself",
     "local_rank": "differs from rank to rank",
     "use_cpu": "the same computation on another device",
-    "do_train": "unused by run_clm", "do_eval": "unused by run_clm", "do_predict": "unused by run_clm",
+    "do_train": "always true (false is refused)", "do_eval": "unused by run_clm (--eval_strategy decides)",
+    "do_predict": "always false (true is refused)",
     # The split of an unchanged global batch: sequences per optimizer step over all ranks
     # (`sequences_per_step`, `patch_sequences_per_step`) are compared instead.
     "per_device_train_batch_size": "compared as sequences_per_step",

@@ -165,7 +165,7 @@ def parse_arguments(classes: tuple, argv: list[str] | None = None) -> tuple:
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(classes)
+    parser = HfArgumentParser(classes, allow_abbrev=False)  # `--max_step 4` is refused, not read as --max_steps
     try:
         if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
             values = load_config_file(argv[0], classes)

@@ -15,6 +15,13 @@ step, and the patch loss (their mean, or their weighted mean under `--patch_offs
 Each run's label carries its recipe where it is not the paper's (README, "Recipes beyond the paper"): the step
 fraction r, the positions batch mode, the continued switch, the offset weights.
 
+Outputs (`--output`, `--offsets_output`): the format is the file's extension, any that matplotlib writes (png, pdf,
+svg, ...; another one is refused in one line naming them); a name without an extension gets matplotlib's default
+one, `.png`; an existing folder, or a path ending in `/`, gets `curves.png` / `offsets.png` inside it. The path
+printed is the one written. Refused in one line, before anything is written: the same file for both outputs, an
+output that is a file the plot reads (a run's all_results.json or trainer_state.json, through a link too), two
+runs with the same label (name them with LABEL=DIR).
+
 What a run directory must hold (all written by run_clm.py):
 - `all_results.json`: per stage (`patch_stage`, `token_stage`) its tokens, steps, batch and block tokens;
 - the Trainer's `log_history` of each stage: `<stage dir>/trainer_state.json` if present, otherwise that of
@@ -26,12 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from patch_training.cli import UsageError, loads_json_object, write_error_message  # noqa: E402  (standard library only)
 
 STAGES = (("patch_stage", "patch_stage"), ("token_stage", "."))  # (all_results key, folder in the run)
 RESULTS_FILE = "all_results.json"
@@ -43,17 +55,28 @@ STATE_FILE = "trainer_state.json"
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_log_history(stage_dir: Path) -> list[dict]:
+def read_json(path: Path, sources: list[Path] | None = None):
+    """The JSON in `path` (appended to `sources`, the files a plot reads); UsageError for a file that is not
+    JSON or holds a key twice (json would keep the last one without a word)."""
+    if sources is not None:
+        sources.append(path)
+    try:
+        return loads_json_object(path.read_text(encoding="utf-8"), str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_log_history(stage_dir: Path, sources: list[Path] | None = None) -> list[dict]:
     """The Trainer's log_history of one stage: `<stage_dir>/trainer_state.json`, else the last checkpoint's."""
     final = stage_dir / STATE_FILE
     if final.is_file():
-        return json.loads(final.read_text())["log_history"]
+        return read_json(final, sources)["log_history"]
     checkpoints = [p for p in stage_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
     checkpoints = [p for p in checkpoints if (p / STATE_FILE).is_file()]
     if not checkpoints:
         return []
     last = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
-    return json.loads((last / STATE_FILE).read_text())["log_history"]
+    return read_json(last / STATE_FILE, sources)["log_history"]
 
 
 def tokens_per_step(stage: dict) -> int:
@@ -91,6 +114,7 @@ class RunCurve:
     total_tokens: int = 0
     total_cost: float = 0.0
     final_perplexity: float | None = None
+    sources: list[Path] = field(default_factory=list)  # the files read: never written over
 
 
 def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
@@ -99,9 +123,10 @@ def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
     results_path = run_dir / RESULTS_FILE
     if not results_path.is_file():
         raise FileNotFoundError(f"{results_path} not found: plot a finished run of run_clm.py")
-    results = json.loads(results_path.read_text())
+    sources: list[Path] = []
+    results = read_json(results_path, sources)
     curve = RunCurve(label=label or run_dir.name, patch_size=1, recipe=recipe_label(results),
-                     offset_weights=results.get("patch_offset_weights"))
+                     offset_weights=results.get("patch_offset_weights"), sources=sources)
     train_rows, eval_rows = [], []
     tokens_before = cost_before = 0.0
     steps_before = 0
@@ -122,7 +147,7 @@ def extract_curve(run_dir: str | Path, label: str | None = None) -> RunCurve:
             return base[0] + seen, base[1] + seen / k
         step_base = steps_before
 
-        history = read_log_history(run_dir / folder)
+        history = read_log_history(run_dir / folder, sources)
         loss_key = "patch_loss" if name == "patch" else "loss"
         evals: dict[int, float] = {}
         offsets: dict[int, list[tuple[int, float]]] = {}
@@ -287,22 +312,101 @@ def parse_run(spec: str) -> tuple[str, str]:
     return label, path
 
 
+def output_path(flag: str, given: str, default_name: str) -> Path:
+    """The file an output option names (see the module docstring); UsageError for one that cannot be written."""
+    from matplotlib.figure import Figure
+
+    canvas = Figure().canvas
+    if not given:
+        raise UsageError(f"{flag} must name a file")
+    path = Path(given)
+    if given.endswith(("/", os.sep)) or path.is_dir():  # a folder: the default name inside it
+        path = path / default_name
+    elif not os.path.splitext(path.name)[1][1:]:  # no extension: matplotlib's default one, as savefig adds it
+        path = path.with_name(path.name.rstrip(".") + "." + canvas.get_default_filetype())
+    supported = canvas.get_supported_filetypes()
+    extension = path.suffix[1:].lower()
+    if extension not in supported:
+        names = ", ".join(f".{name}" for name in sorted(supported))
+        raise UsageError(f"{flag} {given}: matplotlib cannot write .{extension} files; give one of {names}")
+    if path.is_dir():
+        raise UsageError(f"{flag} {given}: {path} is a folder")
+    nearest = next((p for p in path.parents if p.exists()), None)  # the folder it goes in, made if missing
+    if nearest is not None and not nearest.is_dir():
+        raise UsageError(f"{flag} {given}: {nearest} is a file, not a folder")
+    return path
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether writing `a` writes `b`: the same path once links are followed, or a hard link of it."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def check_outputs(outputs: dict[str, Path], curves: list[RunCurve]) -> None:
+    """UsageError for two outputs that are one file, or an output that is a file the plot reads."""
+    flags = list(outputs)
+    for index, flag in enumerate(flags):
+        for other in flags[index + 1:]:
+            if same_file(outputs[flag], outputs[other]):
+                raise UsageError(f"{flag} and {other} are the same file {outputs[flag]}: the second plot would "
+                                 "replace the first; give two files")
+        for curve in curves:
+            for source in curve.sources:
+                if same_file(outputs[flag], source):
+                    raise UsageError(f"{flag} {outputs[flag]} is {source}, which the plot reads (run "
+                                     f"{curve.label!r}): choose another file")
+
+
+def duplicate_label(runs: list[tuple[str, str]]) -> str | None:
+    """The error message for two runs given one label, or None."""
+    label, count = next(iter(Counter(label for label, _ in runs).most_common(1)), ("", 0))
+    if count < 2:
+        return None
+    folders = ", ".join(path for name, path in runs if name == label)
+    return (f"--run: {count} runs have the label {label!r} ({folders}): the legend could not tell them apart; "
+            "give each its own with LABEL=DIR")
+
+
+def save(plot, curves: list[RunCurve], path: Path, dpi: int):
+    """`plot(curves, path, dpi)` into `path`, its folder made as run_clm.py makes its --output_dir; a failure to
+    write (permissions, a full disk) as one line and exit code 1."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return plot(curves, path, dpi)
+    except OSError as error:
+        message = write_error_message(error) or f"cannot write {path}: {error.strerror or error}"
+        sys.exit(f"plot_curves.py: error: {message}")
+
+
 def main(argv=None) -> list[RunCurve]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="plot_curves.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", type=parse_run, required=True, metavar="LABEL=DIR",
                         help="A run directory of run_clm.py and its label (repeat for several runs).")
-    parser.add_argument("--output", default="outputs/plots/curves.png", help="The loss-curves PNG (Figure 2).")
-    parser.add_argument("--offsets_output", default=None, help="The per-offset patch-loss PNG (optional).")
+    parser.add_argument("--output", default="outputs/plots/curves.png",
+                        help="The loss-curves plot (Figure 2): any format matplotlib writes, by extension (default "
+                        ".png); a folder: curves.png in it.")
+    parser.add_argument("--offsets_output", default=None,
+                        help="The per-offset patch-loss plot (optional); a folder: offsets.png in it.")
     parser.add_argument("--dpi", type=int, default=120)
     args = parser.parse_args(argv)
     if args.dpi < 1:
         parser.error(f"--dpi must be >= 1, got {args.dpi}")
-    for output in filter(None, (args.output, args.offsets_output)):
-        Path(output).parent.mkdir(parents=True, exist_ok=True)  # as run_clm.py makes its --output_dir
+    problem = duplicate_label(args.run)
+    if problem:
+        parser.error(problem)
+    try:
+        outputs = {"--output": output_path("--output", args.output, "curves.png")}
+        if args.offsets_output is not None:
+            outputs["--offsets_output"] = output_path("--offsets_output", args.offsets_output, "offsets.png")
+    except UsageError as error:
+        parser.error(str(error))
 
     try:
         curves = [extract_curve(path, label) for label, path in args.run]
-    except FileNotFoundError as error:
+        check_outputs(outputs, curves)
+    except (FileNotFoundError, UsageError) as error:
         parser.exit(2, f"plot_curves.py: error: {error}\n")
     for curve in curves:
         ppl = f"{curve.final_perplexity:.4g}" if curve.final_perplexity is not None else "n/a"
@@ -311,11 +415,12 @@ def main(argv=None) -> list[RunCurve]:
         print(f"[plot_curves] {curve.label}{recipe}: K={curve.patch_size}, {_format_count(curve.total_tokens)} tokens, "
               f"compute {_format_count(curve.total_cost)} token-equivalents (relative {relative:.3f}), "
               f"{len(curve.train.get('loss', []))} loss points, validation perplexity {ppl}")
-    plot_curves(curves, args.output, args.dpi)
-    print(f"[plot_curves] wrote {args.output}")
-    if args.offsets_output:
-        if plot_offsets(curves, args.offsets_output, args.dpi):
-            print(f"[plot_curves] wrote {args.offsets_output}")
+    save(plot_curves, curves, outputs["--output"], args.dpi)
+    print(f"[plot_curves] wrote {outputs['--output']}")
+    if "--offsets_output" in outputs:
+        if any(curve.offsets for curve in curves):  # else plot_offsets draws nothing: no folder made either
+            save(plot_offsets, curves, outputs["--offsets_output"], args.dpi)
+            print(f"[plot_curves] wrote {outputs['--offsets_output']}")
         else:
             print("[plot_curves] no run has a patch stage with per-offset losses: no offsets plot", file=sys.stderr)
     return curves

@@ -18,6 +18,7 @@ Writes <output_root>/replication.json, replication.md (the table) and curves.png
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -27,6 +28,9 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = "replicate.py"  # in its messages, also when main() is called from Python
+sys.path.insert(0, REPO_ROOT)
+from patch_training.cli import UsageError, refuse_non_finite  # noqa: E402  (standard library only)
 
 PRESETS = {
     # One GPU, each run well under ten minutes: 58M-parameter Llama, T=1024, 64K tokens per step.
@@ -132,6 +136,39 @@ def missing_files(settings: dict, validation_file: str) -> str | None:
     return None
 
 
+def refuse_non_finite_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error for NaN, inf or -inf in any float option of `parser` (`--epochs inf` started a run that then
+    failed): patch_training.cli.refuse_non_finite's rule and words, applied to those options as a dataclass."""
+    names = [action.dest for action in parser._actions if action.type is float]
+    values = dataclasses.make_dataclass("FloatOptions", [(name, float) for name in names])
+    try:
+        refuse_non_finite(values(**{name: getattr(args, name) for name in names}))
+    except UsageError as error:
+        parser.error(str(error))
+
+
+def folder_problem(flag: str, folder: str | None) -> str | None:
+    """Why `folder` cannot be (or become) a folder, as an error message naming `flag`: it, or its nearest existing
+    parent, is a file (os.makedirs ended the script with a FileExistsError or NotADirectoryError traceback)."""
+    if not folder:
+        return None
+    path = os.path.abspath(folder)
+    nearest = path
+    while not os.path.lexists(nearest) and os.path.dirname(nearest) != nearest:
+        nearest = os.path.dirname(nearest)
+    if os.path.lexists(nearest) and not os.path.isdir(nearest):
+        return f"{flag} {folder}: {nearest} is a file, not a folder"
+    return None
+
+
+def make_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """os.makedirs, with a failure (permissions, a read-only file system) as parser.error naming `flag`."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        parser.error(f"{flag} {folder}: cannot make the folder: {error.strerror or error}")
+
+
 def environment() -> tuple[str, dict]:
     """The device in words and the versions that matter."""
     import torch
@@ -158,7 +195,7 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--train_file", default=None, help="override the preset's training files (comma-separated)")
     parser.add_argument("--validation_file", default=os.path.join(REPO_ROOT, "data", "wikitext-103-test.jsonl"))
@@ -168,6 +205,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs", default="token,patch,tail", help="which of token,patch,tail to run")
     args = parser.parse_args(argv)
+    refuse_non_finite_options(parser, args)
     settings = dict(PRESETS[args.preset])
     if args.train_file:
         settings["train_file"] = args.train_file
@@ -183,8 +221,14 @@ def main(argv=None) -> dict:
     unknown = sorted(set(wanted) - set(known))
     if unknown or len(set(wanted)) != len(wanted):
         parser.error(f"--runs takes distinct names among {','.join(known)}, got {args.runs!r}")
-    args.output_root = args.output_root or os.path.join(REPO_ROOT, "runs", f"replication-{args.preset}")
-    os.makedirs(args.output_root, exist_ok=True)
+    # Absolute, as sweep.py makes them: run_clm.py runs in the repository root, this script reads its results here.
+    args.output_root = os.path.abspath(args.output_root or os.path.join(REPO_ROOT, "runs", f"replication-{args.preset}"))
+    args.data_cache_dir = os.path.abspath(args.data_cache_dir) if args.data_cache_dir else None
+    for flag, folder in (("--output_root", args.output_root), ("--data_cache_dir", args.data_cache_dir)):
+        problem = folder_problem(flag, folder)
+        if problem:
+            parser.error(problem)
+    make_folder(parser, "--output_root", args.output_root)
 
     rows = []
     for name, fraction, patch_size, skip in RUNS:

@@ -30,9 +30,11 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import replicate  # noqa: E402  (the run_clm.py command, one run, the environment)
+import replicate  # noqa: E402  (the run_clm.py command, one run, the environment, the checks of the options)
+from patch_training.cli import UsageError, loads_json_object  # noqa: E402  (on the path through replicate)
 
 REPO_ROOT = replicate.REPO_ROOT
+PROG = "sweep.py"  # in its messages, also when main() is called from Python
 GPU_DATA = os.path.join(REPO_ROOT, ".gpu_data", "corpus")  # git-ignored; travels to the GPU machine
 SHARED_CORPUS = os.path.join(REPO_ROOT, "..", "shared", "data", "corpus")
 
@@ -74,9 +76,10 @@ def parse_sizes(text: str) -> list[float] | None:
 
 def count_parameters(config_name: str) -> tuple[int, int]:
     """All parameters of a Llama config (untied embeddings, as in configs/model), and those outside the input
-    and output embeddings; from the JSON alone, so the sweep need not build the model."""
+    and output embeddings; from the JSON alone, so the sweep need not build the model. UsageError for a key given
+    twice (JSON would keep the last one)."""
     with open(os.path.join(REPO_ROOT, config_name), encoding="utf-8") as handle:
-        c = json.load(handle)
+        c = loads_json_object(handle.read(), f"model config {config_name}")
     d, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
     kv = c.get("num_key_value_heads", heads) * c.get("head_dim", d // heads)
     per_layer = 2 * d * heads * c.get("head_dim", d // heads) + 2 * d * kv + 3 * d * c["intermediate_size"] + 2 * d
@@ -175,7 +178,7 @@ def main(argv=None) -> dict:
     command = " ".join(["python scripts/sweep.py", *argv])
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--sizes", default=None, help="data sizes in passes over the training files, comma-separated "
                         "(at least two; the gpu preset: 0.18,0.5,1.44, the cpu preset: 0.002,0.006,0.016)")
@@ -191,6 +194,7 @@ def main(argv=None) -> dict:
                         "(git-ignored) for the gpu preset on a machine without ../shared, then stop")
     parser.add_argument("--corpus", default=SHARED_CORPUS, help="where --prepare copies from")
     args = parser.parse_args(argv)
+    replicate.refuse_non_finite_options(parser, args)
     if args.prepare:
         shards = sorted(glob.glob(os.path.join(args.corpus, "train-*.jsonl.xz")))
         if not shards:
@@ -200,7 +204,8 @@ def main(argv=None) -> dict:
     settings = {key: value for key, value in PRESETS[args.preset].items() if key != "sizes"}
     sizes = parse_sizes(args.sizes or PRESETS[args.preset]["sizes"])
     if sizes is None:
-        parser.error(f"--sizes takes at least two distinct positive numbers (passes over the training files), got {args.sizes!r}")
+        parser.error(f"--sizes takes at least two distinct positive numbers (finite: passes over the training files), "
+                     f"got {args.sizes!r}")
     if args.train_file:
         settings["train_file"] = args.train_file
     if not settings["train_file"]:
@@ -212,9 +217,16 @@ def main(argv=None) -> dict:
     output_root = os.path.abspath(args.output_root or os.path.join(REPO_ROOT, "runs", f"sweep-{args.preset}"))
     report_dir = os.path.abspath(args.report_dir or output_root)
     cache_dir = os.path.abspath(args.data_cache_dir or os.path.join(output_root, "token-cache"))
-    os.makedirs(report_dir, exist_ok=True)
+    for flag, folder in (("--output_root", output_root), ("--report_dir", report_dir), ("--data_cache_dir", cache_dir)):
+        problem = replicate.folder_problem(flag, folder)
+        if problem:
+            parser.error(problem)
+    try:
+        params, non_embedding = count_parameters(settings["config_name"])
+    except UsageError as error:
+        parser.error(str(error))
+    replicate.make_folder(parser, "--report_dir", report_dir)
 
-    params, non_embedding = count_parameters(settings["config_name"])
     device, versions = replicate.environment()
     report = {"preset": args.preset, "settings": settings, "sizes": sizes, "parameters": params,
               "non_embedding_parameters": non_embedding, "device": device, "versions": versions, "command": command,

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -354,3 +355,16 @@ def test_the_same_settings_done_right_are_taken(tmp_path):
         args = RunTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **flags)
         check_trainer_settings(args)
         assert args.do_train
+
+
+@pytest.mark.parametrize("flags", [["--max_step", "4"], ["--output_d", "/tmp/elsewhere"], ["--learning_r=0.1"],
+                                   ["--patch_si", "2"]], ids=" ".join)
+def test_an_abbreviated_flag_is_refused(flags):
+    """Regression: argparse took an unambiguous prefix of a flag as the flag (`--max_step 4` as --max_steps), so
+    a config key with a typo, which the launchers pass as a flag, changed another setting without a word (a
+    config file given to run_clm.py refuses the same key as unknown). Now refused in one line, in both forms."""
+    config = str(REPO_ROOT / "configs/train/tiny-patch.json")
+    for argv in ([config, *flags], ["--config_name", str(REPO_ROOT / "configs/model/llama-tiny.json"),
+                                    "--train_file", "x.jsonl", *flags]):
+        with pytest.raises(UsageError, match=re.escape(flags[0])):
+            run_clm.parse_arguments(argv)

@@ -468,6 +468,167 @@ def test_run_paper_runs_the_baseline_then_the_patch_runs_of_a_size():
     assert bad.returncode == 2 and "BACKEND" in bad.stderr
 
 
+TINY_CONFIG = CONFIGS / "train" / "tiny-patch.json"
+LAUNCHERS = ["launch_accelerate.sh", "launch_torchrun.sh", "launch_deepspeed.sh"]
+
+
+def config_with_members(tmp_path, members: str):
+    """tiny-patch.json with the raw JSON `members` added at its end (a key it has already: given twice)."""
+    text = TINY_CONFIG.read_text().rstrip()
+    path = tmp_path / "config.json"
+    path.write_text(text[:-1].rstrip() + ",\n  " + members + "\n}\n")
+    return path
+
+
+def launch(script, *args, **env):
+    values = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env}
+    return subprocess.run([str(SCRIPTS / script), *args], capture_output=True, text=True, env=values, cwd="/")
+
+
+@pytest.mark.parametrize(
+    "members, key",
+    [
+        ('"learning_rate": 0.5', "learning_rate"),  # tiny-patch.json has 0.003
+        ('"output_dir": "/tmp/elsewhere"', "output_dir"),  # the launchers' log folder reads it too
+        ('"lr_scheduler_kwargs": {"min_lr": 1e-05, "min_lr": 0.1}', "min_lr"),  # inside an object value
+    ],
+)
+def test_a_key_given_twice_is_refused_as_run_clm_refuses_it(tmp_path, capsys, members, key):
+    """Before, config_args.py read the config with json.load, which keeps the last value of a key without a word,
+    so every launcher (and run_paper.sh) trained with it where `run_clm.py config.json` refuses the file."""
+    from patch_training.cli import UsageError
+
+    path = config_with_members(tmp_path, members)
+    with pytest.raises(UsageError) as reference:  # run_clm.py reading the file itself
+        parse([str(path)])
+    assert f"{key!r} twice" in str(reference.value)
+    expected = f"config_args.py: error: {reference.value}"
+    for argv in ([str(path)], ["--get", "output_dir", str(path)], ["--find", "deepspeed", str(path), "--seed", "1"]):
+        assert config_args.main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == expected + "\n"
+    for script in LAUNCHERS:
+        result = launch(script, str(path), NGPU="1")
+        assert result.returncode == 2 and result.stdout == "", (script, result.stderr)
+        assert result.stderr.strip().splitlines() == [expected], script
+
+
+@pytest.mark.parametrize("key, hint", [("output-dir", "output_dir"), ("--seed", "seed"), ("learning-rate", "learning_rate"), ("a b", None)])
+def test_a_key_that_is_no_argument_name_is_refused_as_run_clm_refuses_it(tmp_path, capsys, key, hint):
+    """As a flag, `--output-dir` is the dashed spelling of --output_dir (argparse takes it); in a config file
+    run_clm.py knows only the field names: the launchers refuse such a key too."""
+    from patch_training.cli import UsageError
+
+    path = config_with_members(tmp_path, f"{json.dumps(key)}: 3")
+    with pytest.raises(UsageError, match="unknown keys"):
+        parse([str(path)])
+    assert config_args.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config_args.py: error: config file {path}: the key {key!r} is not an argument name")
+    assert (f"write it {hint!r}" in err) == (hint is not None) and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--output-dir", "/tmp/other"],
+        ["--output-dir=/tmp/other"],
+        ["--output_dir=/tmp/other"],
+        ["--output-dir", "/tmp/first", "--output_dir", "/tmp/other"],
+        ["--output_dir", "/tmp/first", "--output-dir=/tmp/other"],
+    ],
+    ids=" ".join,
+)
+def test_get_reads_every_spelling_of_a_flag_as_run_clm_does(flags, monkeypatch, capsys):
+    """The launchers put their log in <output_dir>.logs from `config_args.py --get output_dir`, which knew only
+    `--output_dir`: with `--output-dir /tmp/other` the run went there and its log beside the config's output_dir."""
+    monkeypatch.chdir(REPO_ROOT)
+    config = str(TINY_CONFIG.relative_to(REPO_ROOT))
+    argv = config_args.run_clm_args([config, *flags])
+    assert parse(argv)[3].output_dir == "/tmp/other"  # the reference: run_clm.py's own parser
+    assert config_args.flag_value(argv, "output_dir") == "/tmp/other"
+    assert config_args.main(["--get", "output_dir", config, *flags]) == 0
+    assert capsys.readouterr().out == "/tmp/other\n"
+    assert config_args.main(["--get", "output-dir", config, *flags]) == 0  # the name in either spelling
+    assert capsys.readouterr().out == "/tmp/other\n"
+
+
+def test_find_prints_nothing_for_a_flag_not_given(capsys):
+    assert config_args.main(["--find", "deepspeed", str(TINY_CONFIG)]) == 0
+    assert capsys.readouterr().out == ""
+    assert config_args.main(["--get", "deepspeed", str(TINY_CONFIG)]) == 2
+    assert capsys.readouterr().err == "config_args.py: error: no --deepspeed in the config or the flags\n"
+
+
+@pytest.mark.parametrize("script", LAUNCHERS)
+@pytest.mark.parametrize("flags", [["--output-dir", "{other}"], ["--output-dir={other}"]], ids=" ".join)
+def test_the_launcher_log_goes_beside_the_output_dir_the_run_uses(tmp_path, script, flags):
+    """End to end, with a stand-in for torchrun / accelerate / deepspeed that does nothing: the log lands in
+    <the flag's output_dir>.logs, not beside the config's output_dir."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("torchrun", "accelerate", "deepspeed"):
+        (bin_dir / name).write_text("#!/bin/sh\necho stand-in\n")
+        (bin_dir / name).chmod(0o755)
+    config = json.loads(TINY_CONFIG.read_text())
+    config["output_dir"] = str(tmp_path / "from-config")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    other = tmp_path / "other"
+    env = {key: value for key, value in os.environ.items() if key != "LOG_DIR"}
+    result = subprocess.run([str(SCRIPTS / script), str(path), *(f.format(other=other) for f in flags)],
+                            capture_output=True, text=True, cwd="/",
+                            env={**env, "PATH": f"{bin_dir}:{env['PATH']}", "PYTHON": sys.executable, "NGPU": "1"})
+    assert result.returncode == 0, result.stderr
+    logs = list((tmp_path / "other.logs").glob("node0-*.log"))
+    assert len(logs) == 1 and "stand-in" in logs[0].read_text()
+    assert not (tmp_path / "from-config.logs").exists()
+
+
+@pytest.mark.parametrize(
+    "env, flags, members, expected",
+    [
+        ({}, [], None, "configs/deepspeed/zero2.json"),  # the default
+        ({}, ["--deepspeed", "configs/deepspeed/zero3.json"], None, "configs/deepspeed/zero3.json"),
+        ({}, ["--deepspeed=configs/deepspeed/zero1.json"], None, "configs/deepspeed/zero1.json"),
+        ({}, [], '"deepspeed": "configs/deepspeed/zero3.json"', "configs/deepspeed/zero3.json"),
+        ({"DS_CONFIG": "configs/deepspeed/zero3.json"}, [], None, "configs/deepspeed/zero3.json"),
+        ({"DS_CONFIG": "configs/deepspeed/zero3.json"}, ["--deepspeed", "configs/deepspeed/zero3.json"], None,
+         "configs/deepspeed/zero3.json"),
+    ],
+)
+def test_launch_deepspeed_uses_the_deepspeed_config_it_is_given(tmp_path, env, flags, members, expected):
+    """Before, DS_CONFIG (default zero2.json) was put after the flags, so a --deepspeed in the config or the
+    flags was replaced without a word. The config the run reads is the last --deepspeed, as run_clm.py's parser
+    takes it."""
+    import shlex
+
+    config = config_with_members(tmp_path, members) if members else TINY_CONFIG
+    result = launch("launch_deepspeed.sh", str(config), *flags, **env)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert config_args.flag_value(command, "deepspeed") == expected
+    assert sum(config_args.names_flag(arg.split("=")[0], "deepspeed") for arg in command) == 1  # none replaced
+
+
+@pytest.mark.parametrize("given", [["--deepspeed", "configs/deepspeed/zero1.json"], ["--deepspeed=configs/deepspeed/zero1.json"]])
+def test_launch_deepspeed_refuses_ds_config_and_another_deepspeed(given):
+    result = launch("launch_deepspeed.sh", str(TINY_CONFIG), *given, DS_CONFIG="configs/deepspeed/zero3.json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "launch_deepspeed.sh: error: DS_CONFIG=configs/deepspeed/zero3.json and --deepspeed configs/deepspeed/zero1.json "
+        "(config or flags) disagree: give one"
+    ]
+
+
+def test_config_args_imports_no_third_party_module():
+    """The launchers call it before any process starts: the standard library and patch_training.cli only."""
+    code = ("import sys; sys.path.insert(0, 'scripts'); import config_args; "
+            "print(sorted({'torch', 'transformers', 'numpy'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------
 # scripts/prepare_pile.py, offline (--input_files)
 # ---------------------------------------------------------------------------------------------------------

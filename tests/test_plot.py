@@ -136,3 +136,115 @@ def test_bad_dpi_is_a_clear_error(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot_curves.main(["--run", f"patch={runs['patch']}", "--output", str(tmp_path / "c.png"), "--dpi", "0"])
     assert exit_info.value.code == 2 and "--dpi must be >= 1, got 0" in capsys.readouterr().err
+
+
+def run_flags(runs):
+    return ["--run", f"baseline={runs['baseline']}", "--run", f"patch={runs['patch']}"]
+
+
+def refused(argv, capsys) -> str:
+    """The error line of a refused command (exit code 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curves.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def wrote(capsys) -> list[str]:
+    return [line.split("wrote ", 1)[1] for line in capsys.readouterr().out.splitlines() if " wrote " in line]
+
+
+def test_an_existing_folder_or_a_name_without_extension(runs, tmp_path, capsys):
+    """Before, `--output <existing folder>` wrote <folder>.png and `--output .../9` wrote 9.png, each printing
+    the name given. A folder (existing, or written with a trailing /) gets curves.png / offsets.png inside; a
+    name without an extension gets matplotlib's default, .png; what is printed is what was written."""
+    folder = tmp_path / "plots2"
+    folder.mkdir()
+    plot_curves.main([*run_flags(runs), "--output", str(folder), "--offsets_output", str(tmp_path / "9")])
+    expected = [folder / "curves.png", tmp_path / "9.png"]
+    assert wrote(capsys) == [str(path) for path in expected]
+    assert sorted(tmp_path.rglob("*.png")) == sorted(expected) and not (tmp_path / "plots2.png").exists()
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in expected)
+    # the same folder for both, and a new one named with a trailing /: both plots in it, side by side
+    plot_curves.main([*run_flags(runs), "--output", f"{tmp_path / 'new'}/", "--offsets_output", f"{tmp_path / 'new'}/"])
+    assert wrote(capsys) == [str(tmp_path / "new" / "curves.png"), str(tmp_path / "new" / "offsets.png")]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["curves.png", "offsets.png"]
+
+
+def test_other_formats_by_extension(runs, tmp_path, capsys):
+    plot_curves.main(["--run", f"patch={runs['patch']}", "--output", str(tmp_path / "c.PDF"), "--offsets_output", str(tmp_path / "o.svg")])
+    assert wrote(capsys) == [str(tmp_path / "c.PDF"), str(tmp_path / "o.svg")]
+    assert (tmp_path / "c.PDF").read_bytes()[:5] == b"%PDF-" and b"<svg" in (tmp_path / "o.svg").read_bytes()[:1000]
+
+
+@pytest.mark.parametrize("name", ["x.csv", "x.txt", "model.safetensors", "trainer_state.json", "curves.png.bak"])
+@pytest.mark.parametrize("flag", ["--output", "--offsets_output"])
+def test_an_extension_matplotlib_cannot_write_is_one_line(runs, tmp_path, capsys, name, flag):
+    """Before: matplotlib's ValueError traceback, after the run folders were read. The formats named are
+    matplotlib's own list."""
+    from matplotlib.figure import Figure
+
+    outputs = {"--output": str(tmp_path / "c.png"), flag: str(tmp_path / name)}
+    line = refused([*run_flags(runs), *(item for pair in outputs.items() for item in pair)], capsys)
+    extension = name.rsplit(".", 1)[1]
+    supported = ", ".join(f".{ext}" for ext in sorted(Figure().canvas.get_supported_filetypes()))
+    assert line == f"plot_curves.py: error: {flag} {tmp_path / name}: matplotlib cannot write .{extension} files; give one of {supported}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("offsets", ["c.png", "./c.png", "sub/../c.png", "c", "link.png", "hard.png"])
+def test_the_same_file_for_both_plots_is_refused(runs, tmp_path, capsys, monkeypatch, offsets):
+    """Before, the offsets plot replaced the curves plot without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "c.png").write_bytes(b"old")
+    (tmp_path / "link.png").symlink_to(tmp_path / "c.png")
+    (tmp_path / "hard.png").hardlink_to(tmp_path / "c.png")
+    line = refused([*run_flags(runs), "--output", "c.png", "--offsets_output", offsets], capsys)
+    assert line.startswith("plot_curves.py: error: --output and --offsets_output are the same file")
+    assert (tmp_path / "c.png").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("target", ["all_results.json", "trainer_state.json", "patch_stage/trainer_state.json"])
+@pytest.mark.parametrize("flag", ["--output", "--offsets_output"])
+def test_an_output_that_is_an_input_is_refused(runs, tmp_path, capsys, target, flag):
+    """A link named *.png to a file the plot reads (or that file, by its name) is refused; the file is intact."""
+    source = runs["patch"] / target
+    before = source.read_bytes()
+    (tmp_path / "link.png").symlink_to(source)
+    for given in (tmp_path / "link.png", source):
+        outputs = {"--output": str(tmp_path / "c.png"), flag: str(given)}
+        line = refused([*run_flags(runs), *(item for pair in outputs.items() for item in pair)], capsys)
+        assert f"{flag} {given}" in line and ("which the plot reads (run 'patch')" in line or "cannot write .json" in line)
+    assert source.read_bytes() == before and not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize(
+    "specs, label",
+    [
+        (["same={baseline}", "same={patch}"], "same"),
+        (["{root}/a/run", "{root}/b/run"], "run"),  # bare folders: labelled by their names
+        (["run={baseline}", "{root}/b/run"], "run"),
+    ],
+)
+def test_two_runs_with_one_label_are_refused(runs, tmp_path, capsys, specs, label):
+    """Before, the legend showed two identical labels."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "run").symlink_to(runs["patch"])
+    argv = []
+    for spec in specs:
+        argv += ["--run", spec.format(root=tmp_path, **runs)]
+    line = refused([*argv, "--output", str(tmp_path / "c.png")], capsys)
+    assert line.startswith(f"plot_curves.py: error: --run: 2 runs have the label {label!r}") and "LABEL=DIR" in line
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("text, message", [('{"tokens": 1, "tokens": 2}', "has the key 'tokens' twice"),
+                                           ('{"tokens": ', "is not valid JSON")])
+def test_a_broken_results_file_is_one_line(tmp_path, capsys, text, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "all_results.json").write_text(text)
+    line = refused(["--run", f"x={tmp_path / 'run'}", "--output", str(tmp_path / "c.png")], capsys)
+    assert line.startswith(f"plot_curves.py: error: {tmp_path / 'run' / 'all_results.json'}") and message in line

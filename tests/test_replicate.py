@@ -63,3 +63,70 @@ def test_a_failed_run_ends_with_one_line_not_a_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "run_clm.py: error: --learning_rate must be >= 0, got -1.0" in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("replicate.py: error: the token run failed (run_clm.py exit code 2")
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """replicate.train fails the test: bad input must be refused before the first run starts."""
+    def train(*args, **kwargs):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(replicate, "train", train)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "Infinity", "NaN"])
+def test_a_non_finite_epochs_is_refused_before_any_run(tmp_path, capsys, no_run, value):
+    """Before, `--epochs inf` (not nan: `nan > 0` is false) started the first run, which then failed. The rule
+    and words of patch_training.cli.refuse_non_finite, for every float option."""
+    with pytest.raises(SystemExit) as exit_info:
+        replicate.main(["--preset", "cpu", "--output_root", str(tmp_path / "r"), f"--epochs={value}"])
+    number = float(value)
+    expected = "a number, got nan" if math.isnan(number) else f"a finite number, got {number}"
+    assert exit_info.value.code == 2 and f"replicate.py: error: --epochs must be {expected}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_float_option_is_checked(capsys):
+    """refuse_non_finite_options finds the float options of any parser (replicate.py's has only --epochs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("--a", type=float, default=1.0)
+    parser.add_argument("--b", type=float, default=None)
+    parser.add_argument("--n", type=int, default=3)
+    replicate.refuse_non_finite_options(parser, parser.parse_args(["--a", "2"]))  # finite, and None: fine
+    for argv, message in ((["--b=-inf"], "--b must be a finite number, got -inf"), (["--a", "nan"], "--a must be a number, got nan")):
+        with pytest.raises(SystemExit):
+            replicate.refuse_non_finite_options(parser, parser.parse_args(argv))
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"x: error: {message}"
+
+
+@pytest.mark.parametrize("flag", ["--output_root", "--data_cache_dir"])
+@pytest.mark.parametrize("below", [False, True])
+def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below):
+    """Before, --output_root naming a file (or a path under one) ended in a FileExistsError traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep")
+    folder = blocker / "sub" if below else blocker
+    argv = ["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)]
+    with pytest.raises(SystemExit) as exit_info:
+        replicate.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"replicate.py: error: {flag} {folder}: {blocker} is a file, not a folder" in err
+    assert blocker.read_text() == "keep" and not (tmp_path / "r").exists()
+
+
+def test_relative_folders_are_taken_from_the_current_folder(tmp_path, monkeypatch):
+    """run_clm.py runs in the repository root and this script reads its results where it runs: a relative
+    --output_root was one folder for the one and another for the other."""
+    seen = {}
+
+    def train(settings, name, fraction, patch_size, skip, args, extra, prog="replicate.py"):
+        seen.update(output_root=args.output_root, data_cache_dir=args.data_cache_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replicate, "train", train)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        replicate.main(["--preset", "cpu", "--output_root", "r", "--data_cache_dir", "cache"])
+    assert seen == {"output_root": str(tmp_path / "r"), "data_cache_dir": str(tmp_path / "cache")}

@@ -105,3 +105,56 @@ def test_prepare_without_shards(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(["--prepare", "--corpus", str(tmp_path)])
     assert exit_info.value.code == 2 and "--corpus: no train-*.jsonl.xz in" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """replicate.train (each run of the sweep) fails the test: bad input must be refused before any run."""
+    def train(*args, **kwargs):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(sweep.replicate, "train", train)
+
+
+@pytest.mark.parametrize("sizes", ["nan,0.1", "0.1,-inf", "0.1,1e400", "0.1,Infinity"])
+def test_non_finite_sizes_are_refused(tmp_path, capsys, no_run, sizes):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--preset", "cpu", "--output_root", str(tmp_path / "r"), f"--sizes={sizes}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"distinct positive numbers (finite: passes over the training files), got {sizes!r}" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_float_option_of_the_sweep_is_checked(monkeypatch):
+    """sweep.py applies replicate.py's check of every float option to its own parser (none today)."""
+    checked = []
+    monkeypatch.setattr(sweep.replicate, "refuse_non_finite_options", lambda parser, args: checked.append(parser.prog))
+    with pytest.raises(SystemExit):
+        sweep.main(["--preset", "cpu", "--sizes", "x"])
+    assert len(checked) == 1
+
+
+@pytest.mark.parametrize("flag", ["--output_root", "--report_dir", "--data_cache_dir"])
+@pytest.mark.parametrize("below", [False, True])
+def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below):
+    """Before, --output_root or --report_dir naming a file ended in a FileExistsError traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep")
+    folder = blocker / "sub" if below else blocker
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"sweep.py: error: {flag} {folder}: {blocker} is a file, not a folder" in err
+    assert blocker.read_text() == "keep" and not (tmp_path / "r").exists()
+
+
+def test_a_model_config_with_a_key_twice_is_refused(tmp_path, capsys, monkeypatch, no_run):
+    config = tmp_path / "model.json"
+    text = (REPO_ROOT / "configs" / "model" / "llama-tiny.json").read_text().rstrip()
+    config.write_text(text[:-1].rstrip() + ', "hidden_size": 4096}')
+    monkeypatch.setitem(sweep.PRESETS, "cpu", {**sweep.PRESETS["cpu"], "config_name": str(config)})
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--preset", "cpu", "--output_root", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"sweep.py: error: model config {config} has the key 'hidden_size' twice" in err
+    assert not (tmp_path / "r").exists()

@@ -7,6 +7,16 @@ file format: what `datasets` writes); a folder written by `datasets.save_to_disk
 `datasets.load_from_disk`); a folder of such files (other files in it skipped, named in one warning); a glob
 pattern (each folder it matches read as a folder). Folders and patterns expand in sorted order.
 
+Line ends: a `.txt` line ends at `\n`, `\r\n` or a bare `\r` (old Mac files), Python's universal newlines, which
+is also how `datasets`' text loader reads it (`TEXT_LINE_ENDS`; part of a text file's token cache key, see
+`reading_rule`). Other characters that `str.splitlines` breaks at (form feed, U+2028, ...) stay in the line, as they
+do for both. A JSON-lines record ends at `\n` (a `\r` before it is JSON white space), as JSON Lines defines.
+
+The name must say what a file holds: content under another name (gzip, xz, bz2 or zstd data named without that
+suffix or with another one, uncompressed text named `.gz`, Parquet or Arrow data named `.jsonl`/`.txt`, ...) is one
+line saying what it holds and what to name it (`misnamed_content`), found from the first bytes (read when a line
+file is opened, and for Parquet/Arrow only when reading fails).
+
 A file is read in *parts* (`DataPart`) so that one large file can be tokenised by several processes and a
 stream can restart near a position: Parquet row groups, Arrow record batches, byte ranges of an uncompressed
 JSON-lines or text file aligned to line starts, contiguous shards of a saved dataset. Reading the parts of a file
@@ -48,6 +58,8 @@ START_DOCUMENTS = 100  # documents of each file read before a stream starts (`Da
 START_BUDGET = 100_000  # ... and in all, for many files (at least one a file)
 CHUNK_BYTES = 1024 * 1024  # (decompressed) bytes of a LineChunk: whole lines read by one process, parsed by another
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: not text
+TEXT_LINE_ENDS = "\\n \\r\\n \\r"  # where a .txt line ends: universal newlines (see the module docstring)
+SNIFF_BYTES = 4096  # bytes of a file's start examined to tell what it holds when its name may not say it
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,6 +274,16 @@ def source_fingerprint(path: str) -> str:
     return path
 
 
+def reading_rule(path: str) -> str:
+    """What, beyond its content, decides the documents read from `path`, for keys of what is made from them (the
+    token cache, the stream index): '|lines:' and `TEXT_LINE_ENDS` for a text file (its documents changed when a bare
+    CR became a line end), '' for every other source (their keys are what they were)."""
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return f"|lines:{TEXT_LINE_ENDS}" if name.endswith(".txt") and not os.path.isdir(path) else ""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parts of files
 # ---------------------------------------------------------------------------------------------------------
@@ -290,6 +312,9 @@ def open_binary(path: str) -> Iterator[tuple]:
 
     suffix = os.path.splitext(path)[1].lower()
     with open(path, "rb") as raw:
+        problem = misnamed_content(path, raw)
+        if problem:
+            raise UsageError(problem)
         if suffix == ".zst":
             content = io.BufferedReader(_ZstdReader(raw), 1 << 20)
         elif suffix == ".gz":
@@ -342,6 +367,121 @@ class _ZstdReader(io.RawIOBase):
 
 def _is_compressed(path: str) -> bool:
     return path.lower().endswith(COMPRESSION_SUFFIXES)
+
+
+# What a file holds, by the suffix that names it: as said in messages, and the magic bytes it starts with.
+CONTENT_NAMES = {".gz": "gzip-compressed data", ".xz": "xz-compressed data", ".bz2": "bz2-compressed data",
+                 ".zst": "zstd-compressed data", ".parquet": "Parquet data", ".arrow": "Arrow IPC data",
+                 "text": "uncompressed text"}
+MAGIC = {".gz": b"\x1f\x8b\x08", ".xz": b"\xfd7zXZ\x00", ".bz2": b"BZh", ".zst": b"\x28\xb5\x2f\xfd", ".parquet": b"PAR1",
+         ".arrow": b"ARROW1", ".arrow stream": b"\xff\xff\xff\xff"}  # an Arrow IPC stream: its first message's marker
+_BZ2_BLOCK = (b"1AY&SY", b"\x17rE8P\x90")  # after "BZh" and the block size: a block, or the end of an empty stream
+
+
+def misnamed_content(path: str, raw=None) -> str | None:
+    """One line saying that the file `path` holds something else than its name says, and what to name it, or None:
+    compressed data (gzip, xz, bz2, zstd) under a name without that compression suffix or with another one,
+    uncompressed text under a compression suffix, Parquet or Arrow data under a JSON/text name, or the reverse.
+    Told from the file's first bytes (`raw`: the file open in binary, read from its start and put back there);
+    costs one small read when the name fits (magic bytes, checked further only when they disagree with the name)."""
+    named = _named_kind(path)
+    if named is None:  # a folder, or an unsupported name: not ours to tell
+        return None
+    if raw is None:
+        with open(path, "rb") as handle:
+            return misnamed_content(path, handle)
+    head = raw.read(16)
+    raw.seek(0)
+    if not head or (named in MAGIC and head.startswith(MAGIC[named])):
+        return None
+    if named == "text" and not head.startswith(tuple(MAGIC.values())):
+        return None  # the usual case: a line file starting like text
+    kind = _content_kind(path, raw)
+    if kind is None or kind == named:
+        return None
+    base = os.path.basename(path)
+    for suffix in COMPRESSION_SUFFIXES:
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+    stem = base
+    for extension in SUPPORTED_EXTENSIONS:
+        if stem.lower().endswith(extension):
+            stem = stem[: -len(extension)]
+    what = CONTENT_NAMES[kind]
+    if named in (".parquet", ".arrow"):
+        if kind in (".parquet", ".arrow"):
+            return f"{path} holds {what}, not {CONTENT_NAMES[named]}: name it {stem}{kind}"
+        if kind == "text":
+            return f"{path} holds text, not {CONTENT_NAMES[named]}: name it after its format ({stem}.jsonl, {stem}.txt)"
+        return (f"{path} holds {what}, not {CONTENT_NAMES[named]}: decompress it, or if it is compressed JSON lines or "
+                f"text, name it {stem}.jsonl{kind} or {stem}.txt{kind}")
+    if kind in (".parquet", ".arrow"):
+        return f"{path} holds {what}: name it {stem}{kind}"
+    if kind == "text":
+        return f"{path} holds {what}, not {CONTENT_NAMES[named]}: name it {base}"
+    if named != "text":
+        return f"{path} holds {what}, not {CONTENT_NAMES[named]}: name it {base}{kind}"
+    return f"{path} holds {what}: name it {base}{kind}"
+
+
+def _named_kind(path: str) -> str | None:
+    """What the name of `path` says it holds: a compression suffix (.gz, ...), '.parquet', '.arrow', 'text' (an
+    uncompressed JSON or text file), or None (a folder, another name)."""
+    name = path.lower()
+    if os.path.isdir(path):
+        return None
+    if name.endswith(COMPRESSION_SUFFIXES):
+        return os.path.splitext(name)[1]
+    if name.endswith((".parquet", ".arrow")):
+        return os.path.splitext(name)[1]
+    return "text" if name.endswith((".txt", *JSON_EXTENSIONS)) else None
+
+
+def _content_kind(path: str, raw) -> str | None:
+    """What a file holds, from its first SNIFF_BYTES (`raw` put back at its start): a compression suffix (its magic
+    bytes; bz2's, which are ASCII, confirmed by decompressing them), '.parquet' or '.arrow' (magic bytes, confirmed by
+    pyarrow reading the file's metadata), 'text' (valid UTF-8), or None (none of these: damaged, or unknown)."""
+    head = raw.read(SNIFF_BYTES)
+    raw.seek(0)
+    for suffix in (".gz", ".xz", ".zst"):
+        if head.startswith(MAGIC[suffix]):
+            return suffix
+    if head.startswith(MAGIC[".bz2"]) and head[3:4] in b"123456789" and head[4:10] in _BZ2_BLOCK:
+        import bz2
+
+        try:
+            bz2.BZ2Decompressor().decompress(head, max_length=1 << 16)
+            return ".bz2"
+        except (OSError, ValueError):
+            pass
+    if head.startswith((MAGIC[".parquet"], MAGIC[".arrow"], MAGIC[".arrow stream"])):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        readers = {".parquet": lambda: pq.read_metadata(path), ".arrow": lambda: _arrow_reader(path).schema}
+        for kind in (".parquet", ".arrow"):
+            try:
+                readers[kind]()
+                return kind
+            except (pa.ArrowException, OSError, ValueError):
+                continue
+    if b"\0" in head:
+        return None
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError as error:
+        if error.reason == "unexpected end of data" and error.start >= len(head) - 3:
+            return "text"  # a character cut by the end of what was read (or of a truncated file)
+    return None
+
+
+def _misnamed_or(path: str, message: str) -> str:
+    """`message` about a file that could not be read, or, where its content is not what its name says, that."""
+    try:
+        return misnamed_content(path) or message
+    except OSError:
+        return message
 
 
 def _arrow_reader(path: str):
@@ -402,7 +542,7 @@ def file_parts(path: str, fmt: str | None = None, target_parts: int = 1) -> list
     except UsageError:
         raise
     except Exception as error:  # pyarrow's ArrowInvalid / OSError for a damaged or mislabelled file
-        raise UsageError(f"{path} cannot be read as {fmt}: {first_line(error)}") from None
+        raise UsageError(_misnamed_or(path, f"{path} cannot be read as {fmt}: {first_line(error)}")) from None
     size = os.path.getsize(path)
     if _is_compressed(path) or size == 0 or is_json_list(path, fmt):
         return [DataPart(path, fmt, size=size)]
@@ -474,10 +614,11 @@ def read_errors(path: str):
         raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of its text)") from None
     except UsageError:
         raise
-    except (EOFError, lzma.LZMAError, OSError) as error:  # a truncated .gz/.xz/.bz2/.zst, or plain text named .gz
-        raise UsageError(f"{path} cannot be read: {first_line(error)} (a damaged or mislabelled compressed file?)") from None
+    except (EOFError, lzma.LZMAError, OSError) as error:  # a truncated .gz/.xz/.bz2/.zst
+        message = f"{path} cannot be read: {first_line(error)} (a damaged or mislabelled compressed file?)"
+        raise UsageError(_misnamed_or(path, message)) from None
     except Exception as error:  # zstandard.ZstdError, pyarrow.ArrowInvalid for a damaged file
-        raise UsageError(f"{path} cannot be read: {first_line(error)} (a damaged file?)") from None
+        raise UsageError(_misnamed_or(path, f"{path} cannot be read: {first_line(error)} (a damaged file?)")) from None
 
 
 def _check_text(path: str, where: str, record, text_column: str) -> dict:
@@ -493,12 +634,13 @@ def text_problem(record, text_column: str) -> str | None:
     """What is wrong with a record's text, or None: no `text_column` field, a value other than text or null, or
     text that is not valid Unicode (a lone surrogate, which a JSON escape such as "\\ud800" can make: the
     tokenizer would fail on it)."""
-    if not isinstance(record, dict) or text_column not in record:
-        keys = list(record) if isinstance(record, dict) else type(record).__name__
-        return f"no {text_column!r} field (found {keys}); set --text_column_name"
+    if not isinstance(record, dict):
+        return f"not a JSON object with a {text_column!r} field (found {a_type_name(record)})"
+    if text_column not in record:
+        return f"no {text_column!r} field (found {list(record)}); set --text_column_name"
     text = record[text_column]
     if text is not None and not isinstance(text, str):
-        return f"its {text_column!r} is a {type(text).__name__}, not text"
+        return f"its {text_column!r} is {a_type_name(text)}, not text"
     if text and not text.isascii():
         try:
             text.encode("utf-8")
@@ -506,6 +648,22 @@ def text_problem(record, text_column: str) -> str | None:
             return (f"its {text_column!r} holds a lone surrogate ({ascii(text[error.start])[1:-1]} at character "
                     f"{error.start + 1}), not valid Unicode")
     return None
+
+
+def a_type_name(value) -> str:
+    """The type of `value` with its article, for messages: 'an int', 'a str', 'an ndarray', 'a uint8', 'a NoneType'."""
+    name = type(value).__name__
+    return f"{indefinite_article(name)} {name}"
+
+
+def indefinite_article(word: str) -> str:
+    """'an' before a word said with a vowel sound ('an int', 'an object', 'an ndarray'), else 'a' ('a list', 'a
+    uint8', 'a unicode string'): by its first letter, 'u' sounded 'you' in uint/uni/usa/use/uu, and nd- read
+    letter by letter."""
+    lower = word.lower()
+    if lower.startswith(("uint", "uni", "usa", "use", "usu", "uu", "one")):
+        return "a"
+    return "an" if lower[:1] in tuple("aeiou") or lower.startswith("nd") else "a"
 
 
 def _table_documents(part: DataPart, text_column: str) -> Iterator[dict]:
@@ -549,7 +707,7 @@ def _table_documents(part: DataPart, text_column: str) -> Iterator[dict]:
             column = column.cast(column.type.value_type)
         for offset, text in enumerate(column.to_pylist()):
             if text is not None and not isinstance(text, str):
-                raise UsageError(f"{path}, row {first_row + offset + 1}: its {text_column!r} is a {type(text).__name__}, not text")
+                raise UsageError(f"{path}, row {first_row + offset + 1}: its {text_column!r} is {a_type_name(text)}, not text")
             yield {text_column: text}
 
 
@@ -591,8 +749,10 @@ def iter_line_chunks(part: DataPart, start: LinePosition | None = None, chunk_by
     bytes: a whole file, compressed or not (a byte-order mark dropped), or, for an uncompressed file, the lines
     starting in bytes [part.start, part.stop). From the part's first line, or from `start`, a line start that
     `chunk_documents`' cursor recorded: an uncompressed file seeks there, a compressed one is decompressed up to it
-    (not parsed). Raises the reader's own errors (see `read_errors`)."""
+    (not parsed). Lines end as the format says (`line_ends`): a chunk and a part end only where a line certainly
+    starts (never between the \r and \n of a \r\n). Raises the reader's own errors (see `read_errors`)."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
+    universal = line_ends(part.fmt) == "universal"
     stop = part.stop
     with open_binary(part.path) as (handle, raw):
         carry = b""
@@ -600,8 +760,8 @@ def iter_line_chunks(part: DataPart, start: LinePosition | None = None, chunk_by
             position, line = start
             _skip(handle, position, compressed=handle is not raw)
         elif part.start:  # from the first line that starts at or after part.start
-            handle.seek(part.start - 1)
-            position, line = part.start - 1 + len(handle.readline()), 0
+            position, line = _next_line_start(handle, part.start, universal), 0
+            handle.seek(position)
         else:
             carry = handle.read(len(BOM))
             position, line = (len(BOM), 1) if carry == BOM else (0, 1)
@@ -612,15 +772,15 @@ def iter_line_chunks(part: DataPart, start: LinePosition | None = None, chunk_by
             data = carry + block if carry else block
             last = not block  # the end of the file
             if stop is not None and position + len(data) >= stop:  # the line holding byte stop - 1 is the last
-                end = data.find(b"\n", stop - 1 - position)
-                if end < 0 and block:
+                end = _first_line_start(data, stop - position, universal, last)
+                if end < 0:
                     carry = data
                     continue
-                cut, last = (end + 1 if end >= 0 else len(data)), True
+                cut, last = end, True
             elif last:
                 cut = len(data)
             else:
-                cut = data.rfind(b"\n") + 1
+                cut = _last_line_start(data, universal)
                 if cut == 0:  # a line longer than chunk_bytes: read on
                     carry = data
                     continue
@@ -629,8 +789,69 @@ def iter_line_chunks(part: DataPart, start: LinePosition | None = None, chunk_by
                 read = raw.tell()
             if last:
                 return
-            line = line + data.count(b"\n", 0, cut) if line else 0
+            line = line + _count_line_ends(data, cut, universal) if line else 0
             position, carry = position + cut, data[cut:]
+
+
+def line_ends(fmt: str) -> str:
+    """Where a line of a file of `fmt` ends: 'universal' for text (\\n, \\r\\n or a bare \\r, as Python's universal
+    newlines and `datasets`' text loader), 'newline' for JSON lines (\\n; a \\r before it is JSON white space)."""
+    return "universal" if fmt == "text" else "newline"
+
+
+def _first_line_start(data: bytes, begin: int, universal: bool, final: bool) -> int:
+    """The first position at or after `begin` (>= 1) of `data` where a line starts: after a \\n, or (`universal`) after
+    a \\r that no \\n follows; len(data) if none and `final` (the end of the file); -1 if the bytes after `data`
+    decide it (more must be read)."""
+    newline = data.find(b"\n", begin - 1)
+    if not universal:
+        return newline + 1 if newline >= 0 else (len(data) if final else -1)
+    cr = data.find(b"\r", begin - 1, newline if newline >= 0 else len(data))
+    if cr < 0:
+        return newline + 1 if newline >= 0 else (len(data) if final else -1)
+    if cr + 1 < len(data):
+        return cr + 2 if data[cr + 1] == 0x0A else cr + 1
+    return cr + 1 if final else -1  # a \r at the end: a \n may follow
+
+
+def _last_line_start(data: bytes, universal: bool) -> int:
+    """The last position of `data`, more of which follows, where a line certainly starts (0 if none): after the last
+    \\n, or (`universal`) after the last bare \\r, but not after a \\r ending `data` (a \\n may follow)."""
+    newline = data.rfind(b"\n")
+    if not universal:
+        return newline + 1
+    cr = data.rfind(b"\r", newline + 1)
+    if cr == len(data) - 1:
+        cr = data.rfind(b"\r", newline + 1, cr)
+    return max(newline, cr) + 1
+
+
+def _count_line_ends(data: bytes, cut: int, universal: bool) -> int:
+    """The lines ending in data[:cut] (`cut` a line start, so no \\r\\n is cut in two)."""
+    newlines = data.count(b"\n", 0, cut)
+    if not universal:
+        return newlines
+    return newlines + data.count(b"\r", 0, cut) - data.count(b"\r\n", 0, cut)
+
+
+def _next_line_start(handle, offset: int, universal: bool) -> int:
+    """The first line start at or after byte `offset` (> 0) of an uncompressed file (its size if none): the end of
+    the first line end that ends at or after it. Read from offset - 1 with `handle`, which is left anywhere."""
+    handle.seek(offset - 1)
+    if not universal:
+        return offset - 1 + len(handle.readline())
+    position, pending_cr = offset - 1, False
+    while True:
+        block = handle.read(1 << 16)
+        if pending_cr:  # the previous block ended with \r
+            return position + (1 if block[:1] == b"\n" else 0)
+        if not block:
+            return position
+        found = _first_line_start(block, 1, True, False)
+        if found >= 0:
+            return position + found
+        pending_cr = block.endswith(b"\r")  # the only line end of the block (any other was found)
+        position += len(block)
 
 
 def is_sequential(part) -> bool:
@@ -662,17 +883,23 @@ def _skip(handle, offset: int, compressed: bool) -> None:
 
 
 def chunk_documents(chunk: LineChunk, text_column: str, cursor: list | None = None) -> Iterator[dict]:
-    """The documents of a chunk's lines: a .txt line (without its '\\r'), or a .jsonl line's JSON object; blank
-    lines skipped. UsageError naming the file and line for a line that is not UTF-8, not JSON, or has no text
-    field. `cursor`: a one-item list, set to the `LinePosition` after each document yielded."""
+    """The documents of a chunk's lines: a .txt line (without its line end: \\n, \\r\\n or \\r, see `line_ends`), or
+    a .jsonl line's JSON object; blank lines skipped. UsageError naming the file and line for a line that is not
+    UTF-8, not JSON, or has no text field. `cursor`: a one-item list, set to the `LinePosition` after each document
+    yielded."""
     path, (offset, line) = chunk.path, chunk.start
     position = 0
-    lines = chunk.data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the empty piece after the last newline
-    for number, raw in enumerate(lines, start=line):
+    if line_ends(chunk.fmt) == "universal":  # bytes.splitlines breaks at \n, \r\n and \r only
+        pieces = chunk.data.splitlines(keepends=True)
+        lines = [(piece.rstrip(b"\r\n"), len(piece)) for piece in pieces]
+    else:
+        pieces = chunk.data.split(b"\n")
+        if pieces and not pieces[-1]:
+            pieces.pop()  # the empty piece after the last newline
+        lines = [(piece, len(piece) + 1) for piece in pieces]
+    for number, (raw, length) in enumerate(lines, start=line):
         line_start = offset + position
-        position = min(position + len(raw) + 1, len(chunk.data))
+        position = min(position + length, len(chunk.data))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -680,7 +907,7 @@ def chunk_documents(chunk: LineChunk, text_column: str, cursor: list | None = No
         if not text.strip():
             continue
         if chunk.fmt == "text":
-            document = {text_column: text.removesuffix("\r")}
+            document = {text_column: text}
         else:
             try:
                 document = json.loads(text)

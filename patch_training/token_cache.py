@@ -1,7 +1,13 @@
 """Documents -> token ids -> the on-disk token cache: one flat binary token stream per data set and tokenizer,
 written once (in parallel over the parts of the data: files, Parquet row groups, Arrow batches, byte ranges of a
 large JSON-lines file, hub shards), under a lock so that one process on one node writes it, and memory-mapped by
-every rank of every node."""
+every rank of every node.
+
+A tokenisation killed without a chance to clean up (kill -9, the OOM killer, a preemption's SIGKILL) leaves its
+temporary folder `<key>.tmp-<host>-<pid>-<hex>` (`temporary_name`) behind; its worker processes die with it
+(`_die_with_parent`). Such a folder is written only under its key's lock, so it is abandoned when that lock is
+free: `remove_stale_temporaries` removes those of the key being tokenised (under its lock) and those of other keys
+whose lock it can take at once, and names in one warning the ones it cannot show abandoned."""
 
 from __future__ import annotations
 
@@ -10,8 +16,11 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .cli import UsageError, naming_file
-from .readers import DataSource, is_sequential, sequential_part_chunks
+from .readers import DataSource, is_sequential, reading_rule, sequential_part_chunks
 
 logger = logging.getLogger("run_clm")
 
@@ -219,14 +228,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(sources: list[str], tokenizer, text_column: str) -> str:
     """A hash of what the token stream depends on: the data (`sources`: for files their fingerprints, path +
-    size + mtime, see `readers.source_fingerprint`), the tokenizer (`tokenizer_fingerprint`), the text column,
-    and our own document -> tokens rule (`TOKENIZATION_RULE_VERSION`)."""
+    size + mtime, see `readers.source_fingerprint`; for text files also their line-end rule, `readers.reading_rule`),
+    the tokenizer (`tokenizer_fingerprint`), the text column, and our own document -> tokens rule
+    (`TOKENIZATION_RULE_VERSION`)."""
     from .readers import source_fingerprint
 
     digest = hashlib.sha256()
     digest.update(f"v{CACHE_FORMAT_VERSION}|rule{TOKENIZATION_RULE_VERSION}|{text_column}|".encode())
     for source in sources:
-        digest.update(f"{source_fingerprint(source)}|".encode())
+        digest.update(f"{source_fingerprint(source)}{reading_rule(source)}|".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:20]
 
@@ -264,10 +274,35 @@ def write_token_file(documents, tokenizer, text_column: str, batch_size: int, pa
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, counter, prefetch: int) -> None:
+def _init_worker(tokenizer, counter, prefetch: int, parent: int | None = None, start_method: str = "fork") -> None:
     """Per worker process, once: the tokenizer, the shared (documents, tokens) counter of the progress bar, and
-    the batches read ahead by a thread (none when the workers already fill the cores)."""
+    the batches read ahead by a thread (none when the workers already fill the cores); the worker ends with the
+    process `parent` that started it (see `_die_with_parent`)."""
+    if parent is not None:
+        _die_with_parent(parent, start_method)
     _WORKER.update(tokenizer=tokenizer, counter=counter, rule=eos_rule(tokenizer), prefetch=prefetch)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the thread that started it ends
+
+
+def _die_with_parent(parent: int, start_method: str) -> None:
+    """On Linux, have the kernel kill this worker (SIGKILL) when `parent`, the tokenising process that started it
+    (start method fork or spawn), ends. A parent killed with -9 (preemption, the OOM killer) otherwise leaves its
+    workers running forever, blocked on a queue nobody feeds, with their tokenizer in memory, the last of them
+    writing into a temporary folder whose key's lock died with the parent (see `remove_stale_temporaries`). A
+    worker whose parent is already gone ends here."""
+    if not sys.platform.startswith("linux") or start_method not in ("fork", "spawn"):
+        return  # a fork server's workers are not the parent's children
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the line above
+        os._exit(1)
 
 
 def _count(counter, documents: int, tokens: int) -> None:
@@ -313,8 +348,137 @@ def available_cores() -> int:
 
 
 def temporary_name(folder: str) -> str:
-    """A temporary name beside `folder`, unique across hosts sharing the filesystem and processes of one host."""
+    """A temporary name beside `folder`, unique across hosts sharing the filesystem and processes of one host
+    (`TEMPORARY_NAME`, for a cache folder `<cache_dir>/<key>`)."""
     return f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# `temporary_name` of a cache folder: what `remove_stale_temporaries` considers at all, and the only files it
+# may hold to be removed (what `_tokenize_into` writes).
+TEMPORARY_NAME = re.compile(r"(?P<key>[0-9a-f]{20})\.tmp-(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+TEMPORARY_FILES = re.compile(r"tokens\.bin|meta\.json|part-[0-9]{6}\.bin")
+
+
+def remove_stale_temporaries(cache_root: str, held_key: str | None = None) -> None:
+    """Remove the temporary folders (`TEMPORARY_NAME`) that killed tokenisations left in `cache_root`, once each
+    is provably abandoned: it is written only by a process holding its key's lock `<key>.lock` (see
+    `cached_token_stream`), and that process's workers die with it (`_die_with_parent`), so a temporary folder
+    whose key's lock is free is written by nobody.
+    - Those of `held_key`, whose lock the caller holds: removed.
+    - Those of another key: removed while holding its lock, when it exists and is free; skipped when it is held
+      (that key is being tokenised, and its tokeniser removes them: see `cached_token_stream`).
+    - Kept, and named in one warning: those without a lock file beside them (not written under the lock, or the
+      lock file was deleted: nothing shows them abandoned), those holding anything but the files a tokenisation
+      writes (tokens.bin, meta.json, part-NNNNNN.bin), and those that could not be removed.
+    What is removed is named, with its size, in one log line. Anything else in `cache_root` (caches, locks, other
+    files and folders, a link with a temporary's name) is never touched."""
+    from filelock import FileLock, Timeout
+
+    temporaries = _temporaries(cache_root)
+    if not temporaries:
+        return
+    removed: list[tuple[str, int]] = []
+    kept: list[tuple[str, int, str]] = []
+    for key in sorted(temporaries):
+        if key == held_key:
+            _remove_temporaries(cache_root, temporaries[key], removed, kept)
+            continue
+        lock_file = os.path.join(cache_root, f"{key}.lock")
+        if not os.path.isfile(lock_file):
+            kept.extend((name, _size(os.path.join(cache_root, name)), f"no {key}.lock beside it")
+                        for name in temporaries[key])
+            continue
+        lock = FileLock(lock_file, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            continue  # being tokenised: whoever holds the lock removes its key's stale temporaries
+        except OSError as error:  # a cache folder this user may read but not write
+            kept.extend((name, _size(os.path.join(cache_root, name)), f"its lock cannot be taken: {error.strerror or error}")
+                        for name in temporaries[key])
+            continue
+        try:  # listed again: another process may have removed some before we took the lock
+            _remove_temporaries(cache_root, _temporaries(cache_root).get(key, []), removed, kept)
+        finally:
+            lock.release()
+    if removed:
+        one = len(removed) == 1
+        logger.info("Removed %s left by %s from %s (%s%s): %s", _plural(len(removed), "stale temporary folder"),
+                    "a killed tokenisation" if one else "killed tokenisations", cache_root,
+                    _human_size(sum(size for _, size in removed)), "" if one else " in all",
+                    ", ".join(f"{name} ({_human_size(size)})" for name, size in removed))
+    if kept:
+        logger.warning("Kept %s in the token cache folder %s that may still be in use (remove %s by hand once no "
+                       "tokenisation is writing %s): %s", _plural(len(kept), "temporary folder"), cache_root,
+                       "it" if len(kept) == 1 else "them", "it" if len(kept) == 1 else "them",
+                       ", ".join(f"{name} ({_human_size(size)}; {why})" for name, size, why in kept))
+
+
+def _temporaries(cache_root: str) -> dict[str, list[str]]:
+    """{key: sorted names} of the folders (not links) in `cache_root` named as `temporary_name` names them."""
+    found: dict[str, list[str]] = {}
+    try:
+        entries = list(os.scandir(cache_root))
+    except OSError:  # no cache folder yet, or one this user cannot list: nothing to remove
+        return found
+    for entry in entries:
+        match = TEMPORARY_NAME.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False):
+            found.setdefault(match["key"], []).append(entry.name)
+    return {key: sorted(names) for key, names in found.items()}
+
+
+def _remove_temporaries(cache_root: str, names: list[str], removed: list, kept: list) -> None:
+    """Remove the abandoned temporary folders `names` of `cache_root` that hold only what a tokenisation writes
+    (appended to `removed` as (name, bytes)); the others are appended to `kept` as (name, bytes, why)."""
+    for name in names:
+        path = os.path.join(cache_root, name)
+        try:
+            entries = list(os.scandir(path))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        except OSError as error:
+            kept.append((name, 0, f"cannot be listed: {error.strerror or error}"))
+            continue
+        size = _size(path)
+        foreign = [entry.name for entry in entries
+                   if not (TEMPORARY_FILES.fullmatch(entry.name) and entry.is_file(follow_symlinks=False))]
+        if foreign:
+            kept.append((name, size, f"holds {', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                                     "which a tokenisation does not write"))
+            continue
+        errors = []
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=lambda function, target, error: errors.append(f"{target}: {error}"))
+        else:
+            shutil.rmtree(path, onerror=lambda function, target, info: errors.append(f"{target}: {info[1]}"))
+        if os.path.lexists(path):
+            kept.append((name, size, f"could not be removed ({errors[0] if errors else 'it came back'})"))
+        else:
+            removed.append((name, size))
+
+
+def _size(path: str) -> int:
+    """Bytes of the files under the folder `path` (links not followed)."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _human_size(size: int) -> str:
+    """'6.00kB', '5.70MB': tqdm's decimal byte sizes, as its progress bars show them."""
+    from tqdm import tqdm
+
+    return tqdm.format_sizeof(size, "B", 1000)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
 
 
 def tokenize_to_cache(
@@ -403,7 +567,8 @@ def _tokenize_parallel(parts, source, tokenizer, text_column, batch_size, tmp_fo
     jobs, queued, finished, counts = _jobs(source, parts, feed), {}, {}, []
     written = submitted = 0
     prefetch = PREFETCH_BATCHES if workers < available_cores() else 0  # a reading thread needs a core of its own
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tokenizer, counter, prefetch)) as pool, \
+    initargs = (tokenizer, counter, prefetch, os.getpid(), multiprocessing.get_start_method())
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=initargs) as pool, \
             naming_file(tokens_file), open(tokens_file, "wb") as out:
         try:
             while True:
@@ -500,7 +665,11 @@ def cached_token_stream(
     Once per cache whatever the number of processes and nodes: on each node the local main process goes first
     (`training_args.main_process_first`), and across nodes sharing the cache folder a file lock
     (`<cache_dir>/<key>.lock`, the `filelock` package) lets one of them tokenise while the others wait and then
-    read. `batch_size`: documents per tokenizer call; `num_workers`: processes, one part of the data each."""
+    read. `batch_size`: documents per tokenizer call; `num_workers`: processes, one part of the data each.
+
+    The temporary folders that killed tokenisations left in `cache_dir` are removed once provably abandoned (see
+    `remove_stale_temporaries`): those of this key under its lock before tokenising, those of other keys (and of
+    this key when its cache exists) by the local main process when their lock is free."""
     from filelock import FileLock
 
     cache_root = cache_dir or default_cache_dir()
@@ -510,6 +679,7 @@ def cached_token_stream(
         if not os.path.isdir(folder):
             os.makedirs(cache_root, exist_ok=True)
             with FileLock(os.path.join(cache_root, f"{key}.lock"), timeout=LOCK_TIMEOUT_S):
+                remove_stale_temporaries(cache_root, held_key=key)  # this key's temporaries: nobody writes them now
                 if not os.path.isdir(folder):  # not written by another node while this one waited
                     logger.info("Tokenising %s into %s", ", ".join(source.names), folder)
                     meta = tokenize_to_cache(
@@ -521,5 +691,7 @@ def cached_token_stream(
                 else:
                     logger.info("Reading tokenised data from the cache %s (written by another node)", folder)
         else:
+            if getattr(training_args, "local_process_index", 0) == 0:
+                remove_stale_temporaries(cache_root)
             logger.info("Reading tokenised data from the cache %s", folder)
     return load_token_stream(folder), folder

@@ -90,6 +90,11 @@ def test_bad_records_are_named(tmp_path):
     no_column.write_text('{"content": "ok"}\n')
     with pytest.raises(UsageError, match=r"nocol.jsonl, record 1: no 'text' field \(found \['content'\]\); set --text_column_name"):
         list(iter_local_documents([str(no_column)], "json", "text"))
+    for line, found in (("[1, 2]", "a list"), ("7", "an int"), ('"text"', "a str"), ("null", "a NoneType")):
+        not_object = tmp_path / "not_object.jsonl"
+        not_object.write_text('{"text": "ok"}\n' + line + "\n")
+        with pytest.raises(UsageError, match=rf"^{not_object}, record 2: not a JSON object with a 'text' field \(found {found}\)$"):
+            list(iter_local_documents([str(not_object)], "json", "text"))
 
 
 SURROGATES = [("\\ud800", "\\ud800"), ("\\uDFFF", "\\udfff"), ("\\ud83d x", "\\ud83d")]  # JSON escape, as named

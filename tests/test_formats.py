@@ -7,6 +7,7 @@ import bz2
 import gzip
 import json
 import lzma
+import re
 
 import pytest
 from conftest import TOKENIZER_DIR
@@ -53,6 +54,9 @@ def write_all_formats(folder) -> dict:
     put("a.jsonl.bz2", bz2.compress(jsonl.encode()))
     put("a.jsonl.zst", zstandard.ZstdCompressor().compress(jsonl.encode()))
     put("a.txt.zst", zstandard.ZstdCompressor().compress(txt.encode()))
+    put("cr.txt", txt.replace("\n", "\r").encode())  # old Mac line ends
+    ends = ["\n", "\r", "\r\n", "\r\r\n"]  # \r\r\n: a line end, then an empty line
+    put("mixed.txt.gz", gzip.compress("".join(t + ends[i % 4] for i, t in enumerate(TEXTS)).encode()))
     table = pa.table({"id": list(range(len(TEXTS))), "text": TEXTS})
     pq.write_table(table, folder / "a.parquet", row_group_size=25)
     files["a.parquet"] = str(folder / "a.parquet")
@@ -136,7 +140,8 @@ def test_a_recorded_line_position_reads_on_from_there(formats, tmp_path):
     """The cursor of a reading records where the next line starts; a reading from that position (a seek, or
     for a compressed file decompressing up to it) gives exactly the documents after it, for each JSON-lines
     and text format, plain and compressed, whole files and byte ranges."""
-    for name in ("a.jsonl", "bom.jsonl", "crlf_bom.txt", "a.jsonl.gz", "a.jsonl.xz", "a.jsonl.bz2", "a.jsonl.zst", "a.txt.zst"):
+    for name in ("a.jsonl", "bom.jsonl", "crlf_bom.txt", "cr.txt", "mixed.txt.gz", "a.jsonl.gz", "a.jsonl.xz", "a.jsonl.bz2",
+                 "a.jsonl.zst", "a.txt.zst"):
         for part in file_parts(formats[name], None, 3):
             whole = list(iter_part_documents(part, "text"))
             cursor, positions = [None], []
@@ -146,11 +151,13 @@ def test_a_recorded_line_position_reads_on_from_there(formats, tmp_path):
                 after = list(iter_part_documents(part, "text", start=positions[index]))
                 assert after == whole[index + 1 :], (name, part, index)
             if not part.start:  # line numbers are counted when the part starts the file
-                assert positions[4].line == 6, (name, positions[4])
+                blank = name == "mixed.txt.gz"  # its 4th line ends with \r\r\n: a blank line after it
+                assert positions[4].line == 6 + blank, (name, positions[4])
 
 
 @pytest.mark.parametrize("name", ["a.jsonl", "a.txt", "a.parquet", "stream.arrow", "file.arrow", "saved",
-                                  "a.jsonl.xz", "a.jsonl.zst", "a.txt.zst", "a.jsonl.gz", "bom.jsonl"])
+                                  "a.jsonl.xz", "a.jsonl.zst", "a.txt.zst", "a.jsonl.gz", "bom.jsonl", "cr.txt",
+                                  "mixed.txt.gz"])
 def test_one_file_tokenised_in_parallel_gives_the_same_bytes(formats, tokenizer, tmp_path, name, monkeypatch):
     """One file split into parts (row groups, record batches, byte ranges, dataset shards), or a compressed file
     decompressed by the main process and fed to the workers in chunks of lines, tokenised by 2 processes gives
@@ -195,8 +202,11 @@ def damaged(formats, tmp_path) -> list:
         path.write_bytes(data[: len(data) // 2])
         cases.append((path, "cannot be read"))
     garbage = tmp_path / "garbage.parquet"
-    garbage.write_bytes(b"this is not parquet at all" * 10)
+    garbage.write_bytes(bytes(range(256)) * 10)
     cases.append((garbage, "cannot be read"))
+    text = tmp_path / "text.parquet"
+    text.write_bytes(b"this is not parquet at all" * 10)
+    cases.append((text, r"text.parquet holds text, not Parquet data: name it after its format \(text.jsonl, text.txt\)$"))
     no_text = tmp_path / "no_text.parquet"
     pq.write_table(pa.table({"content": ["a"], "id": [1]}), no_text)
     cases.append((no_text, r"no 'text' column \(found \['content', 'id'\]\); set --text_column_name"))
@@ -210,7 +220,7 @@ def damaged(formats, tmp_path) -> list:
     cases.append((saved, "cannot be read as a datasets.save_to_disk folder"))
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"text": "ok"}\n' * 3 + '{"text": 5}\n')
-    cases.append((bad_line, r"bad.jsonl, record 4: its 'text' is a int, not text"))
+    cases.append((bad_line, r"bad.jsonl, record 4: its 'text' is an int, not text$"))
     return cases
 
 
@@ -331,7 +341,7 @@ def test_check_starts_reads_the_first_documents_of_each_file(tmp_path, monkeypat
 
     check = lambda *paths: DataSource.from_files(",".join(paths), "train_file").check_starts()
     start = readers.START_DOCUMENTS
-    with pytest.raises(UsageError, match=r"early.jsonl, record 50: its 'text' is a int, not text"):
+    with pytest.raises(UsageError, match=r"early.jsonl, record 50: its 'text' is an int, not text$"):
         check(lines("early.jsonl", ["fine"] * 49 + [7]))
     check(lines("late.jsonl", ["fine"] * (start + 1) + [7]))  # found by the stream, after the claim
     with pytest.raises(UsageError, match=r"^the streamed training data holds no text$"):
@@ -364,3 +374,172 @@ def test_run_identity_holds_the_files_a_pattern_expands_to(tmp_path):
     (tmp_path / "02.jsonl").write_text(json.dumps({"text": "a new shard"}) + "\n")
     with pytest.raises(UsageError, match=r"holds a different run \(train_files: .*02.jsonl"):
         check_same_run(str(tmp_path / "run"), run_clm.job_identity(*run_clm.parse_arguments(argv)))
+
+
+# Lines of a text file with every kind of line end, and characters that `str.splitlines` breaks at but Python's
+# universal newlines (and so `datasets`' text loader) do not: form feed, vertical tab, \x1c, NEL, U+2028, U+2029.
+INSIDE_A_LINE = " \f\v\x1c\x85\u2028\u2029"
+LINE_END_TEXTS = [f"{'é' * (i % 3)}line {i}{INSIDE_A_LINE[i % 7]}end" for i in range(40)]
+LINE_ENDS = {"cr": ["\r"], "mixed": ["\n", "\r", "\r\n", "\r\r\n", "\n\r", "\r\n\r\n", "\r\r"]}
+
+
+def python_lines(path) -> list[str]:
+    """The non-blank lines of a text file as Python's universal newlines read them (the reference)."""
+    with open(path, encoding="utf-8", newline=None) as handle:
+        return [line for line in handle.read().split("\n") if line.strip()]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, readers.CHUNK_BYTES])
+@pytest.mark.parametrize("style", ["cr", "mixed"])
+def test_text_lines_end_as_python_and_datasets_read_them(tmp_path, monkeypatch, chunk_bytes, style):
+    """Regression: a .txt file with bare-CR (old Mac) line ends was one document, without a word. A text line
+    ends at \\n, \\r\\n or a bare \\r, as Python's universal newlines and `datasets`' text loader read it (both
+    compared); other characters `str.splitlines` breaks at stay in the line. Cut into byte ranges at every byte
+    (so between the \\r and \\n of a \\r\\n, and after a \\r at a range's end) and read in chunks of any size, the
+    parts give each line once; so do a compressed copy, read in chunks, and a reading resumed at each recorded
+    line position."""
+    import datasets
+
+    monkeypatch.setattr(readers, "CHUNK_BYTES", chunk_bytes)
+    ends = LINE_ENDS[style]
+    path = tmp_path / "lines.txt"
+    path.write_bytes("".join(t + ends[i % len(ends)] for i, t in enumerate(LINE_END_TEXTS)).encode()[:-1])  # last end cut
+    expected = python_lines(path)
+    assert len(expected) == len(LINE_END_TEXTS) and sum(len(line.splitlines()) > 1 for line in expected) > 20  # not str.splitlines
+    theirs = datasets.load_dataset("text", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))["text"]
+    assert [t for t in theirs if t.strip()] == expected
+    size = path.stat().st_size
+    for pieces in (1, 2, 7, size):
+        parts = file_parts(str(path), "text", pieces)
+        assert [d["text"] for part in parts for d in iter_part_documents(part, "text")] == expected, pieces
+    compressed = tmp_path / "lines.txt.gz"
+    compressed.write_bytes(gzip.compress(path.read_bytes()))
+    for name in (path, compressed):
+        [part] = file_parts(str(name), "text")
+        chunks = list(readers.iter_line_chunks(part, chunk_bytes=chunk_bytes))
+        assert [d["text"] for c in chunks for d in readers.chunk_documents(c, "text")] == expected
+        cursor, positions = [None], []
+        for _ in iter_part_documents(part, "text", cursor=cursor):
+            positions.append(cursor[0])
+        for index in range(0, len(expected), 9):
+            assert [d["text"] for d in iter_part_documents(part, "text", start=positions[index])] == expected[index + 1 :]
+
+
+def test_a_text_file_gets_a_new_cache_key_other_formats_keep_theirs(formats, tokenizer):
+    """A text file's documents changed when a bare \\r became a line end, so its token cache and stream index keys
+    changed (`readers.reading_rule`); every other format reads as before and keeps its key (no re-tokenising)."""
+    from patch_training import token_cache
+
+    keys = {name: token_cache.cache_key([path], tokenizer, "text") for name, path in formats.items()}
+    token_cache.reading_rule, rule = (lambda path: ""), token_cache.reading_rule  # the key as it was
+    try:
+        before = {name: token_cache.cache_key([path], tokenizer, "text") for name, path in formats.items()}
+    finally:
+        token_cache.reading_rule = rule
+    changed = {name for name in formats if keys[name] != before[name]}
+    assert changed == {"a.txt", "crlf_bom.txt", "cr.txt", "a.txt.zst", "mixed.txt.gz"}, changed
+
+
+def misnamed(folder) -> list:
+    """(path, expected message, the name it suggests or None) for data of one kind under another kind's name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    jsonl = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS).encode()
+    txt = "".join(t + "\n" for t in TEXTS).encode()
+    table = pa.table({"text": TEXTS})
+    pq.write_table(table, folder / "real.parquet", row_group_size=50)
+    parquet = (folder / "real.parquet").read_bytes()
+    for name, writer in (("real.arrow", pa.ipc.new_file), ("real_stream.arrow", pa.ipc.new_stream)):
+        with writer(str(folder / name), table.schema) as out:
+            out.write_table(table)
+    arrow, stream = (folder / "real.arrow").read_bytes(), (folder / "real_stream.arrow").read_bytes()
+    pack = {"gzip": gzip.compress, "xz": lzma.compress, "bz2": bz2.compress,
+            "zstd": zstandard.ZstdCompressor().compress}
+    cases = [  # (name, content, what it is said to hold, rest of the message after ": ", or None)
+        ("g.jsonl", pack["gzip"](jsonl), "holds gzip-compressed data: name it g.jsonl.gz"),
+        ("x.jsonl", pack["xz"](jsonl), "holds xz-compressed data: name it x.jsonl.xz"),
+        ("b.txt", pack["bz2"](txt), "holds bz2-compressed data: name it b.txt.bz2"),
+        ("z.ndjson", pack["zstd"](jsonl), "holds zstd-compressed data: name it z.ndjson.zst"),
+        ("list.json", pack["gzip"](json.dumps([{"text": t} for t in TEXTS]).encode()),
+         "holds gzip-compressed data: name it list.json.gz"),
+        ("gx.jsonl.xz", pack["gzip"](jsonl), "holds gzip-compressed data, not xz-compressed data: name it gx.jsonl.gz"),
+        ("xg.txt.gz", pack["xz"](txt), "holds xz-compressed data, not gzip-compressed data: name it xg.txt.xz"),
+        ("zb.jsonl.bz2", pack["zstd"](jsonl), "holds zstd-compressed data, not bz2-compressed data: name it zb.jsonl.zst"),
+        ("bz.JSONL.zst", pack["bz2"](jsonl), "holds bz2-compressed data, not zstd-compressed data: name it bz.JSONL.bz2"),
+        ("plain.jsonl.gz", jsonl, "holds uncompressed text, not gzip-compressed data: name it plain.jsonl"),
+        ("plain.txt.zst", txt, "holds uncompressed text, not zstd-compressed data: name it plain.txt"),
+        ("p.jsonl", parquet, "holds Parquet data: name it p.parquet"),
+        ("pg.jsonl.gz", parquet, "holds Parquet data: name it pg.parquet"),
+        ("a.txt", arrow, "holds Arrow IPC data: name it a.arrow"),
+        ("s.jsonl", stream, "holds Arrow IPC data: name it s.arrow"),
+        ("sp.parquet", stream, "holds Arrow IPC data, not Parquet data: name it sp.arrow"),
+        ("pa.arrow", parquet, "holds Parquet data, not Arrow IPC data: name it pa.parquet"),
+        ("gp.parquet", pack["gzip"](parquet), "holds gzip-compressed data, not Parquet data: decompress it, or if it "
+                                              "is compressed JSON lines or text, name it gp.jsonl.gz or gp.txt.gz"),
+    ]
+    result = []
+    for name, content, message in cases:
+        (folder / name).write_bytes(content)
+        suggested = message.rsplit("name it ", 1)[1] if message.count("name it") == 1 and " or " not in message else None
+        result.append((folder / name, message, suggested))
+    return result
+
+
+def test_data_under_another_name_is_one_line_saying_what_it_is(tmp_path, tokenizer):
+    """Regression: a gzip file named .jsonl was "not UTF-8 text (invalid start byte at byte 1)". Compressed data
+    (gzip, xz, bz2, zstd: made by the stdlib and zstandard) named without its compression suffix or with another,
+    text under a compression suffix, Parquet or Arrow (file or stream format) under a JSON/text name, and the
+    reverse: one line naming the file, what it holds and what to name it, whether read whole, in byte ranges, by 2
+    processes or by --streaming's first look; named so, it reads the documents written."""
+    (tmp_path / "data").mkdir()
+    for path, message, suggested in misnamed(tmp_path / "data"):
+        expected = rf"^{path} {message.replace('(', '[(]').replace(')', '[)]')}$"
+        source = DataSource.from_files(str(path), "train_file")
+        readings = {
+            "whole": lambda: list(iter_local_documents([str(path)], None, "text")),
+            "parts": lambda: [d for part in file_parts(str(path), None, 3) for d in iter_part_documents(part, "text")],
+            "check_starts": source.check_starts,
+            "tokenised": lambda: tokenize_to_cache(None, tokenizer, "text", 8, str(tmp_path / "cache" / path.name), source=source),
+        }
+        if path.name in ("b.txt", "gx.jsonl.xz", "pa.arrow"):  # one of each route: a worker, the main's chunks, a table
+            readings["2 processes"] = lambda: tokenize_to_cache(None, tokenizer, "text", 8, str(tmp_path / "cache" / path.name),
+                                                                source=source, num_workers=2)
+        for how, read in readings.items():
+            with pytest.raises(UsageError) as error:
+                read()
+            assert re.match(expected, str(error.value)), (how, str(error.value))
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), path
+        if suggested:
+            renamed = path.rename(path.parent / suggested)
+            assert [d["text"] for d in iter_local_documents([str(renamed)], None, "text")] == TEXTS, renamed
+
+
+def test_files_named_right_are_never_taken_for_misnamed(formats, tmp_path, monkeypatch):
+    """The check costs nothing where the name is right: no file of any format is examined beyond its first
+    16 bytes; text that starts like bz2, Parquet or Arrow magic bytes (and ends like Parquet) is text; an empty
+    compressed file holds no documents, as before."""
+    def examined(path, raw):
+        raise AssertionError(f"{path} examined beyond its first bytes")
+
+    monkeypatch.setattr(readers, "_content_kind", examined)
+    for name, path in formats.items():
+        assert [d["text"] for d in iter_local_documents(*check_data_files(path, "train_file"), "text")] == TEXTS, name
+    monkeypatch.undo()
+    for start in ("BZh91AY&SY is a line\n", "PAR1 starts this\n", "ARROW1 too\n"):
+        path = tmp_path / "look_alike.txt"
+        path.write_text(start + "an ordinary line\nthe end PAR1")
+        assert [d["text"] for d in iter_local_documents([str(path)], "text", "text")] == python_lines(path)
+    (tmp_path / "empty.jsonl.gz").write_bytes(b"")
+    assert list(iter_local_documents([str(tmp_path / "empty.jsonl.gz")], "json", "text")) == []
+
+
+def test_type_names_take_their_article():
+    """Regression: "its 'text' is a int". Every message that names a type says 'an int', 'a str', ..."""
+    from patch_training.readers import a_type_name, indefinite_article
+
+    assert [a_type_name(v) for v in (5, "x", 1.5, True, None, [1], {}, b"", object())] == [
+        "an int", "a str", "a float", "a bool", "a NoneType", "a list", "a dict", "a bytes", "an object"]
+    words = {"int64": "an", "uint8": "a", "ndarray": "an", "Image": "an", "unicode": "a", "Decimal": "a", "OrderedDict": "an"}
+    assert {word: indefinite_article(word) for word in words} == words

@@ -542,9 +542,9 @@ def damaged_file(tmp_path, kind: str):
         ("latin1", r"a.jsonl is not UTF-8 text \(invalid continuation byte"),
         ("gz", r"a.jsonl.gz cannot be read: Compressed file ended before the end-of-stream marker"),
         ("xz", r"a.jsonl.xz cannot be read: Compressed file ended before the end-of-stream marker"),
-        ("not_gz", r"a.jsonl.gz cannot be read: Not a gzipped file"),
+        ("not_gz", r"a.jsonl.gz holds uncompressed text, not gzip-compressed data: name it a.jsonl"),
         ("json_list", r"a.json: not a valid JSON list"),
-        ("number", r"a.jsonl, record 1: its 'text' is a int, not text"),
+        ("number", r"a.jsonl, record 1: its 'text' is an int, not text"),
         ("list", r"a.jsonl, record 1: its 'text' is a list, not text"),
     ],
 )

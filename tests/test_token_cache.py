@@ -309,7 +309,168 @@ def test_a_text_the_tokenizer_refuses_is_one_line():
     surrogate or a value that is not text is one line, not the tokenizer's TypeError."""
     from patch_training.token_cache import iter_document_tokens
 
-    for text, message in (("bad \ud800 one", r"its 'text' holds a lone surrogate \(\\ud800 at character 5\), not valid"),
-                          (5, "its 'text' is a int, not text")):
-        with pytest.raises(UsageError, match=rf"^a document of the data: {message}"):
+    for text, message in (("bad \ud800 one", r"its 'text' holds a lone surrogate \(\\ud800 at character 5\), not valid Unicode"),
+                          (5, "its 'text' is an int, not text"), (0.5, "its 'text' is a float, not text"),
+                          (["a"], "its 'text' is a list, not text"), ({"a": 1}, "its 'text' is a dict, not text"),
+                          (b"x", "its 'text' is a bytes, not text"), (object(), "its 'text' is an object, not text")):
+        with pytest.raises(UsageError, match=rf"^a document of the data: {message}$"):
             list(iter_document_tokens([{"text": "fine"}, {"text": text}], llama(), "text", 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Temporary folders left by killed tokenisations
+# ---------------------------------------------------------------------------------------------------------
+
+KILLED_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from transformers import AutoTokenizer
+from patch_training import token_cache
+from patch_training.readers import DataSource
+from patch_training.training_args import RunTrainingArguments
+
+def hanging(job):  # a worker: half its part file written, then a long tokenisation
+    with open(job[-1], "wb") as handle:
+        handle.write(bytes(3000))
+    open(os.path.join({ready!r}, str(os.getpid())), "w").close()
+    time.sleep(600)
+
+token_cache._tokenize_part = hanging
+args = RunTrainingArguments(output_dir={out!r}, report_to="none", use_cpu=True)
+token_cache.cached_token_stream(DataSource.from_files({data!r}, "train_file"), AutoTokenizer.from_pretrained({tokenizer!r}),
+                                args, cache_dir={cache!r}, num_workers=2)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl(PR_SET_PDEATHSIG): Linux")
+def test_a_tokenisation_killed_with_sigkill_leaves_nothing_behind(tmp_path, caplog):
+    """Regression: `kill -9` of a tokenising process (preemption, the OOM killer) left its temporary folder
+    `<key>.tmp-<host>-<pid>-<hex>` in the cache folder forever (at Pile scale hundreds of GB), and its worker
+    processes running forever. A real tokenisation by 2 worker processes, killed with SIGKILL while the workers
+    write their part files: the workers die with it, and the next run (which takes the key's lock) removes the
+    folder, named with its size in one log line, then tokenises as usual; nothing else in the cache folder is
+    touched."""
+    import logging
+    import signal
+    import time
+
+    data = ",".join(write_documents(tmp_path / f"d{i}.jsonl", TEXTS * 3) for i in range(2))
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    cache.mkdir()
+    ready.mkdir()
+    (cache / "notes.txt").write_text("mine\n")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_SCRIPT.format(repo=str(REPO_ROOT), ready=str(ready), out=str(tmp_path / "out"), data=data,
+                                           tokenizer=str(TOKENIZER_DIR), cache=str(cache)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(os.listdir(ready)) < 2 and main.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [int(name) for name in os.listdir(ready)]
+        assert len(workers) == 2, main.communicate(timeout=60)[0][-3000:] if main.poll() is not None else "no workers"
+        main.send_signal(signal.SIGKILL)
+        main.wait(timeout=60)
+        deadline = time.time() + 20
+        while any(map(alive, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(alive, workers)), "the workers of a killed tokenisation keep running"
+    finally:
+        for pid in [main.pid] * (main.poll() is None) + [pid for pid in workers if alive(pid)]:
+            os.kill(pid, signal.SIGKILL)
+    [temporary] = [p for p in cache.iterdir() if ".tmp-" in p.name]
+    size = sum(f.stat().st_size for f in temporary.iterdir())
+    assert size == 6000 and temporary.name.startswith(f"{temporary.name[:20]}.tmp-")
+    args = RunTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    with caplog.at_level(logging.INFO, logger="run_clm"):
+        stream, folder = cached_token_stream(DataSource.from_files(data, "train_file"), llama(), args,
+                                             cache_dir=str(cache), num_workers=2)
+    assert f"Removed 1 stale temporary folder left by a killed tokenisation from {cache} (6.00kB): {temporary.name} " \
+           "(6.00kB)" in [r.getMessage() for r in caplog.records]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([os.path.basename(folder), f"{os.path.basename(folder)}.lock",
+                                                              "notes.txt"])
+    assert temporary.name.startswith(os.path.basename(folder)) and (cache / "notes.txt").read_text() == "mine\n"
+    assert len(stream) == json.loads((cache / os.path.basename(folder) / "meta.json").read_text())["num_tokens"] > 0
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_stale_temporaries_are_removed_only_when_provably_abandoned(tmp_path, caplog):
+    """The class of the fault, with fabricated folders beside a real tokenisation: a temporary folder (the name
+    `temporary_name` gives, files a tokenisation writes) is removed when its key's lock is free: this key's under
+    its lock before tokenising, another key's when its lock file can be taken at once (also on a later run that
+    only reads the cache). Kept: another key's whose lock is held (being written: silently), one without a lock
+    file or holding a file a tokenisation does not write (one warning naming them). Never touched: caches, locks,
+    other files, names not of the pattern, a link with a temporary's name and what it points to."""
+    import logging
+
+    from filelock import FileLock
+
+    from patch_training.token_cache import TEMPORARY_NAME, temporary_name
+
+    source = DataSource.from_files(write_documents(tmp_path / "d.jsonl"), "train_file")
+    key = cache_key(source.names, llama(), "text")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def folder(name, files=("tokens.bin", "part-000003.bin"), lock=True):
+        (cache / name).mkdir()
+        for index, file in enumerate(files):
+            (cache / name / file).write_bytes(bytes(1000 * (index + 1)))
+        if lock:
+            (cache / f"{name[:20]}.lock").touch()
+        return name
+
+    own = folder(os.path.basename(temporary_name(str(cache / key))))  # this host, this pid: a killed earlier run
+    other = folder("a" * 20 + ".tmp-node-07.cluster-4242-0123abcd")
+    held = folder("b" * 20 + ".tmp-node-07-17-89abcdef")
+    lockless = folder("c" * 20 + ".tmp-node-3-99-00000000", lock=False)
+    foreign = folder("d" * 20 + ".tmp-node-3-98-00000001", ("tokens.bin", "notes.txt"))
+    untouched = {
+        "e" * 20 + "/tokens.bin": b"a cache", "e" * 20 + "/meta.json": b"{}", "e" * 20 + ".lock": b"",
+        "notes.txt": b"mine", "a" * 20 + ".tmp-bad/tokens.bin": b"1", "f" * 19 + ".tmp-h-1-00000000/tokens.bin": b"2",
+        "a" * 20 + ".tmp-h-1-0000000g/tokens.bin": b"3", "target/tokens.bin": b"4", "9" * 20 + ".lock": b"",
+    }
+    for name, content in untouched.items():
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).write_bytes(content)
+    (cache / ("9" * 20 + ".tmp-h-5-00000002")).symlink_to(cache / "target")
+    assert all(TEMPORARY_NAME.fullmatch(name) for name in (own, other, held, lockless, foreign))
+    args = RunTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    holder = FileLock(str(cache / f"{held[:20]}.lock"), timeout=0)
+    holder.acquire()  # another process tokenising that key (flock: another open file is another owner)
+    try:
+        with caplog.at_level(logging.INFO, logger="run_clm"):
+            cached_token_stream(source, llama(), args, cache_dir=str(cache))
+    finally:
+        holder.release()
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if "temporary folder" in r.getMessage()]
+    assert messages == [
+        ("INFO", f"Removed 2 stale temporary folders left by killed tokenisations from {cache} (6.00kB in all): "
+                 + ", ".join(f"{name} (3.00kB)" for name in sorted([other, own]))),  # by key: own's is a hash
+        ("WARNING", f"Kept 2 temporary folders in the token cache folder {cache} that may still be in use (remove them "
+                    f"by hand once no tokenisation is writing them): {lockless} (3.00kB; no {lockless[:20]}.lock beside "
+                    f"it), {foreign} (3.00kB; holds notes.txt, which a tokenisation does not write)")], messages
+    assert not (cache / own).exists() and not (cache / other).exists()
+    assert all((cache / name).is_dir() for name in (held, lockless, foreign))
+    assert all((cache / name).read_bytes() == content for name, content in untouched.items())
+    assert (cache / ("9" * 20 + ".tmp-h-5-00000002")).is_symlink()
+
+    caplog.clear()  # the held lock is free now: a run that only reads the cache removes that temporary
+    with caplog.at_level(logging.INFO, logger="run_clm"):
+        cached_token_stream(source, llama(), args, cache_dir=str(cache))
+    messages = [r.getMessage() for r in caplog.records if "temporary folder" in r.getMessage()]
+    assert messages[0] == f"Removed 1 stale temporary folder left by a killed tokenisation from {cache} (3.00kB): {held} (3.00kB)"
+    assert messages[1].startswith("Kept 2 temporary folders") and len(messages) == 2
+    assert not (cache / held).exists() and (cache / lockless).is_dir() and (cache / foreign / "notes.txt").exists()
+    assert all((cache / name).read_bytes() == content for name, content in untouched.items())

@@ -403,11 +403,13 @@ def content_identity(model_args, config, tokenizer, train_source, eval_source) -
     (another shard under the same name, an edited model config, another tokenizer) is another run, refused on
     resume like a changed flag. Data files and a local --model_name_or_path folder are identified as the token
     cache identifies them, without reading them: size and modification time (`readers.source_fingerprint`);
-    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`."""
+    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`; a data file also by the
+    rule it is read by where it has one (`readers.reading_rule`: a run started before a bare CR ended a .txt line
+    read other documents from the same file)."""
     import datetime
     import hashlib
 
-    from patch_training.readers import source_fingerprint
+    from patch_training.readers import reading_rule, source_fingerprint
     from patch_training.token_cache import tokenizer_fingerprint
 
     def state(path: str) -> str:
@@ -419,8 +421,8 @@ def content_identity(model_args, config, tokenizer, train_source, eval_source) -
             return "folder " + hashlib.sha256(source_fingerprint(path).encode()).hexdigest()[:16]
         return "not a local path"
 
-    def data(source):
-        return None if source is None else {name: state(name) for name in source.names}
+    def data(source):  # with the rule a file is read by, where it has one (a .txt file's line ends)
+        return None if source is None else {name: state(name) + reading_rule(name) for name in source.names}
 
     values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     init = model_args.model_name_or_path

@@ -216,6 +216,37 @@ def test_a_finished_run_with_rewritten_data_is_not_reported(workdir, tmp_path):
         run_clm.main(args)
 
 
+@pytest.mark.parametrize("suffix, refused", [(".txt", True), (".txt.gz", True), (".jsonl", False)])
+def test_a_run_recorded_before_a_reading_rule_changed_is_another_run(workdir, tmp_path, suffix, refused):
+    """The run identity holds, per data file, the rule it is read by where it has one (`readers.reading_rule`):
+    a run recorded before a bare CR ended a .txt line (its identity without the rule) read other documents from
+    the same file, so its resume is refused, naming the file; a JSON-lines file, whose rule did not change, keeps
+    its identity (such runs resume as before)."""
+    import gzip
+
+    from patch_training.readers import reading_rule
+    from patch_training.resume import RUN_ARGS_FILE, check_same_run
+
+    text = "".join(json.loads(line)["text"] + "\n" for line in synthetic_corpus(tmp_path / "c.jsonl").read_text().splitlines())
+    data = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        data = tmp_path / "c.jsonl"
+    else:
+        data.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
+    folder = tmp_path / "out"
+    run_clm.main(job_args(workdir, folder, train_file=data, max_steps=2, **SMALL))
+    record = json.loads((folder / RUN_ARGS_FILE).read_text())
+    rule = reading_rule(str(data))
+    assert bool(rule) is refused and record["train_data"][str(data)].endswith(rule)
+    before = {**record, "train_data": {name: state.removesuffix(rule) for name, state in record["train_data"].items()}}
+    (folder / RUN_ARGS_FILE).write_text(json.dumps(before))  # as a run recorded before the rule wrote it
+    if refused:
+        with pytest.raises(UsageError, match=rf"holds a different run \(train_data: {re.escape(str(data))} .*\|lines:"):
+            check_same_run(str(folder), record)
+    else:
+        check_same_run(str(folder), record)
+
+
 def test_describe_change_names_only_the_changed_entries():
     old = {f"shard{i}": "1 bytes" for i in range(1000)}
     new = {**old, "shard7": "2 bytes"}

@@ -73,6 +73,17 @@ RUNS = [
 ]
 
 
+def settings_given_after(settings: dict, extra: list[str]) -> dict:
+    """`settings` with the values that `extra`, the run_clm.py flags after `--`, gives their keys (in any spelling
+    run_clm.py reads: `scripts/config_args.flag_value`): those flags come last in each run's command, so they win,
+    and the report (and sweep.py's parameter count) must describe what the runs used."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import config_args
+
+    given = {key: config_args.flag_value(extra, key) for key in settings}
+    return {key: value if given[key] is None else given[key] for key, value in settings.items()}
+
+
 def run_clm_command(settings: dict, name: str, fraction: float, patch_size: int, skip: float, args, extra) -> list[str]:
     values = {
         **{k: v for k, v in settings.items() if k != "eval_steps"},
@@ -209,6 +220,7 @@ def main(argv=None) -> dict:
     settings = dict(PRESETS[args.preset])
     if args.train_file:
         settings["train_file"] = args.train_file
+    settings = settings_given_after(settings, extra)
     if not settings["train_file"]:
         parser.error("no training files: the gpu preset reads ../shared/data/corpus/train-*.jsonl.xz; pass --train_file")
     problem = missing_files(settings, args.validation_file)

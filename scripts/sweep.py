@@ -208,6 +208,7 @@ def main(argv=None) -> dict:
                      f"got {args.sizes!r}")
     if args.train_file:
         settings["train_file"] = args.train_file
+    settings = replicate.settings_given_after(settings, extra)  # `-- --config_name X`: X's parameters
     if not settings["train_file"]:
         parser.error(f"no training files: the gpu preset reads {os.path.relpath(GPU_DATA, REPO_ROOT)}/train-*.jsonl.xz, "
                      "which `python scripts/sweep.py --preset gpu --prepare` fills; or pass --train_file")

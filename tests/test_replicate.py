@@ -130,3 +130,28 @@ def test_relative_folders_are_taken_from_the_current_folder(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         replicate.main(["--preset", "cpu", "--output_root", "r", "--data_cache_dir", "cache"])
     assert seen == {"output_root": str(tmp_path / "r"), "data_cache_dir": str(tmp_path / "cache")}
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], "configs/model/llama-tiny.json"),
+    (["--config_name", "configs/model/llama-20m.json"], "configs/model/llama-20m.json"),
+    (["--config-name=configs/model/llama-20m.json"], "configs/model/llama-20m.json"),
+    (["--config_name", "a.json", "--eval_strategy", "no", "--config_name", "b.json"], "b.json"),
+])
+def test_the_report_records_the_settings_given_after_the_separator(extra, expected):
+    """Regression: `sweep.py -- --config_name X` trained X (the flags after `--` come last in each run's command)
+    but counted the parameters of, and reported, the preset's model. `settings_given_after` takes what those
+    flags give the settings' keys, in every spelling run_clm.py reads, the last one winning; other keys keep the
+    preset's values."""
+    settings = replicate.settings_given_after(dict(replicate.PRESETS["cpu"]), extra)
+    assert settings["config_name"] == expected
+    assert {k: v for k, v in settings.items() if k != "config_name"} == {
+        k: v for k, v in replicate.PRESETS["cpu"].items() if k != "config_name"}
+    from types import SimpleNamespace
+
+    import run_clm
+
+    run_args = SimpleNamespace(validation_file="v.jsonl", output_root="/tmp/r", epochs=1.0, seed=42, data_cache_dir=None)
+    command = replicate.run_clm_command(settings, "token", 0.0, 4, 0.0, run_args, extra)
+    model_args = run_clm.parse_arguments(command[2:])[0]  # the reference: what run_clm.py's parser reads
+    assert model_args.config_name == expected

@@ -207,12 +207,14 @@ def normalise_offset_weights(values) -> tuple[float, ...] | None:
         raise ValueError("offset weights: need K >= 1 values, got none")
     if any(not math.isfinite(v) or v < 0 for v in values):
         raise ValueError(f"offset weights must be finite and >= 0, got {values}")
-    total = math.fsum(values)
-    if total == 0:
+    largest = max(values)
+    if largest == 0:
         raise ValueError(f"offset weights must not all be 0, got {values}")
     if all(v == values[0] for v in values):
         return None
-    return tuple(len(values) * v / total for v in values)
+    scaled = [v / largest for v in values]  # in [0, 1]: their sum cannot overflow (K values of 1e308 did)
+    total = math.fsum(scaled)
+    return tuple(len(values) * v / total for v in scaled)
 
 
 def check_offset_weights(offset_weights, num_offsets: int, device) -> torch.Tensor | None:

@@ -265,6 +265,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         blocking = file_in_the_way(output.parent)
         if blocking is not None:
             parser.error(f"--output_json {args.output_json}: {blocking} is a file, not a folder")
+        problem = output_problem(output, args)
+        if problem:
+            parser.error(f"--output_json {args.output_json} {problem}")
     if args.device != "auto":
         try:
             device = torch.device(args.device)
@@ -273,6 +276,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: torch sees no CUDA GPU here (use cpu or auto)")
     return args
+
+
+def output_problem(output: Path, args) -> str | None:
+    """Why the result may not be written to `output`, or None: it is an input of this evaluation (the --data file,
+    a file of the --model or --tokenizer folder, through links too), or an existing file that is not an earlier
+    result of this script (a JSON object with its "perplexity" and "protocol"): writing would destroy it."""
+    resolved = output.resolve()
+    if args.data and Path(args.data).exists() and resolved == Path(args.data).resolve():
+        return "is the --data file: writing the result would replace the data"
+    for name, folder in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if folder and Path(folder).resolve() in resolved.parents:
+            return f"lies in the {name} folder {folder}: writing the result there could replace its files"
+    if output.exists():
+        try:
+            earlier = json.loads(output.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"perplexity", "protocol"} <= set(earlier)):
+            return "is a file this script did not write (not an earlier result): choose another path"
+    return None
 
 
 def main(argv=None) -> dict:
@@ -284,10 +307,10 @@ def main(argv=None) -> dict:
     max_positions = getattr(config, "max_position_embeddings", None) or MAX_DEFAULT_BLOCK_SIZE
     block_size = args.block_size or min(max_positions, MAX_DEFAULT_BLOCK_SIZE)
     if block_size > max_positions:
-        sys.exit(f"eval_perplexity.py: error: --block_size {block_size} exceeds the model's context {max_positions}")
+        raise UsageError(f"--block_size {block_size} exceeds the model's context {max_positions}")
     stride = (args.stride or max(1, block_size // 2)) if args.protocol == "sliding" else None
     if stride is not None and not 1 <= stride <= block_size:
-        sys.exit(f"eval_perplexity.py: error: --stride must lie in [1, T={block_size}], got {stride}")
+        raise UsageError(f"--stride must lie in [1, T={block_size}], got {stride}")
 
     tokenizer_path = args.tokenizer or args.model
     try:
@@ -295,7 +318,7 @@ def main(argv=None) -> dict:
     except (OSError, ValueError) as error:
         raise UsageError(f"no tokenizer in {tokenizer_path} ({first_line(error)}): give --tokenizer") from None
     if len(tokenizer) > config.vocab_size:
-        sys.exit(f"eval_perplexity.py: error: the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {config.vocab_size}")
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {config.vocab_size}")
     stream, num_documents = read_token_stream(args.data, tokenizer, args.text_column)
     if len(stream) < block_size:
         raise UsageError(f"--data {args.data} holds {len(stream)} tokens, fewer than one block of T={block_size}")

@@ -230,3 +230,47 @@ def test_bad_model_data_or_output_is_one_line(tiny_run, tmp_path):
     for flags, error, message in cases:
         with pytest.raises(error, match=message):
             eval_perplexity.main([*flags, "--no_progress"])
+
+
+def test_the_result_never_replaces_an_input_or_a_file_it_did_not_write(tiny_run, tmp_path, capsys):
+    """Regression: --output_json wrote over any path: the --data file, the evaluated model's config.json or
+    model.safetensors (then unloadable, and run_clm.py still reported the run finished). Now refused in one line,
+    before the evaluation, for the data file (also through a link), a file of the --model or --tokenizer folder,
+    and any existing file that is not an earlier result; an earlier result is replaced. The checks after the
+    model's config is read (block size beyond its context, a stride outside [1, T], a tokenizer larger than its
+    vocabulary) exit 2 like the others (they exited 1)."""
+    import shutil
+
+    run_dir, _ = tiny_run
+    model = tmp_path / "model"
+    shutil.copytree(run_dir, model, ignore=shutil.ignore_patterns("checkpoint-*", "patch_stage"))
+    data = tmp_path / "wt.jsonl"
+    shutil.copy(REPO_ROOT / "data" / "wikitext-103-test.jsonl", data)
+    (tmp_path / "link.jsonl").symlink_to(data)
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": true}\n')
+    before = {p: p.read_bytes() for p in [data, mine, *model.iterdir()] if p.is_file()}
+    base = ["--model", str(model), "--data", str(data), "--block_size", str(RUN_BLOCK_SIZE), "--max_blocks", "2",
+            "--no_progress"]
+    for target, words in ((data, "is the --data file"), (tmp_path / "link.jsonl", "is the --data file"),
+                          (model / "config.json", "lies in the --model folder"),
+                          (model / "model.safetensors", "lies in the --model folder"),
+                          (model / "new.json", "lies in the --model folder"),
+                          (mine, "is a file this script did not write")):
+        with pytest.raises(SystemExit) as refused:
+            eval_perplexity.main([*base, "--output_json", str(target)])
+        assert refused.value.code == 2 and words in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_perplexity.main([*base, "--tokenizer", str(model), "--output_json", str(model / "tok.json")])
+    assert {p: p.read_bytes() for p in before} == before
+    result = tmp_path / "ppl.json"
+    for _ in range(2):  # an earlier result is replaced
+        eval_perplexity.main([*base, "--output_json", str(result)])
+    assert json.loads(result.read_text())["perplexity"] > 1
+    from patch_training.cli import run_cli
+
+    for flags in (["--block_size", "100000"], ["--protocol", "sliding", "--block_size", "32", "--stride", "100"]):
+        with pytest.raises(SystemExit) as refused:
+            run_cli(lambda: eval_perplexity.main(["--model", str(model), "--max_blocks", "1", "--no_progress", *flags]),
+                    "eval_perplexity.py")
+        assert refused.value.code == 2, flags

@@ -107,6 +107,19 @@ def test_normalised_weights_have_mean_one():
     assert weights == pytest.approx((0.4, 0.8, 1.2, 1.6)) and sum(weights) == pytest.approx(4)
 
 
+@pytest.mark.parametrize("values, expected", [
+    ([1e308, 1e308, 1e308, 5e307], (8 / 7, 8 / 7, 8 / 7, 4 / 7)),  # the sum overflowed: OverflowError in fsum
+    ([1e308, 1.7e308, 0, 0], (4 / 2.7, 4 * 1.7 / 2.7, 0, 0)),
+    ([1e-320, 3e-320, 0, 0], (1.0, 3.0, 0, 0)),  # subnormal: the same rule
+])
+def test_weights_at_the_ends_of_the_float_range(values, expected):
+    """Regression: finite weights whose sum overflows (`--patch_offset_weights "[1e308,1e308,1e308,1e308]"`
+    passes the finiteness check) gave a traceback; they are scaled by their largest first, which changes no
+    weight (K * v / sum v), so they give the weights of their ratios."""
+    assert normalise_offset_weights(values) == pytest.approx(expected, rel=1e-6)
+    assert normalise_offset_weights([1e308] * 4) is None  # equal: the paper's mean
+
+
 @pytest.mark.parametrize("loss_implementation", ["fused", "unfused"])
 def test_model_forward_uses_the_weights(loss_implementation):
     """PatchLlamaForCausalLM.offset_weights reaches the loss on both paths: the loss equals the naive weighted

@@ -45,7 +45,7 @@ import transformers  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback, default_data_collator  # noqa: E402
 
 from patch_training.blocks import StreamingTokenBlocks, TokenBlocks  # noqa: E402
-from patch_training.cli import UsageError  # noqa: E402
+from patch_training.cli import UsageError, run_cli  # noqa: E402
 from patch_training.liger import check_liger_environment, liger_config_for_stage  # noqa: E402
 from patch_training.models import resolve_attn_implementation  # noqa: E402
 from patch_training.readers import DataSource  # noqa: E402
@@ -441,6 +441,10 @@ def main(argv=None) -> dict:
             parser.error(str(error).replace("--use_liger_kernel", "--liger"))
     if args.data == "streaming" and args.dataloader_num_workers > 1:
         parser.error("--data streaming reads one stream: --dataloader_num_workers must be 0 or 1")
+    if args.patch_size < 1:
+        parser.error(f"--patch_size must be >= 1 (K = 1: token level only), got {args.patch_size}")
+    if not os.path.exists(args.model_config):  # a local LlamaConfig JSON or folder: nothing is downloaded
+        parser.error(f"--model_config {args.model_config}: no such file (a LlamaConfig JSON)")
     if args.head_loss_memory:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -513,4 +517,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "throughput.py")

@@ -39,6 +39,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from patch_training.cli import run_cli  # noqa: E402
 from patch_training.readers import DataSource, iter_local_documents  # noqa: E402
 from patch_training.token_cache import tokenize_to_cache  # noqa: E402
 
@@ -205,6 +206,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--only_streaming", action="store_true", help="only the streamed-loader figures")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
+    try:
+        processes_given = [int(p) for p in args.processes.split(",")]
+    except ValueError:
+        parser.error(f"--processes takes comma-separated whole numbers, got {args.processes!r}")
+    for name, value in (("max_documents", args.max_documents), ("rounds", args.rounds), ("batch_size", args.batch_size),
+                        ("stream_block", args.stream_block), ("stream_batch_size", args.stream_batch_size),
+                        *(("processes", p) for p in processes_given)):
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if not os.path.isfile(args.data):
+        parser.error(f"--data {args.data}: no such file")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
@@ -212,7 +224,7 @@ def main(argv=None) -> dict:
     if args.max_documents:
         texts = texts[: args.max_documents]
     tokenizer.backend_tokenizer.encode_batch(texts[:100])  # warm: not timed
-    processes = [int(p) for p in args.processes.split(",")]
+    processes = processes_given
     rows, results = [], {"data": args.data, "documents": len(texts), "cpus": os.cpu_count(),
                          "load_average": os.getloadavg()[0], "rounds": args.rounds, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as work:
@@ -276,4 +288,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "tokenization.py")

@@ -194,3 +194,24 @@ def test_gpu_configs_use_the_best_micro_batch(tmp_path):
         assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * 8 * 2048 == 2048 * 1024
         assert config["torch_compile"] is True and config["output_dir"] == f"runs/{path.stem}"
     assert summarize.write_gpu_configs({"cpu": {"stages": [{"stage": "token", "mfu": None}]}}, tmp_path, REPO_ROOT) == []
+
+
+@pytest.mark.parametrize("script, flags, line", [
+    ("tokenization", ["--data", "/nonexistent/nope.jsonl.xz"], "--data /nonexistent/nope.jsonl.xz: no such file"),
+    ("tokenization", ["--data", "data/sample_train.jsonl", "--processes", "0"], "--processes must be >= 1, got 0"),
+    ("tokenization", ["--data", "data/sample_train.jsonl", "--processes", "1,x"], "--processes takes comma-separated"),
+    ("tokenization", ["--data", "data/sample_train.jsonl", "--max_documents", "0"], "--max_documents must be >= 1"),
+    ("throughput", ["--patch_size", "0"], "--patch_size must be >= 1"),
+    ("throughput", ["--model_config", "/nonexistent/nope.json"], "--model_config /nonexistent/nope.json: no such file"),
+])
+def test_benchmark_arguments_are_one_line(script, flags, line, capsys, monkeypatch):
+    """Regression: these gave tracebacks (tokenization.py's own UsageError never reached run_cli; torch's and
+    transformers' errors for K = 0 and a missing config), and --max_documents 0 ran on every document. Now each
+    is one line and exit code 2, before any work."""
+    import importlib
+
+    monkeypatch.chdir(REPO_ROOT)
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as refused:
+        module.main(flags)
+    assert refused.value.code == 2 and line in capsys.readouterr().err

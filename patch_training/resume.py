@@ -63,7 +63,7 @@ MAY_CHANGE = {
     # Logging and progress.
     "logging_strategy": "logging cadence", "logging_steps": "logging cadence", "logging_first_step": "logging",
     "log_on_each_node": "logging", "log_level": "logging", "log_level_replica": "logging", "disable_tqdm": "progress bar",
-    "include_num_input_tokens_seen": "logging", "report_to": "where logs go", "run_name": "a label",
+    "include_num_input_tokens_seen": "logging", "report_to": "where logs go",
     "project": "a label", "trackio_space_id": "where logs go", "trackio_bucket_id": "where logs go",
     "trackio_static_space_id": "where logs go",
     # Saving and pushing.

@@ -182,6 +182,9 @@ CHANGES = {  # the issue's case, then other settings that change what is compute
     "label_smoothing_factor": ({}, {"label_smoothing_factor": 0.1}),
     "text_column_name": ({}, {"text_column_name": "content"}),
     "max_eval_blocks": ({}, {"max_eval_blocks": 8}),
+    # Not the computation, but the job's one run in each tracker: another name split the curves of one job
+    # between two TensorBoard runs (runs/<old> and runs/<new>) without a word.
+    "run_name": ({}, {"run_name": "again"}),
 }
 
 
@@ -198,7 +201,7 @@ def test_changed_setting_is_refused_naming_it(workdir, tmp_path, setting):
 
 @pytest.mark.parametrize("change", [
     {"logging_steps": 5}, {"save_steps": 2}, {"eval_steps": 3, "eval_strategy": "steps"}, {"dataloader_num_workers": 2},
-    {"report_to": "tensorboard"}, {"run_name": "again"}, {"disable_tqdm": False}, {"data_cache_dir": "/elsewhere"},
+    {"report_to": "tensorboard"}, {"disable_tqdm": False}, {"data_cache_dir": "/elsewhere"},
     {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "patch_per_device_train_batch_size": 1,
      "patch_gradient_accumulation_steps": 1},
 ])

@@ -18,6 +18,10 @@ if [[ $# -lt 1 || "$1" == -* ]]; then
 fi
 MODEL=$1
 shift
+if [[ ! -f "$MODEL/config.json" ]]; then  # a local model folder: a typo would otherwise be tried as a hub id
+  echo "$0: error: $MODEL is not a model folder (no config.json in it)" >&2
+  exit 2
+fi
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 TASKS=${TASKS:-"mmlu,hellaswag,piqa,winogrande,arc_easy,arc_challenge"}

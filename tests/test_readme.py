@@ -71,13 +71,25 @@ def test_lm_eval_harness_device_defaults_to_the_one_that_exists(tmp_path):
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
            "ARGS_FILE": str(tmp_path / "args"), "PYTHON": sys.executable}
     env.pop("DEVICE", None)
-    done = subprocess.run(["bash", "scripts/eval_lm_harness.sh", "runs/tiny-patch"], cwd=REPO_ROOT, env=env,
+    model = tmp_path / "tiny-patch"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    done = subprocess.run(["bash", "scripts/eval_lm_harness.sh", str(model)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "args").read_text().split()
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert args[args.index("--device") + 1] == expected
     assert args[args.index("--output_path") + 1] == "outputs/lm_eval/tiny-patch"
+    # Regression: a folder that is not there (or holds no model) went to lm_eval, which tried it as a hub id
+    # (58 lines ending in HFValidationError); now one line and exit code 2, lm_eval not started.
+    for missing in (tmp_path / "nope", tmp_path / "bin"):
+        (tmp_path / "args").unlink(missing_ok=True)
+        done = subprocess.run(["bash", "scripts/eval_lm_harness.sh", str(missing)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True)
+        assert (done.returncode, done.stderr.strip().splitlines()) == (
+            2, [f"scripts/eval_lm_harness.sh: error: {missing} is not a model folder (no config.json in it)"])
+        assert not (tmp_path / "args").exists()
 
 
 @pytest.mark.parametrize("path", ["scripts/plot_curves.py"])

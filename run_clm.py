@@ -35,7 +35,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patch_training.cli import UsageError, blank_as_unset, parse_arguments as parse_command_line, refuse_below, run_cli
+from patch_training.cli import (
+    UsageError, blank_as_unset, folder_problem, parse_arguments as parse_command_line, refuse_below, run_cli,
+)
 from patch_training.liger import check_liger_environment, check_liger_kernel_config
 from patch_training.readers import DataSource, split_file_list
 from patch_training.results import ALL_RESULTS_FILE, add_job_totals, recipe_results, report
@@ -47,7 +49,6 @@ from patch_training.resume import (
     check_output_not_an_input,
     check_same_run,
     claim_output_dir,
-    file_in_the_way,
     output_dir_lock,
     run_identity,
     write_json_atomic,
@@ -373,9 +374,9 @@ def check_output_dir(data_args: DataArguments, training_args: RunTrainingArgumen
             "same command"
         )
     for name, folder in (("output_dir", output_dir), ("data_cache_dir", data_args.data_cache_dir)):
-        blocking = file_in_the_way(folder) if folder else None
-        if blocking is not None:
-            raise UsageError(f"--{name} {folder}: {blocking} is a file, not a folder")
+        problem = folder_problem(f"--{name}", folder)
+        if problem:
+            raise UsageError(problem)
     return output_dir
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,28 @@ from pathlib import Path
 
 class UsageError(ValueError):
     """Bad input from the user: reported as one clear line and exit code 2, before any work is lost."""
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The file that stops `path` from being (or becoming) a folder: `path` itself or its nearest existing
+    ancestor, when that is not a folder (a file, or a link to nothing: os.makedirs fails on both); None otherwise.
+    The path is taken as given (relative to the current folder)."""
+    path = Path(path)
+    nearest = next((p for p in [path, *path.parents] if os.path.lexists(p)), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
+def folder_problem(flag: str, folder: str | Path | None) -> str | None:
+    """Why `folder` cannot be (or become) a folder, as a one-line message naming `flag`
+    ("--data_cache_dir x/y: x is a file, not a folder"), or None: see `file_in_the_way`. os.makedirs would end
+    the program with a FileExistsError or NotADirectoryError traceback."""
+    if not folder:
+        return None
+    blocking = file_in_the_way(folder)
+    if blocking is None:
+        return None
+    what = "a link to nothing" if os.path.islink(blocking) and not os.path.exists(blocking) else "a file"
+    return f"{flag} {folder}: {blocking} is {what}, not a folder"
 
 
 def refuse_below(arguments, names: tuple[str, ...], minimum: int) -> None:

@@ -312,14 +312,6 @@ def output_dir_lock(output_dir: str, is_main: bool):
         lock.release()
 
 
-def file_in_the_way(path: str | Path) -> Path | None:
-    """The file that stops `path` from being (or becoming) a folder: `path` itself or its nearest existing
-    ancestor, when that is not a folder; None otherwise."""
-    path = Path(path)
-    nearest = next((p for p in [path, *path.parents] if p.exists()), None)
-    return nearest if nearest is not None and not nearest.is_dir() else None
-
-
 def write_json_atomic(path, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with naming_file(tmp), open(tmp, "w", encoding="utf-8") as handle:

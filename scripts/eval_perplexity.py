@@ -50,9 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from patch_training.cli import UsageError, first_line, run_cli  # noqa: E402
+from patch_training.cli import UsageError, file_in_the_way, first_line, run_cli  # noqa: E402
 from patch_training.readers import DataSource  # noqa: E402  (the same reading and tokenisation as run_clm.py)
-from patch_training.resume import file_in_the_way  # noqa: E402
 from patch_training.token_cache import iter_document_tokens  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT / "data" / "wikitext-103-test.jsonl"
@@ -264,7 +263,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--output_json {args.output_json} is a folder; give a file path to write the result to")
         blocking = file_in_the_way(output.parent)
         if blocking is not None:
-            parser.error(f"--output_json {args.output_json}: {blocking} is a file, not a folder")
+            parser.error(f"--output_json {args.output_json}: {blocking} is not a folder (a file, or a link to nothing)")
         problem = output_problem(output, args)
         if problem:
             parser.error(f"--output_json {args.output_json} {problem}")

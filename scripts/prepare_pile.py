@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from patch_training.cli import UsageError, first_line, folder_problem, run_cli, write_error_message  # noqa: E402
 
 HUB_DATASET = "monology/pile-uncopyrighted"
 HUB_SHARDS = 30
@@ -61,26 +62,37 @@ def shard_path(output_dir: str, index: int) -> str:
 
 
 def download(index: int, output_dir: str) -> dict:
-    """Hub shard `index` into `shard_path(output_dir, index)` (kept if there: its mtime is part of the cache key)."""
+    """Hub shard `index` into `shard_path(output_dir, index)` (kept if there: its mtime is part of the cache key).
+    UsageError (one line) where the hub cannot give it: no network, offline mode, no access; a failure to write
+    (a full disk) is raised as it is, for `run_cli` to name the file."""
     target = shard_path(output_dir, index)
     source = f"{HUB_DATASET}:train/{index:02d}.jsonl.zst"
     if os.path.isfile(target):
         return {"source": source, "target": target, "skipped": True}
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    hf_hub_download(HUB_DATASET, f"train/{index:02d}.jsonl.zst", repo_type="dataset", local_dir=output_dir)
+    try:
+        hf_hub_download(HUB_DATASET, f"train/{index:02d}.jsonl.zst", repo_type="dataset", local_dir=output_dir)
+    except (OSError, EntryNotFoundError) as error:
+        if write_error_message(error) is not None:
+            raise
+        raise UsageError(
+            f"cannot download {source} ({first_line(error)}); without the hub, give local files with --input_files"
+        ) from None
     return {"source": source, "target": target, "skipped": False}
 
 
 def tokenize(shards: list[str], validation_file: str | None, args) -> dict:
     """Tokenise into run_clm.py's cache with run_clm.py's own code and arguments: a later run_clm.py run
     with the same train_file, tokenizer and data_cache_dir finds the cache and reads it."""
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import TrainingArguments
 
+    from patch_training.models import load_tokenizer
     from patch_training.readers import DataSource
     from patch_training.token_cache import cached_token_stream
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+    tokenizer = load_tokenizer(args.tokenizer_name)
     training_args = TrainingArguments(output_dir=args.output_dir, use_cpu=True, report_to="none")
     cache = dict(cache_dir=args.data_cache_dir, batch_size=args.tokenize_batch_size)
     train = DataSource.from_files(json.dumps(shards), "train_file", args.text_column)
@@ -121,6 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as error:
             parser.error(str(error))
     os.chdir(REPO_ROOT)  # the configs' paths, and so the cache's key, are relative to the repository root
+    folders = [] if args.input_files else [("--output_dir", args.output_dir)]
+    folders += [] if args.no_tokenize else [("--data_cache_dir", args.data_cache_dir)]
+    for flag, folder in folders:
+        problem = folder_problem(flag, folder)
+        if problem:
+            parser.error(problem)
     if not args.no_tokenize:
         if not os.path.isdir(args.tokenizer_name):
             parser.error(f"--tokenizer_name {args.tokenizer_name}: no such folder (relative paths start at the repository root)")
@@ -154,4 +172,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "prepare_pile.py")

@@ -30,7 +30,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG = "replicate.py"  # in its messages, also when main() is called from Python
 sys.path.insert(0, REPO_ROOT)
-from patch_training.cli import UsageError, refuse_non_finite  # noqa: E402  (standard library only)
+from patch_training.cli import UsageError, folder_problem, refuse_non_finite  # noqa: E402  (standard library only)
 
 PRESETS = {
     # One GPU, each run well under ten minutes: 58M-parameter Llama, T=1024, 64K tokens per step.
@@ -156,20 +156,6 @@ def refuse_non_finite_options(parser: argparse.ArgumentParser, args: argparse.Na
         refuse_non_finite(values(**{name: getattr(args, name) for name in names}))
     except UsageError as error:
         parser.error(str(error))
-
-
-def folder_problem(flag: str, folder: str | None) -> str | None:
-    """Why `folder` cannot be (or become) a folder, as an error message naming `flag`: it, or its nearest existing
-    parent, is a file (os.makedirs ended the script with a FileExistsError or NotADirectoryError traceback)."""
-    if not folder:
-        return None
-    path = os.path.abspath(folder)
-    nearest = path
-    while not os.path.lexists(nearest) and os.path.dirname(nearest) != nearest:
-        nearest = os.path.dirname(nearest)
-    if os.path.lexists(nearest) and not os.path.isdir(nearest):
-        return f"{flag} {folder}: {nearest} is a file, not a folder"
-    return None
 
 
 def make_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import replicate  # noqa: E402  (the run_clm.py command, one run, the environment, the checks of the options)
-from patch_training.cli import UsageError, loads_json_object  # noqa: E402  (on the path through replicate)
+from patch_training.cli import UsageError, folder_problem, loads_json_object  # noqa: E402  (on the path through replicate)
 
 REPO_ROOT = replicate.REPO_ROOT
 PROG = "sweep.py"  # in its messages, also when main() is called from Python
@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
     report_dir = os.path.abspath(args.report_dir or output_root)
     cache_dir = os.path.abspath(args.data_cache_dir or os.path.join(output_root, "token-cache"))
     for flag, folder in (("--output_root", output_root), ("--report_dir", report_dir), ("--data_cache_dir", cache_dir)):
-        problem = replicate.folder_problem(flag, folder)
+        problem = folder_problem(flag, folder)
         if problem:
             parser.error(problem)
     try:

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO_ROOT, tiny_llama_config
 
 import run_clm
-from patch_training.cli import UsageError, refuse_non_finite, run_cli, write_error_message
+from patch_training.cli import UsageError, folder_problem, refuse_non_finite, run_cli, write_error_message
 from patch_training.training_args import check_patch_stage_settings
 
 TINY_PATCH = str(REPO_ROOT / "configs" / "train" / "tiny-patch.json")
@@ -368,3 +368,31 @@ def test_an_abbreviated_flag_is_refused(flags):
                                     "--train_file", "x.jsonl", *flags]):
         with pytest.raises(UsageError, match=re.escape(flags[0])):
             run_clm.parse_arguments(argv)
+
+
+def test_folder_problem_says_what_os_makedirs_would_fail_on(tmp_path, monkeypatch):
+    """`folder_problem` names the file in the way of a folder option exactly when os.makedirs(exist_ok=True) fails
+    on it: a file, a path under a file, a link to nothing (the twin in scripts/replicate.py checked with lexists,
+    the one in resume.py with exists, so a broken link passed and os.makedirs then failed with a traceback), a
+    path under such a link; and is None for a folder, a link to a folder, a path to be made, a relative path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "to-folder").symlink_to(tmp_path / "folder")
+    (tmp_path / "to-nothing").symlink_to(tmp_path / "gone")
+    cases = {
+        "file": "file is a file", "file/sub": "file is a file", "to-nothing": "to-nothing is a link to nothing",
+        "to-nothing/sub/x": "to-nothing is a link to nothing", "folder": None, "to-folder/new/sub": None,
+        "new/sub": None, str(tmp_path / "folder" / "new"): None, "": None,
+    }
+    for given, expected in cases.items():
+        problem = folder_problem("--x", given)
+        try:
+            os.makedirs(given or ".", exist_ok=True)
+            made = True
+        except OSError:
+            made = False
+        assert made == (problem is None), given
+        if expected is not None:
+            assert problem == f"--x {given}: {expected}, not a folder"
+    assert (tmp_path / "file").read_text() == "keep" and os.path.islink(tmp_path / "to-nothing")

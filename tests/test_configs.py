@@ -662,6 +662,55 @@ def test_prepare_refuses_bad_input_before_writing(tmp_path, monkeypatch, capsys,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["file", "link to nothing"])
+@pytest.mark.parametrize("flags, flag", [
+    (["--input_files", "data/sample_train.jsonl", "--validation_file", "none"], "--data_cache_dir"),
+    (["--shards", "0", "--no_tokenize"], "--output_dir"),
+])
+def test_prepare_refuses_a_folder_option_that_cannot_be_a_folder(tmp_path, monkeypatch, capsys, kind, flags, flag):
+    """Before, a file as --data_cache_dir ended in a FileExistsError traceback from os.makedirs, after tokenising
+    had started; now one line before any work (and the file is kept)."""
+    monkeypatch.chdir(REPO_ROOT)
+    blocker = tmp_path / "in-the-way"
+    if kind == "file":
+        blocker.write_text("mine")
+    else:
+        blocker.symlink_to(tmp_path / "gone")
+    folders = {"--output_dir": str(tmp_path / "out"), "--data_cache_dir": str(tmp_path / "cache"), flag: str(blocker / "sub")}
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_pile.main([*flags, *(item for pair in folders.items() for item in pair)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{flag} {blocker}/sub: {blocker} is a {kind}, not a folder" in err
+    assert (blocker.read_text() == "mine" if kind == "file" else blocker.is_symlink())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_prepare_without_the_hub_is_one_line(tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, as on a cluster's compute node), the download ended in a 40-line traceback from
+    huggingface_hub; now one line naming the shard and the way out (--input_files), exit code 2. A tokenizer
+    folder that holds none is one line too."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs = {
+        "cannot download monology/pile-uncopyrighted:train/03.jsonl.zst (": ["--shards", "3", "--no_tokenize"],  # then
+        # "...); without the hub, give local files with --input_files"
+        "--tokenizer_name configs: no tokenizer to load": [
+            "--input_files", str(REPO_ROOT / "data" / "sample_train.jsonl"), "--tokenizer_name", "configs",
+            "--data_cache_dir", str(tmp_path / "cache"),
+        ],
+    }
+    for message, flags in runs.items():
+        done = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / "prepare_pile.py"), *flags, "--output_dir", str(tmp_path / "out")],
+            capture_output=True, text=True, env=environment, timeout=300,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and lines[-1].startswith(f"prepare_pile.py: error: {message}"), done.stderr
+        assert not any("Traceback" in line for line in lines), done.stderr
+        if message.startswith("cannot download"):
+            assert lines[-1].endswith("; without the hub, give local files with --input_files"), lines[-1]
+    assert not (tmp_path / "out" / "train" / "03.jsonl.zst").exists()
+
+
 def test_prepare_then_run_clm_reads_the_cache_without_tokenising(tmp_path, monkeypatch):
     """Offline prepare of two local shards as they are (one .jsonl.zst, as the hub ships the Pile; one .jsonl),
     then run_clm.py (the patch run of the tiny config, two steps) finds both token streams in the cache: it

@@ -460,6 +460,18 @@ def test_output_dir_that_is_a_file_is_refused(workdir, tmp_path):
     assert a_file.read_text() == "mine"
 
 
+@pytest.mark.parametrize("name", ["output_dir", "data_cache_dir"])
+def test_a_folder_option_that_is_a_link_to_nothing_is_refused(workdir, tmp_path, name):
+    """A broken link passed the check (it tested os.path.exists) and os.makedirs then failed with a
+    FileExistsError traceback, after the run had claimed its folder."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    folders = {"output_dir": tmp_path / "job", name: link / "sub"}
+    with pytest.raises(UsageError, match=rf"--{name} .*link/sub: .*link is a link to nothing, not a folder"):
+        run_clm.main(job_args(workdir, folders.pop("output_dir"), **{k: str(v) for k, v in folders.items()}))
+    assert link.is_symlink() and not (tmp_path / "job").exists()
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_file_is_refused(workdir, tmp_path):
     path = tmp_path / "secret.jsonl"

@@ -136,16 +136,20 @@ def test_every_float_option_of_the_sweep_is_checked(monkeypatch):
 
 @pytest.mark.parametrize("flag", ["--output_root", "--report_dir", "--data_cache_dir"])
 @pytest.mark.parametrize("below", [False, True])
-def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below):
+@pytest.mark.parametrize("kind", ["file", "link to nothing"])
+def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below, kind):
     """Before, --output_root or --report_dir naming a file ended in a FileExistsError traceback."""
     blocker = tmp_path / "a-file"
-    blocker.write_text("keep")
+    if kind == "file":
+        blocker.write_text("keep")
+    else:  # os.makedirs fails on it as on a file
+        blocker.symlink_to(tmp_path / "gone")
     folder = blocker / "sub" if below else blocker
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and f"sweep.py: error: {flag} {folder}: {blocker} is a file, not a folder" in err
-    assert blocker.read_text() == "keep" and not (tmp_path / "r").exists()
+    assert exit_info.value.code == 2 and f"sweep.py: error: {flag} {folder}: {blocker} is a {kind}, not a folder" in err
+    assert (blocker.read_text() == "keep" if kind == "file" else blocker.is_symlink()) and not (tmp_path / "r").exists()
 
 
 def test_a_model_config_with_a_key_twice_is_refused(tmp_path, capsys, monkeypatch, no_run):

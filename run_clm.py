@@ -468,7 +468,7 @@ def check_output_outside_data(output_dir: str, data_args) -> None:
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
-    from patch_training.models import check_one_model_config, load_model_config, load_tokenizer
+    from patch_training.models import check_one_model_config, check_tokenizer_fits_model, load_model_config, load_tokenizer
     from patch_training.tracking import check_report_to
 
     if data_args.train_file is not None:
@@ -511,8 +511,7 @@ def check_inputs(model_args, data_args, patch_args, training_args):
         check_liger_environment(training_args.use_cpu, config.model_type)
         check_liger_kernel_config(training_args.liger_kernel_config, config.model_type)
     tokenizer = load_tokenizer(model_args.tokenizer_name)
-    if len(tokenizer) > config.vocab_size:
-        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    check_tokenizer_fits_model(tokenizer, f"--tokenizer_name {model_args.tokenizer_name}", config, model_args.model_name_or_path)
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None and data_args.block_size > max_positions:
         raise UsageError(

@@ -107,6 +107,54 @@ def load_tokenizer(name: str):
         raise UsageError(f"--tokenizer_name {name}: no tokenizer to load ({first_line(error)})") from None
 
 
+# Files of which one is beside every tokenizer that save_pretrained writes (fast, sentencepiece or BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def vocabulary_conflicts(given: dict[str, int], own: dict[str, int]) -> list[tuple[int, str | None, str | None]]:
+    """The ids that two vocabularies (token -> id, as `get_vocab()`) give to different tokens, as
+    (id, token in `given`, token in `own`), sorted by id; a token's two ids both appear. Empty when one extends
+    the other (added tokens past the end, a smaller vocabulary that is a prefix): the same id is the same token."""
+    given_by_id = {i: t for t, i in given.items()}
+    own_by_id = {i: t for t, i in own.items()}
+    ids = {i for i in given_by_id.keys() & own_by_id.keys() if given_by_id[i] != own_by_id[i]}
+    ids |= {i for t in given.keys() & own.keys() if given[t] != own[t] for i in (given[t], own[t])}
+    return [(i, given_by_id.get(i), own_by_id.get(i)) for i in sorted(ids)]
+
+
+def check_tokenizer_fits_model(tokenizer, tokenizer_flag: str, config, model_path: str | None = None,
+                               model_flag: str = "--model_name_or_path") -> None:
+    """UsageError (one line) when `tokenizer` (named `tokenizer_flag` in the message, e.g. "--tokenizer_name X")
+    cannot be the model's: it has more tokens than the model's vocab_size (the embedding has no row for some ids),
+    or the model's folder `model_path` (given as `model_flag`: a local checkpoint or saved model; None for a model
+    made from a config, and a hub name is not looked at) holds a tokenizer of its own that gives
+    some id another token (`vocabulary_conflicts`: the LLaMA-2 tokenizer beside a Qwen checkpoint, whose
+    151,936-row embedding took the 32,000 ids without complaint and then trained, or was evaluated, on the wrong
+    text). A tokenizer that extends the model's own, or has fewer tokens with the same ids, fits."""
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(
+            f"{tokenizer_flag} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
+        )
+    if model_path is None:
+        return
+    if not os.path.isdir(model_path) or not any(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+        return
+    if os.path.realpath(model_path) == os.path.realpath(getattr(tokenizer, "name_or_path", "") or ""):
+        return
+    try:
+        own = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError):  # tokenizer files that do not load: nothing to compare with
+        return
+    conflicts = vocabulary_conflicts(tokenizer.get_vocab(), own.get_vocab())
+    if conflicts:
+        token_id, given, theirs = conflicts[0]
+        raise UsageError(
+            f"{tokenizer_flag} is not the tokenizer of {model_flag} {model_path}: {len(conflicts)} token ids differ (id "
+            f"{token_id} is {given!r} in the one given, {theirs!r} in the model's; {len(tokenizer)} and {len(own)} "
+            f"tokens); use the model's own tokenizer ({model_path})"
+        )
+
+
 def record_special_tokens(model, tokenizer) -> None:
     """Record the tokenizer's BOS, EOS and PAD ids in the model's config and generation config, so that the
     saved checkpoint agrees with the tokenizer saved beside it.

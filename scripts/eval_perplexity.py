@@ -302,6 +302,8 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from patch_training.models import check_tokenizer_fits_model
+
     config = AutoConfig.from_pretrained(args.model)
     max_positions = getattr(config, "max_position_embeddings", None) or MAX_DEFAULT_BLOCK_SIZE
     block_size = args.block_size or min(max_positions, MAX_DEFAULT_BLOCK_SIZE)
@@ -316,8 +318,10 @@ def main(argv=None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except (OSError, ValueError) as error:
         raise UsageError(f"no tokenizer in {tokenizer_path} ({first_line(error)}): give --tokenizer") from None
-    if len(tokenizer) > config.vocab_size:
-        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {config.vocab_size}")
+    if args.tokenizer:
+        check_tokenizer_fits_model(tokenizer, f"--tokenizer {args.tokenizer}", config, args.model, "--model")
+    else:
+        check_tokenizer_fits_model(tokenizer, f"the tokenizer in --model {args.model}", config)
     stream, num_documents = read_token_stream(args.data, tokenizer, args.text_column)
     if len(stream) < block_size:
         raise UsageError(f"--data {args.data} holds {len(stream)} tokens, fewer than one block of T={block_size}")

@@ -59,3 +59,22 @@ def workdir(tmp_path_factory):
     config = tiny_llama_config(max_position_embeddings=256)
     config.save_pretrained(root / "model_config")
     return root
+
+
+@pytest.fixture(scope="session")
+def foreign_tokenizer_dir(tmp_path_factory):
+    """A tokenizer other than the LLaMA-2 one, made offline: byte-level BPE with 400 tokens learnt from the bundled
+    sample, saved as transformers saves one (its ids name other tokens than LLaMA-2's do)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (DATA_DIR / "sample_train.jsonl").read_text().splitlines()[:20]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"]))
+    folder = tmp_path_factory.mktemp("foreign_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(folder)
+    return str(folder)

@@ -204,8 +204,9 @@ def test_sliding_on_the_trained_model(tiny_run):
     assert math.isfinite(result["perplexity"])
 
 
-def test_bad_model_data_or_output_is_one_line(tiny_run, tmp_path):
-    """Each used to end in a traceback (the last two after the whole evaluation had run)."""
+def test_bad_model_data_or_output_is_one_line(tiny_run, tmp_path, foreign_tokenizer_dir):
+    """Each used to end in a traceback (the last two after the whole evaluation had run); another model's
+    tokenizer, smaller than the vocabulary, was accepted and gave a perplexity of the wrong text."""
     import shutil
 
     from patch_training.cli import UsageError
@@ -224,6 +225,8 @@ def test_bad_model_data_or_output_is_one_line(tiny_run, tmp_path):
         (["--model", str(run_dir), "--data", str(small), "--block_size", "32"], UsageError, "holds 3 tokens, fewer than one block of T=32"),
         (["--model", str(no_tokenizer)], UsageError, "no tokenizer in"),
         (["--model", str(no_weights), "--tokenizer", str(TOKENIZER_DIR)], UsageError, "no file named model.safetensors"),
+        (["--model", str(run_dir), "--tokenizer", foreign_tokenizer_dir], UsageError,
+         rf"--tokenizer {foreign_tokenizer_dir} is not the tokenizer of --model {run_dir}: \d+ token ids differ"),
         (["--model", str(run_dir), "--output_json", str(tmp_path)], SystemExit, None),
         (["--model", str(run_dir), "--output_json", str(a_file / "r.json")], SystemExit, None),
     ]

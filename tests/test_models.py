@@ -15,7 +15,7 @@ from test_run_clm import job_args
 
 import run_clm
 from patch_training.cli import UsageError
-from patch_training.models import build_model, load_model_config
+from patch_training.models import build_model, check_tokenizer_fits_model, load_model_config, vocabulary_conflicts
 
 MODEL_CONFIGS = REPO_ROOT / "configs" / "model"
 
@@ -104,3 +104,73 @@ def test_build_model_gives_the_stock_class_at_k(tmp_path):
     loaded = build_model(None, str(tmp_path / "bf16"), 1, "sdpa")
     assert isinstance(loaded, Qwen3ForCausalLM) and loaded.config.patch_size == 1
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
+def test_vocabulary_conflicts_against_a_naive_comparison():
+    """The ids two vocabularies give to different tokens, against a loop over every id of either."""
+    own = {"a": 0, "b": 1, "c": 2, "d": 3}
+    members = {
+        "same": dict(own), "extended": {**own, "e": 4}, "prefix": {"a": 0, "b": 1},
+        "swapped": {"a": 1, "b": 0, "c": 2, "d": 3}, "other words": {"w": 0, "x": 1, "c": 2},
+        "moved": {"a": 0, "b": 1, "c": 2, "d": 7},
+    }
+    for name, given in members.items():
+        given_by_id, own_by_id = ({i: t for t, i in v.items()} for v in (given, own))
+        naive = set()
+        for i in set(given_by_id) | set(own_by_id):
+            g, o = given_by_id.get(i), own_by_id.get(i)
+            if (g is not None and o is not None and g != o) or (g in own and own[g] != i) or (o in given and given[o] != i):
+                naive.add(i)
+        assert [c[0] for c in vocabulary_conflicts(given, own)] == sorted(naive), name
+    assert vocabulary_conflicts(members["moved"], own) == [(3, None, "d"), (7, "d", None)]
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, tokenizer, foreign_tokenizer_dir):
+    """Before, run_clm.py and eval_perplexity.py refused only a tokenizer larger than the vocabulary: a smaller one
+    of another model (the LLaMA-2 tokenizer, 32,000 tokens, beside a Qwen checkpoint of 151,936) was accepted and the
+    model trained, or was evaluated, on text its embedding reads as other words. Members: a foreign tokenizer beside a
+    checkpoint with the LLaMA-2 one (and the reverse); the same tokenizer from another folder, one that extends it
+    with an added token, and a model with no tokenizer of its own fit; a tokenizer larger than vocab_size does not."""
+    from transformers import AutoTokenizer
+
+    def model_folder(name, tokenizer_to_save):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        if tokenizer_to_save is not None:
+            tokenizer_to_save.save_pretrained(folder)
+        return str(folder)
+
+    foreign = AutoTokenizer.from_pretrained(foreign_tokenizer_dir)
+    llama_model, foreign_model = model_folder("llama", tokenizer), model_folder("foreign", foreign)
+    bare_model = model_folder("bare", None)
+    config = load_model_config(str(MODEL_CONFIGS / "llama-tiny.json"))
+    config.vocab_size = 32064  # padded, as many are: room for added tokens
+    extended = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    extended.add_tokens(["<my_token>"])
+    refused = {
+        (foreign_tokenizer_dir, llama_model): r"--tokenizer_name .* is not the tokenizer of --model_name_or_path .*llama: \d+ token ids differ \(id 0 is .<\|endoftext\|>. in the one given, .<unk>. in the model.s; 400 and 32000 tokens\)",
+        (str(TOKENIZER_DIR), foreign_model): r"is not the tokenizer of .*foreign: \d+ token ids differ \(id 0 is '<unk>' in the one given, '<\|endoftext\|>'",
+    }
+    for (given, model), message in refused.items():
+        with pytest.raises(UsageError, match=message):
+            check_tokenizer_fits_model(AutoTokenizer.from_pretrained(given), f"--tokenizer_name {given}", config, model)
+    for given, model in ((tokenizer, llama_model), (extended, llama_model), (foreign, bare_model), (tokenizer, None),
+                         (foreign, foreign_model), (tokenizer, "meta-llama/Llama-2-7b-hf")):
+        check_tokenizer_fits_model(given, "--tokenizer_name x", config, model)
+    config.vocab_size = 32000
+    with pytest.raises(UsageError, match=r"--tokenizer_name x has 32001 tokens but the model's vocab_size is 32000"):
+        check_tokenizer_fits_model(extended, "--tokenizer_name x", config, llama_model)
+
+
+def test_run_clm_refuses_another_tokenizer_than_the_checkpoints_before_claiming(workdir, tmp_path, tokenizer, foreign_tokenizer_dir):
+    """Continued pre-training from a checkpoint with another model's tokenizer: one line, and no output folder."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = tmp_path / "checkpoint"
+    AutoModelForCausalLM.from_config(load_model_config(str(MODEL_CONFIGS / "llama-tiny.json"))).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    args = job_args(workdir, tmp_path / "job", config_name=None, model_name_or_path=str(checkpoint), tokenizer_name=foreign_tokenizer_dir)
+    with pytest.raises(UsageError, match=rf"--tokenizer_name {foreign_tokenizer_dir} is not the tokenizer of --model_name_or_path {checkpoint}"):
+        run_clm.main(args)
+    assert not (tmp_path / "job").exists()

@@ -203,6 +203,11 @@ class PatchTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "train_loss" in logs:  # train()'s closing metrics: the whole stage's figure (see `StageProgress`)
+            # transformers >= 5.2x divides the restored loss sum by the steps of this attempt only (30.87 logged
+            # for a stage of loss 10.29 after a resume at step 4 of 6): the trackers and trainer_state.json now
+            # get what all_results.json records.
+            logs["train_loss"] = self.stage_progress(trained=True).train_loss
         if "loss" in logs and self.stage_patch_size > 1:
             logs["patch_loss"] = logs.pop("loss")
         if self._offset_loss_sum is not None and self._offset_loss_count and "patch_loss" in logs:

@@ -108,11 +108,7 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
         marks: dict[int, set] = {}
         self._counts: dict = {}
         if self.index_file and key and os.path.isfile(self.index_file):
-            try:
-                with open(self.index_file, encoding="utf-8") as handle:
-                    lines = [json.loads(line) for line in handle if line.strip()]
-            except (OSError, ValueError):  # a line cut by a crash: start a new index
-                lines = []
+            lines = read_index(self.index_file)  # [] for a line cut by a crash: start a new index
             if lines and lines[0].get("key") == key:
                 for entry in lines[1:]:
                     if "part_tokens" in entry:
@@ -253,17 +249,23 @@ class StreamingTokenBlocks(torch.utils.data.IterableDataset):
             pending, held = [rest], len(rest)
 
 
+def read_index(index_file: str) -> list[dict]:
+    """The entries of a stream's index file (`StreamingTokenBlocks`), the key line first; [] where it cannot be
+    read whole (missing, unreadable, or a line cut by a crash)."""
+    try:
+        with open(index_file, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 def streamed_counts(index_file: str) -> dict | None:
     """What the index of a stream (`StreamingTokenBlocks`) says of the training data it has read, over all its
     passes: {"documents": documents read (texts and skipped ones), "skipped_empty": null or empty texts skipped
     (no tokens; the token cache's `num_skipped_empty`), "tokens": their tokens, "parts_read_whole", "parts"};
     a part read in part counts up to where the stream stopped (its last mark). None without an index, or for one
     written before texts were counted."""
-    try:
-        with open(index_file, encoding="utf-8") as handle:
-            lines = [json.loads(line) for line in handle if line.strip()]
-    except (OSError, ValueError):
-        return None
+    lines = read_index(index_file)
     if not lines or "key" not in lines[0]:
         return None
     whole, last_mark = {}, {}

@@ -61,20 +61,31 @@ INFINITY_MEANS = {
 }
 
 
+def dataclass_field_types(classes: tuple) -> dict[str, tuple]:
+    """{field name: the types its annotation allows} over the dataclasses `classes`: `int | None` and
+    `Optional[int]` give (int, NoneType), a plain `int` gives (int,), an enum or list its one type."""
+    import types
+    import typing
+
+    field_types = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            annotation = hints.get(f.name)
+            union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+            field_types[f.name] = typing.get_args(annotation) if union else (annotation,)
+    return field_types
+
+
 def blank_as_unset(arguments) -> None:
     """Set every optional text field of the dataclass instance `arguments` (type `str | None`) that holds only
     blanks to None: `--tokenizer_name ""` on the command line, or "" in a config, unsets the value a config file
     gave (the way to drop tiny-patch.json's `config_name` or `tokenizer_name`), as it already did for the fields
     read by truth value; before, "" reached the tokenizer loader as a name."""
-    import types
-    import typing
-
-    hints = typing.get_type_hints(type(arguments))
+    field_types = dataclass_field_types((type(arguments),))
     for f in dataclasses.fields(arguments):
-        kind = hints.get(f.name)
-        optional_text = isinstance(kind, types.UnionType) and set(typing.get_args(kind)) == {str, type(None)}
         value = getattr(arguments, f.name, None)
-        if optional_text and isinstance(value, str) and not value.strip():
+        if set(field_types[f.name]) == {str, type(None)} and isinstance(value, str) and not value.strip():
             setattr(arguments, f.name, None)
 
 
@@ -125,16 +136,7 @@ def first_line(error: Exception) -> str:
 def check_config_types(values: dict, source: str, classes: tuple) -> None:
     """Refuse a config value of the wrong type for its field in the dataclasses `classes` (e.g. "block_size":
     "2048") with a message naming the key."""
-    import types
-    import typing
-
-    expected_types = {}
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            annotation = hints.get(f.name)
-            options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
-            expected_types[f.name] = options
+    expected_types = dataclass_field_types(classes)
     for key, value in values.items():
         options = expected_types.get(key, ())
         simple = [t for t in options if t in (int, float, bool, str, type(None))]

@@ -425,6 +425,10 @@ class PatchModelMixin:
     # Per-offset weights of the K-way training loss (K numbers of mean 1, `normalise_offset_weights`), or None:
     # the paper's plain mean. An attribute, not a config entry: checkpoints stay stock.
     offset_weights: tuple[float, ...] | None = None
+    # The `use_cache` that `save_pretrained` writes into config.json, or None: the config's own. Training turns
+    # config.use_cache off (transformers' Trainer does, to its --use_cache default); a checkpoint keeps the
+    # setting of the model it came from (a stock config's True).
+    saved_use_cache: bool | None = None
     _forward_signature: inspect.Signature  # its forward's signature, which ours presents
 
     def __init_subclass__(cls, **kwargs):
@@ -608,8 +612,9 @@ class PatchModelMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save a stock checkpoint: `architectures` is the stock class name (e.g. ["Qwen2ForCausalLM"]), so
-        that `AutoModelForCausalLM` and `pipeline` load it without this file. `patch_size` stays in the config
-        as a record of how the weights were trained (stock models ignore it)."""
+        that `AutoModelForCausalLM` and `pipeline` load it without this file, and `use_cache` is
+        `saved_use_cache` where set. `patch_size` stays in the config as a record of how the weights were
+        trained (stock models ignore it)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         stock_name = self._stock_class.__name__
         self.config.architectures = [stock_name]
@@ -618,6 +623,8 @@ class PatchModelMixin:
             with open(config_file, encoding="utf-8") as handle:
                 saved = json.load(handle)
             saved["architectures"] = [stock_name]
+            if self.saved_use_cache is not None:
+                saved["use_cache"] = self.saved_use_cache
             with open(config_file, "w", encoding="utf-8") as handle:
                 json.dump(saved, handle, indent=2, sort_keys=True)
                 handle.write("\n")

@@ -399,37 +399,52 @@ def job_identity(model_args, data_args, patch_args, training_args) -> dict:
     return run_identity((model_args, data_args, patch_args, training_args), derived)
 
 
-def content_identity(model_args, config, tokenizer, train_source, eval_source) -> dict:
-    """What the run's input paths hold, for `job_identity`'s record: a file rewritten in place between attempts
-    (another shard under the same name, an edited model config, another tokenizer) is another run, refused on
-    resume like a changed flag. Data files and a local --model_name_or_path folder are identified as the token
-    cache identifies them, without reading them: size and modification time (`readers.source_fingerprint`);
-    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`; a data file also by the
-    rule it is read by where it has one (`readers.reading_rule`: a run started before a bare CR ended a .txt line
-    read other documents from the same file)."""
+def path_state(path: str) -> str:
+    """What identifies the content of a local path without reading it: a file's size and modification time, a
+    folder's `readers.source_fingerprint` (hashed), or "not a local path"."""
     import datetime
     import hashlib
 
-    from patch_training.readers import reading_rule, source_fingerprint
+    from patch_training.readers import source_fingerprint
+
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        modified = datetime.datetime.fromtimestamp(stat.st_mtime_ns / 1e9, datetime.timezone.utc)
+        return f"{stat.st_size} bytes, modified {modified.isoformat(timespec='microseconds')}"
+    if os.path.isdir(path):
+        return "folder " + hashlib.sha256(source_fingerprint(path).encode()).hexdigest()[:16]
+    return "not a local path"
+
+
+def init_weights_identity(model_name_or_path: str | None) -> dict | None:
+    """{file: `path_state`} of the files a local --model_name_or_path folder's weights load from
+    (`models.weight_files`), None for a hub name or no checkpoint. Only those: the folder may also hold a run's
+    checkpoints and logs, or this run's own output folder, which change while the weights do not."""
+    from patch_training.models import weight_files
+
+    if not (model_name_or_path and os.path.isdir(model_name_or_path)):
+        return None
+    return {name: path_state(os.path.join(model_name_or_path, name)) for name in weight_files(model_name_or_path)}
+
+
+def content_identity(model_args, config, tokenizer, train_source, eval_source) -> dict:
+    """What the run's input paths hold, for `job_identity`'s record: a file rewritten in place between attempts
+    (another shard under the same name, an edited model config, another tokenizer) is another run, refused on
+    resume like a changed flag. Data files are identified as the token cache identifies them, without reading
+    them: size and modification time (`path_state`); the starting weights by their files (`init_weights_identity`);
+    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`; a data file also by the
+    rule it is read by where it has one (`readers.reading_rule`: a run started before a bare CR ended a .txt line
+    read other documents from the same file)."""
+    from patch_training.readers import reading_rule
     from patch_training.token_cache import tokenizer_fingerprint
 
-    def state(path: str) -> str:
-        if os.path.isfile(path):
-            stat = os.stat(path)
-            modified = datetime.datetime.fromtimestamp(stat.st_mtime_ns / 1e9, datetime.timezone.utc)
-            return f"{stat.st_size} bytes, modified {modified.isoformat(timespec='microseconds')}"
-        if os.path.isdir(path):
-            return "folder " + hashlib.sha256(source_fingerprint(path).encode()).hexdigest()[:16]
-        return "not a local path"
-
     def data(source):  # with the rule a file is read by, where it has one (a .txt file's line ends)
-        return None if source is None else {name: state(name) + reading_rule(name) for name in source.names}
+        return None if source is None else {name: path_state(name) + reading_rule(name) for name in source.names}
 
     values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    init = model_args.model_name_or_path
     return {
         "model_config": json.loads(json.dumps(values, sort_keys=True, default=str)),
-        "init_weights": state(init) if init and os.path.isdir(init) else None,
+        "init_weight_files": init_weights_identity(model_args.model_name_or_path),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "train_data": data(train_source),
         "validation_data": data(eval_source),
@@ -468,7 +483,9 @@ def check_output_outside_data(output_dir: str, data_args) -> None:
 def check_inputs(model_args, data_args, patch_args, training_args):
     """Check the data, the run settings, the model config and the tokenizer against each other.
     Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
-    from patch_training.models import check_one_model_config, check_tokenizer_fits_model, load_model_config, load_tokenizer
+    from patch_training.models import (
+        check_model_settings, check_one_model_config, check_tokenizer_fits_model, load_model_config, load_tokenizer,
+    )
     from patch_training.tracking import check_report_to
 
     if data_args.train_file is not None:
@@ -507,6 +524,7 @@ def check_inputs(model_args, data_args, patch_args, training_args):
         )
     check_one_model_config(model_args.config_name, model_args.model_name_or_path)
     config = load_model_config(model_args.model_name_or_path or model_args.config_name)
+    check_model_settings(config, model_args.model_name_or_path, model_args.loss_implementation)
     if training_args.use_liger_kernel:
         check_liger_environment(training_args.use_cpu, config.model_type)
         check_liger_kernel_config(training_args.liger_kernel_config, config.model_type)

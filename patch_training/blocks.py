@@ -45,6 +45,33 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+class IgnoredPadding(torch.utils.data.Dataset):
+    """`blocks` (a map-style dataset of {"input_ids", "labels"}) followed by ignored blocks up to a multiple of
+    `multiple` items: copies of block 0 with every label -100, which add no target to a loss or to
+    `num_items_in_batch`.
+
+    Under several ranks accelerate fills the last batch of each rank by repeating real blocks from the start
+    (`even_batches`), so a distributed evaluation scored some blocks twice (eval_perplexity 8,724.8 where the
+    model's was 8,804.1, 5 blocks on 2 ranks) and the last training step trained on repeats the token counts
+    leave out. Padded to `multiple` = ranks x per-device batch, every batch is full and holds each real block
+    once; the ignored ones only cost their compute. `num_real` is len(blocks)."""
+
+    def __init__(self, blocks, multiple: int):
+        self.blocks, self.num_real = blocks, len(blocks)
+        self.length = -(-self.num_real // max(1, multiple)) * max(1, multiple)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        if index < self.num_real:
+            return self.blocks[index]
+        first = self.blocks[0]
+        return {"input_ids": first["input_ids"], "labels": torch.full_like(first["labels"], -100)}
+
+
 MARK_TOKENS = 1 << 18  # a position mark inside a part every ~262k tokens (~1M index lines for 280B tokens) (see StreamingTokenBlocks._chunks)
 
 

@@ -3,6 +3,7 @@ built from a config or from saved weights."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -10,7 +11,9 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from modeling_llama_patch import AutoPatchModelForCausalLM, UnsupportedModelError, check_supported
+from modeling_llama_patch import (
+    FUSED_LOSS_ARCHITECTURES, AutoPatchModelForCausalLM, UnsupportedModelError, check_supported, fused_loss_arguments,
+)
 
 from .cli import UsageError, first_line
 
@@ -29,6 +32,14 @@ def resolve_attn_implementation(requested: str, config=None) -> str:
     if requested != "auto":
         if not supports[requested]:
             raise UsageError(f"--attn_implementation {requested}: {stock_class.__name__} does not support it (use eager or auto)")
+        if requested == "flash_attention_2":  # else transformers raised an ImportError at the first model, after the claim
+            if not torch.cuda.is_available():
+                raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU (use sdpa or auto)")
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError:
+                raise UsageError("--attn_implementation flash_attention_2 needs the flash_attn package, which is not "
+                                 "installed (use sdpa, or auto: it takes flash_attn where it imports)") from None
         return requested
     if torch.cuda.is_available() and supports["flash_attention_2"]:
         try:
@@ -97,18 +108,64 @@ def check_one_model_config(config_name: str | None, model_name_or_path: str | No
         )
 
 
-def load_tokenizer(name: str):
-    """AutoTokenizer.from_pretrained(name), with a one-line UsageError where there is none to load."""
-    if not os.path.exists(name) and os.path.sep in name:
-        raise UsageError(f"--tokenizer_name {name} does not exist")
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--tokenizer_name {name}: no tokenizer to load ({first_line(error)})") from None
+# The files `from_pretrained` reads weights from (transformers 5: safetensors, or PyTorch's pickles), one model or shards.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def weight_files(folder: str) -> list[str]:
+    """The files of a saved model in `folder` that `from_pretrained` reads its weights from, by name: the one
+    safetensors (or PyTorch) file, or an index and the shards it names. [] where there are none."""
+    for single, index in ((WEIGHT_FILES[0], WEIGHT_FILES[1]), (WEIGHT_FILES[2], WEIGHT_FILES[3])):
+        if os.path.isfile(os.path.join(folder, single)):
+            return [single]
+        index_file = os.path.join(folder, index)
+        if os.path.isfile(index_file):
+            try:
+                with open(index_file, encoding="utf-8") as handle:
+                    shards = sorted(set(json.load(handle)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError):
+                shards = []
+            return [index, *shards]
+    return []
+
+
+def check_model_settings(config, model_name_or_path: str | None, loss_implementation: str) -> None:
+    """UsageError (one line) for what would otherwise fail only when the first stage builds its model, after the
+    output folder is claimed: a local --model_name_or_path folder without weights (a config alone: that is
+    --config_name), and --loss_implementation fused on an architecture it is not exact for."""
+    if model_name_or_path and os.path.isdir(model_name_or_path):
+        if not any(os.path.isfile(os.path.join(model_name_or_path, name)) for name in WEIGHT_FILES):
+            raise UsageError(
+                f"--model_name_or_path {model_name_or_path} holds no weights ({', '.join(WEIGHT_FILES[::2])}): to "
+                "train a new model from its config, give it as --config_name"
+            )
+    if loss_implementation == "fused" and fused_loss_arguments(config) is None:
+        raise UsageError(
+            f"--loss_implementation fused is not exact for model_type {config.model_type!r} (it is for: "
+            f"{', '.join(sorted(FUSED_LOSS_ARCHITECTURES))}): use auto (the stock head there) or unfused"
+        )
 
 
 # Files of which one is beside every tokenizer that save_pretrained writes (fast, sentencepiece or BPE).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(name: str, flag: str = "--tokenizer_name"):
+    """AutoTokenizer.from_pretrained(name), with a one-line UsageError naming `flag` where there is none to load:
+    a path that does not exist, a local folder with none of TOKENIZER_FILES (transformers 5.24 made an empty
+    tokenizer of one token from a model folder's config.json alone, and every document became one EOS), a
+    tokenizer that does not load, or one with no tokens beyond its special ones."""
+    if not os.path.exists(name) and os.path.sep in name:
+        raise UsageError(f"{flag} {name} does not exist")
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+        raise UsageError(f"{flag} {name}: no tokenizer to load (the folder holds none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag} {name}: no tokenizer to load ({first_line(error)})") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise UsageError(f"{flag} {name}: the tokenizer has no vocabulary, only {len(tokenizer)} special token(s)")
+    return tokenizer
 
 
 def vocabulary_conflicts(given: dict[str, int], own: dict[str, int]) -> list[tuple[int, str | None, str | None]]:
@@ -161,17 +218,44 @@ def record_special_tokens(model, tokenizer) -> None:
 
     Pre-training never pads (every block is full), but a checkpoint is later used with padding (batched
     generation, evaluation harnesses), and transformers' Trainer aligns these ids itself, with a warning, when
-    they differ (`transformers.trainer_utils.align_special_tokens`). Done here on purpose and silently, with the
-    same rule: only ids that the tokenizer defines are written (the bundled LLaMA-2 tokenizer pads with <unk>,
-    id 0; one without a pad token leaves pad_token_id as the config has it)."""
+    they differ (`transformers.trainer_utils.align_special_tokens`). Done here on purpose and silently, with
+    transformers 5.24's rule, whatever the installed version: only ids that the tokenizer defines are written
+    (the bundled LLaMA-2 tokenizer pads with <unk>, id 0; one without a pad token leaves pad_token_id as the
+    config has it), and an EOS only ever joins the ids a list holds (`aligned_token_ids`): Llama-3's or Qwen3's
+    several stop tokens are kept."""
+    config = model.config.get_text_config()
     generation_config = getattr(model, "generation_config", None)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for name, several in (("eos_token_id", True), ("bos_token_id", False), ("pad_token_id", False)):
         token_id = getattr(tokenizer, name, None)
         if token_id is None:
             continue
-        setattr(model.config, name, token_id)
+        in_config = getattr(config, name, None)
+        in_generation = getattr(generation_config, name, None) if generation_config is not None else None
+        new_config, new_generation = aligned_token_ids(token_id, in_config, in_generation, several,
+                                                       has_generation_config=generation_config is not None)
+        setattr(config, name, new_config)
         if generation_config is not None:
-            setattr(generation_config, name, token_id)
+            setattr(generation_config, name, new_generation)
+
+
+def aligned_token_ids(token_id: int, in_config, in_generation, several: bool, has_generation_config: bool = True):
+    """(config value, generation config value) of one special token after aligning them with the tokenizer's
+    `token_id` (transformers 5.24's `_align_special_token`): unchanged where both already hold it; else the
+    tokenizer's id, put first in a config's list (`several`: the EOS) and in the generation config's ids, the
+    others kept: a list of stop tokens is never collapsed to one."""
+    config_ids = in_config if isinstance(in_config, list) else [in_config]
+    generation_ids = in_generation if isinstance(in_generation, list) else [in_generation]
+    if token_id in config_ids and (not has_generation_config or token_id in generation_ids):
+        return in_config, in_generation
+    if several and isinstance(in_config, list):
+        in_config = [token_id, *(t for t in config_ids if t != token_id)]
+    else:
+        in_config = token_id
+    if several:
+        in_generation = [token_id, *(t for t in generation_ids if t is not None and t != token_id)]
+    else:
+        in_generation = token_id
+    return in_config, in_generation
 
 
 def build_model(
@@ -190,6 +274,7 @@ def build_model(
         config = AutoConfig.from_pretrained(config_name)
         model = AutoPatchModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     model.config.patch_size = patch_size
+    model.saved_use_cache = getattr(model.config, "use_cache", None)  # what checkpoints say (see PatchModelMixin)
     model.config.use_cache = False
     model.loss_implementation = loss_implementation
     model.offset_weights = offset_weights

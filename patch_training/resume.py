@@ -260,8 +260,28 @@ def check_output_folder(output_dir: str, identity: dict, overwrite: bool, inputs
             "choose another directory (--overwrite_output_dir only replaces this script's own outputs)"
         )
     if claimed and not overwrite:
-        check_same_run(output_dir, identity)
+        if has_progress(path):
+            check_same_run(output_dir, identity)
+        else:  # a run that failed before its first checkpoint: nothing to resume or to lose
+            try:
+                check_same_run(output_dir, identity)
+            except UsageError as error:
+                logger.warning("%s; it made no progress (no checkpoint, no model): this run takes the folder over",
+                               str(error).split(": choose another directory", 1)[0])
     return own if claimed and overwrite else []
+
+
+# What a run leaves once it has made progress, in the output folder or its patch_stage/: a checkpoint, a
+# stage's model, its results. A claimed folder without any was left by a run that failed before its first
+# checkpoint (say a model that does not load), and a changed command may take it over.
+PROGRESS = ("checkpoint-*", ALL_RESULTS_FILE, STAGE_COMPLETE_FILE, "model.safetensors", "model-*-of-*.safetensors",
+            "model.safetensors.index.json", "pytorch_model*.bin")
+
+
+def has_progress(output_dir: Path) -> bool:
+    """Whether the run recorded in `output_dir` has anything to resume from or keep (`PROGRESS`)."""
+    return any(any(folder.glob(pattern)) for folder in (output_dir, output_dir / PATCH_STAGE_DIR) if folder.is_dir()
+               for pattern in PROGRESS)
 
 
 def claim_output_dir(output_dir: str, identity: dict, outdated: list[Path], is_main: bool) -> None:

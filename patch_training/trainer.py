@@ -19,9 +19,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-from modeling_llama_patch import get_patch_size, loss_target_labels
+from modeling_llama_patch import count_loss_targets, get_patch_size, loss_target_labels
 
 from . import compat
+from .blocks import IgnoredPadding
 from .cli import UsageError
 from .models import build_model
 from .results import stage_results
@@ -117,6 +118,11 @@ class PatchTrainer(Trainer):
 
     def __init__(self, *args, patch_eval_dataset=None, schedule_steps: int | None = None, carry_state_from=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.world_size > 1 and isinstance(self.train_dataset, torch.utils.data.Dataset) and not isinstance(
+                self.train_dataset, torch.utils.data.IterableDataset):  # the last step holds each block once
+            self.train_dataset = IgnoredPadding(self.train_dataset, self.args.world_size * self.args.per_device_train_batch_size)
+        self._exact_eval: dict[int, tuple] = {}  # id(dataset) -> (its IgnoredPadding, the loss scale)
+        self._eval_loss_scale: float | None = None
         self.patch_eval_dataset = patch_eval_dataset
         self.schedule_steps = schedule_steps
         self.carry_state_from = carry_state_from
@@ -193,14 +199,44 @@ class PatchTrainer(Trainer):
             ]
         return super()._get_num_items_in_batch(batch_samples, device)
 
+    def exact_eval_dataset(self, dataset, patch_size: int):
+        """`dataset` padded for an exact evaluation on every rank (`IgnoredPadding` to ranks x eval batch), and the
+        scale that makes transformers' mean of per-batch losses the mean over every target (`compute_loss`):
+        padded length / the targets of `dataset` at `patch_size`. Made once per dataset."""
+        if id(dataset) not in self._exact_eval:
+            padded = IgnoredPadding(dataset, self.args.world_size * self.args.eval_batch_size)
+            targets = sum(int(count_loss_targets(dataset[i]["labels"], patch_size)) for i in range(len(dataset)))
+            self._exact_eval[id(dataset)] = (padded, len(padded) / max(targets, 1))
+        return self._exact_eval[id(dataset)]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        exact = not model.training and self._eval_loss_scale is not None
+        # An exact evaluation takes this rank's own mean (transformers 5.24 passes the targets of all ranks' batches
+        # as num_items_in_batch when evaluating, and multiplies by the number of ranks).
+        loss, outputs = self._compute_loss(model, inputs, None if exact else num_items_in_batch)
+        if exact:
+            # transformers' evaluation loss is the mean over batches of loss x the eval batch size entries (its
+            # `losses.repeat(batch_size)`); each batch's summed NLL x the scale / that batch size makes it the
+            # mean over every target of the dataset, whatever the batches hold (ignored blocks add nothing; a
+            # batch of only ignored blocks, whose mean is NaN, adds 0).
+            counted = count_loss_targets(inputs["labels"], get_patch_size(self.model.config))
+            summed = torch.where(counted > 0, loss * counted, torch.zeros_like(loss))
+            loss = summed * self._eval_loss_scale / self.args.eval_batch_size
+        return (loss, outputs) if return_outputs else loss
+
+    def _compute_loss(self, model, inputs, num_items_in_batch):
+        if not model.training and getattr(self.model.config, "output_router_logits", False):
+            # Evaluation scores the language model: a mixture of experts' forward adds router_aux_loss_coef x its
+            # load-balancing loss to the loss it returns, which made eval_perplexity exp(CE + 0.01 aux) (8,643
+            # where the model's own was 8,470).
+            inputs = {**inputs, "output_router_logits": False}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         offset_losses = getattr(outputs, "offset_losses", None)
         if offset_losses is not None and model.training:
             offset_losses = offset_losses.detach()
             self._offset_loss_sum = offset_losses if self._offset_loss_sum is None else self._offset_loss_sum + offset_losses
             self._offset_loss_count += 1
-        return (loss, outputs) if return_outputs else loss
+        return loss, outputs
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "train_loss" in logs:  # train()'s closing metrics: the whole stage's figure (see `StageProgress`)
@@ -218,18 +254,29 @@ class PatchTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The token-level evaluation (`eval_loss`, `eval_perplexity`, the model run at K = 1) and, in the patch
+        stage, the patch-level one (`eval_patch_loss`): each the mean over every target of its blocks, exactly,
+        on any number of ranks (`exact_eval_dataset`)."""
         metrics = {}
         patch_size = self.stage_patch_size
         if patch_size > 1 and self.patch_eval_dataset is not None and eval_dataset is None:
-            metrics.update(super().evaluate(self.patch_eval_dataset, ignore_keys, f"{metric_key_prefix}_patch"))
+            metrics.update(self._exact_evaluate(self.patch_eval_dataset, patch_size, ignore_keys, f"{metric_key_prefix}_patch"))
         with patch_size_as(self.model, 1):
-            token_metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            token_metrics = self._exact_evaluate(eval_dataset if eval_dataset is not None else self.eval_dataset, 1,
+                                                 ignore_keys, metric_key_prefix)
         loss = token_metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             token_metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 100.0))
             self.log({f"{metric_key_prefix}_perplexity": token_metrics[f"{metric_key_prefix}_perplexity"]})
         metrics.update(token_metrics)
         return metrics
+
+    def _exact_evaluate(self, dataset, patch_size: int, ignore_keys, prefix: str) -> dict:
+        padded, self._eval_loss_scale = self.exact_eval_dataset(dataset, patch_size)
+        try:
+            return super().evaluate(padded, ignore_keys, prefix)
+        finally:
+            self._eval_loss_scale = None
 
 
 def save_stage_model(trainer: Trainer, folder: str) -> None:
@@ -259,7 +306,8 @@ def save_stage_model(trainer: Trainer, folder: str) -> None:
     if trainer.args.should_save:
         trainer.model.save_pretrained(folder, state_dict=state_dict)
         trainer.model.config.dtype = "float32"  # save_pretrained recorded the module's 16-bit dtype
-        trainer.model.config.save_pretrained(folder)
+        config_file = Path(folder) / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(folder)
     trainer.accelerator.wait_for_everyone()

@@ -300,9 +300,9 @@ def output_problem(output: Path, args) -> str | None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from patch_training.models import check_tokenizer_fits_model
+    from patch_training.models import check_tokenizer_fits_model, load_tokenizer
 
     config = AutoConfig.from_pretrained(args.model)
     max_positions = getattr(config, "max_position_embeddings", None) or MAX_DEFAULT_BLOCK_SIZE
@@ -314,10 +314,7 @@ def main(argv=None) -> dict:
         raise UsageError(f"--stride must lie in [1, T={block_size}], got {stride}")
 
     tokenizer_path = args.tokenizer or args.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"no tokenizer in {tokenizer_path} ({first_line(error)}): give --tokenizer") from None
+    tokenizer = load_tokenizer(tokenizer_path, "--tokenizer" if args.tokenizer else "--model")  # UsageError: one line
     if args.tokenizer:
         check_tokenizer_fits_model(tokenizer, f"--tokenizer {args.tokenizer}", config, args.model, "--model")
     else:

@@ -223,7 +223,7 @@ def test_bad_model_data_or_output_is_one_line(tiny_run, tmp_path, foreign_tokeni
     a_file.write_text("")
     cases = [
         (["--model", str(run_dir), "--data", str(small), "--block_size", "32"], UsageError, "holds 3 tokens, fewer than one block of T=32"),
-        (["--model", str(no_tokenizer)], UsageError, "no tokenizer in"),
+        (["--model", str(no_tokenizer)], UsageError, rf"--model {no_tokenizer}: no tokenizer to load \(the folder holds none of tokenizer.json"),
         (["--model", str(no_weights), "--tokenizer", str(TOKENIZER_DIR)], UsageError, "no file named model.safetensors"),
         (["--model", str(run_dir), "--tokenizer", foreign_tokenizer_dir], UsageError,
          rf"--tokenizer {foreign_tokenizer_dir} is not the tokenizer of --model {run_dir}: \d+ token ids differ"),

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT, TOKENIZER_DIR
-from test_run_clm import job_args
+from test_run_clm import VALID_FILE, job_args
 
 import run_clm
 from patch_training.cli import UsageError
@@ -75,6 +75,19 @@ def test_continued_pretraining_of_an_moe_checkpoint(workdir, tmp_path):
     moved = max((a - b).abs().max().item() for a, b in zip(first.state_dict().values(), stock.state_dict().values()))
     assert 0 < moved < 0.01  # one AdamW step of lr 3e-3 moves a weight by at most about 3e-3
     assert_stock_checkpoint(output_dir, "Qwen3MoeForCausalLM")
+    # The perplexity is the language model's, as eval_perplexity.py computes it from the logits: before, the
+    # evaluation loss held router_aux_loss_coef x the load-balancing loss (8,643 where the model's was 8,470).
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import eval_perplexity
+
+    for folder, stage in ((output_dir, "token_stage"), (output_dir / "patch_stage", "patch_stage")):
+        independent = eval_perplexity.main(["--model", str(folder), "--data", VALID_FILE, "--block_size", "32",
+                                            "--max_blocks", "4", "--device", "cpu", "--no_progress"])
+        assert results[stage]["eval_perplexity"] == pytest.approx(independent["perplexity"], rel=1e-4), stage
+    # The checkpoint's own settings are kept: its stop tokens (transformers' rule: the tokenizer's EOS first) and
+    # use_cache, which every run wrote as false.
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["use_cache"] is True and config["eos_token_id"] == 2
 
 
 @pytest.mark.parametrize(
@@ -174,3 +187,80 @@ def test_run_clm_refuses_another_tokenizer_than_the_checkpoints_before_claiming(
     with pytest.raises(UsageError, match=rf"--tokenizer_name {foreign_tokenizer_dir} is not the tokenizer of --model_name_or_path {checkpoint}"):
         run_clm.main(args)
     assert not (tmp_path / "job").exists()
+
+
+def test_special_tokens_join_the_checkpoints_own(tokenizer):
+    """record_special_tokens with transformers 5.24's rule, whatever the installed version: a list of stop tokens
+    (Llama-3, Qwen3) keeps its ids with the tokenizer's EOS first (before, it was collapsed to the tokenizer's one
+    id and generate() no longer stopped at <|eot_id|>); a single id is replaced; a pad the tokenizer defines is
+    written; ids already aligned are left as they are."""
+    from transformers import GenerationConfig
+
+    from patch_training.models import record_special_tokens
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id  # 2 and 0
+    members = [  # (config eos, generation eos) -> (config eos, generation eos) after
+        (([2, 13], [2, 13]), ([2, 13], [2, 13])),
+        (([7, 13], [7, 13]), ([2, 7, 13], [2, 7, 13])),
+        ((5, 5), (2, [2, 5])),
+        ((2, 2), (2, 2)),
+        ((2, [13, 2]), (2, [13, 2])),
+        (([13], None), ([2, 13], [2])),
+    ]
+    for (config_eos, generation_eos), expected in members:
+        model = build_model(str(MODEL_CONFIGS / "llama-tiny.json"), None, 1, "sdpa")
+        model.config.eos_token_id, model.config.pad_token_id = config_eos, None
+        model.generation_config = GenerationConfig(eos_token_id=generation_eos)
+        record_special_tokens(model, tokenizer)
+        assert (model.config.eos_token_id, model.generation_config.eos_token_id) == expected, (config_eos, generation_eos)
+        assert model.config.pad_token_id == model.generation_config.pad_token_id == pad and eos == 2
+
+
+@pytest.mark.parametrize("case", ["config without weights", "fused loss on an MoE", "flash_attention_2 unavailable"])
+def test_model_settings_that_fail_at_the_first_model_are_refused_before_the_claim(workdir, tmp_path, case):
+    """Each failed only when the first stage built its model or took its first step: after the output folder was
+    claimed (a 30 to 60-line traceback), so the corrected command was then refused as another run."""
+    from transformers import AutoConfig
+
+    only_config = tmp_path / "only_config"
+    AutoConfig.from_pretrained(MODEL_CONFIGS / "qwen3-tiny.json").save_pretrained(only_config)
+    overrides, message = {
+        "config without weights": ({"config_name": None, "tokenizer_name": str(TOKENIZER_DIR),
+                                    "model_name_or_path": str(only_config)},
+                                   rf"--model_name_or_path {only_config} holds no weights .*give it as --config_name"),
+        "fused loss on an MoE": ({"config_name": str(MODEL_CONFIGS / "qwen3_moe-tiny.json"), "loss_implementation": "fused"},
+                                 r"--loss_implementation fused is not exact for model_type 'qwen3_moe'"),
+        "flash_attention_2 unavailable": ({"attn_implementation": "flash_attention_2"},
+                                          r"--attn_implementation flash_attention_2 needs (a CUDA GPU|the flash_attn package)"),
+    }[case]
+    if case == "flash_attention_2 unavailable" and torch.cuda.is_available():
+        pytest.importorskip("nonexistent_module_so_this_skips_where_flash_attn_may_work")
+    with pytest.raises(UsageError, match=message):
+        run_clm.main(job_args(workdir, tmp_path / "job", **overrides))
+    assert not (tmp_path / "job" / "run_args.json").exists()
+
+
+def test_a_tokenizer_folder_without_a_tokenizer_is_refused(workdir, tmp_path):
+    """A checkpoint folder with config.json and weights but no tokenizer files: transformers 5.24 made an empty
+    tokenizer of one token from the config, every document became one EOS, and the run trained on that without a
+    word. Members: that folder as the checkpoint (its tokenizer taken from it) and as --tokenizer_name, a folder of
+    other files, and a tokenizer with special tokens only."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from patch_training.models import load_tokenizer
+
+    checkpoint = tmp_path / "weights_only"
+    AutoModelForCausalLM.from_config(load_model_config(str(MODEL_CONFIGS / "llama-tiny.json"))).save_pretrained(checkpoint)
+    empty = tmp_path / "special_only"
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"</s>": 0}, unk_token="</s>")),
+                            eos_token="</s>").save_pretrained(empty)
+    for folder, message in ((checkpoint, "the folder holds none of tokenizer.json"),
+                            (MODEL_CONFIGS, "the folder holds none of tokenizer.json"),
+                            (empty, "the tokenizer has no vocabulary, only 1 special token")):
+        with pytest.raises(UsageError, match=rf"--tokenizer_name {folder}: .*{message}"):
+            load_tokenizer(str(folder))
+    for overrides in ({"tokenizer_name": None}, {"tokenizer_name": str(checkpoint)}):
+        with pytest.raises(UsageError, match=rf"--tokenizer_name {checkpoint}: no tokenizer to load"):
+            run_clm.main(job_args(workdir, tmp_path / "job", config_name=None, model_name_or_path=str(checkpoint), **overrides))
+    assert not (tmp_path / "job" / "run_args.json").exists()

@@ -119,12 +119,21 @@ def test_ddp_two_processes_with_accelerate(tmp_path, data_cache):
     # cpu_ddp_2proc.yaml starts 2 processes; --use_cpu makes them one gloo group (see the yaml).
     out = tmp_path / "ddp"
     results = launch(
-        "launch_accelerate.sh", out, data_cache, "--use_cpu", "true",
-        ACCELERATE_CONFIG="configs/accelerate/cpu_ddp_2proc.yaml",
+        "launch_accelerate.sh", out, data_cache, "--use_cpu", "true", "--max_eval_blocks", "5",
+        "--per_device_eval_batch_size", "2", ACCELERATE_CONFIG="configs/accelerate/cpu_ddp_2proc.yaml",
     )
     check_two_ranks_and_both_stages(results, out)
     check_weights(out)
     check_stock_model(out)
+    # 5 validation blocks on 2 ranks x 2: the perplexity is the model's over each block once, as eval_perplexity.py
+    # computes it in one process (before, accelerate's repeated blocks were scored: 8,724.8 against 8,804.1).
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import eval_perplexity
+
+    for folder, stage in ((out, "token_stage"), (out / "patch_stage", "patch_stage")):
+        independent = eval_perplexity.main(["--model", str(folder), "--tokenizer", str(REPO_ROOT / "data" / "llama2_tokenizer"),
+                                            "--block_size", str(BLOCK), "--max_blocks", "5", "--device", "cpu", "--no_progress"])
+        assert results[stage]["eval_perplexity"] == pytest.approx(independent["perplexity"], rel=1e-5), stage
     assert "fused LM-head loss" not in launcher_log(out), "DDP trains with the fused LM-head loss (no fallback said)"
 
 

@@ -195,6 +195,7 @@ def test_changed_setting_is_refused_naming_it(workdir, tmp_path, setting):
     before, after = CHANGES[setting]
     folder = tmp_path / "out"
     prepare_output_dir(str(folder), identity_of(parsed(workdir, tmp_path, **before)), False, True)
+    (folder / "patch_stage" / "checkpoint-4").mkdir(parents=True)  # progress to resume from (see the test below)
     with pytest.raises(UsageError, match=rf"holds a different run \({setting}: .+ -> .+\)"):
         prepare_output_dir(str(folder), identity_of(parsed(workdir, tmp_path, **after)), False, True)
 
@@ -362,3 +363,67 @@ def test_ctrl_c_is_one_line_and_exit_code_130(workdir, tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == (
         "run_clm.py: interrupted; re-running the same command resumes from the last checkpoint")
+
+
+@pytest.mark.parametrize("progress", [None, "checkpoint-4", "patch_stage/checkpoint-4", "patch_stage/model.safetensors",
+                                      "patch_stage/stage_complete.json", "all_results.json"])
+def test_a_run_that_made_no_progress_is_taken_over_by_a_changed_command(workdir, tmp_path, caplog, progress):
+    """A first run that failed after claiming its folder but before its first checkpoint (a model that does not
+    load, a bad record deep in a streamed file) blocked the corrected command ("holds a different run"), leaving
+    --overwrite_output_dir as the only way on. Now a claimed folder with no progress is taken over, with a warning
+    naming what changed; with any progress (a checkpoint, a stage's model or results) the change is refused."""
+    folder = tmp_path / "out"
+    prepare_output_dir(str(folder), identity_of(parsed(workdir, tmp_path)), False, True)
+    (folder / "runs").mkdir()  # the failed run's TensorBoard folder: kept, not progress
+    if progress is not None:
+        path = folder / progress
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if progress.endswith("checkpoint-4") else path.write_text("{}")
+    changed = identity_of(parsed(workdir, tmp_path, learning_rate=1e-3))
+    if progress is None:
+        with caplog.at_level(logging.WARNING, logger="run_clm"):
+            prepare_output_dir(str(folder), changed, False, True)
+        assert "learning_rate: 0.003 -> 0.001" in caplog.text and "made no progress" in caplog.text
+        assert json.loads((folder / RUN_ARGS_FILE).read_text())["learning_rate"] == 1e-3
+        assert (folder / "runs").is_dir()
+    else:
+        with pytest.raises(UsageError, match=r"holds a different run \(learning_rate: 0.003 -> 0.001\)"):
+            prepare_output_dir(str(folder), changed, False, True)
+
+
+def test_the_starting_weights_are_identified_by_their_weight_files(workdir, tmp_path):
+    """The identity of --model_name_or_path was every file under the folder: a run with its --output_dir inside
+    the model's folder changed it with its own checkpoints, and deleting the source run's old checkpoints did too,
+    so an interrupted run could never resume. Now only the files the weights load from count (one file, or an index
+    and its shards), and a change names the file."""
+    import os
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from patch_training.models import load_model_config
+
+    source = tmp_path / "source"
+    config = load_model_config(str(workdir / "model_config"))
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    (source / "checkpoint-5").mkdir()
+    (source / "checkpoint-5" / "optimizer.pt").write_text("x")
+    before = run_clm.init_weights_identity(str(source))
+    assert list(before) == ["model.safetensors"]
+    (source / "continued" / "checkpoint-10").mkdir(parents=True)  # a run's output inside the model's folder
+    (source / ".run_clm.lock").write_text("")
+    shutil.rmtree(source / "checkpoint-5")  # disk freed
+    assert run_clm.init_weights_identity(str(source)) == before
+    weights = source / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten in place
+    folder = tmp_path / "out"
+    prepare_output_dir(str(folder), {"init_weight_files": before}, False, True)
+    (folder / "checkpoint-4").mkdir()
+    with pytest.raises(UsageError, match=r"init_weight_files: model.safetensors '\d+ bytes, modified .*' -> '.*'"):
+        prepare_output_dir(str(folder), {"init_weight_files": run_clm.init_weights_identity(str(source))}, False, True)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_config(config).save_pretrained(sharded, max_shard_size="100KB")
+    names = list(run_clm.init_weights_identity(str(sharded)))
+    assert names[0] == "model.safetensors.index.json" and len(names) > 2
+    assert set(names[1:]) == {p.name for p in sharded.glob("model-*-of-*.safetensors")}
+    assert run_clm.init_weights_identity("meta-llama/Llama-2-7b-hf") is None and run_clm.init_weights_identity(None) is None

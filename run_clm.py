@@ -672,10 +672,11 @@ def train_job(model_args, data_args, patch_args, training_args, output_dir, iden
     if data_args.streaming:  # what the stream read of the data, null texts included (the cache logs it up front)
         results["streamed_data"] = streamed = streamed_counts(os.path.join(output_dir, STREAM_INDEX_FILE))
         if streamed and (trainer is None or trainer.args.should_save):
-            logger.info("Streamed %s documents of the training data%s, %s tokens (%d of its %d parts read whole)",
+            logger.info("Streamed %s documents of the training data%s, %s tokens read (%d of its %d parts read whole), "
+                        "of which the stages trained on %s: the stream reads ahead of training",
                         f"{streamed['documents'] - streamed['skipped_empty']:,}",
                         skipped_note({"num_skipped_empty": streamed["skipped_empty"]}), f"{streamed['tokens']:,}",
-                        streamed["parts_read_whole"], streamed["parts"])
+                        streamed["parts_read_whole"], streamed["parts"], f"{results['tokens']:,}")
     if trainer is None or trainer.args.should_save:
         write_json_atomic(results_file, results)
         report(results)

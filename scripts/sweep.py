@@ -95,12 +95,20 @@ def human(count: float) -> str:
     return f"{count:.0f}"
 
 
-def tokenisation_seconds(cache_dir: str) -> float | None:
-    """Seconds run_clm.py spent tokenising into this sweep's cache (training files and WikiText)."""
-    metas = glob.glob(os.path.join(cache_dir, "*", "meta.json"))
-    if not metas:
+def cache_records(cache_dir: str) -> set[str]:
+    """The meta.json files of the token caches in `cache_dir` (one per tokenised data set)."""
+    return set(glob.glob(os.path.join(cache_dir, "*", "meta.json")))
+
+
+def tokenisation_seconds(cache_dir: str, existing: set[str]) -> float | None:
+    """Seconds run_clm.py spent tokenising during this sweep (training files and WikiText): the caches in
+    `cache_dir` that are not among `existing` (`cache_records` before the sweep); None where it made none. Before,
+    every cache in the folder counted: a shared --data_cache_dir, or a second sweep reading the first one's cache,
+    reported time that no run of the sweep had spent."""
+    made = sorted(cache_records(cache_dir) - existing)
+    if not made:
         return None
-    return sum(json.load(open(path, encoding="utf-8")).get("tokenize_seconds", 0.0) for path in metas)
+    return sum(json.load(open(path, encoding="utf-8")).get("tokenize_seconds", 0.0) for path in made)
 
 
 def size_label(epochs: float) -> str:
@@ -233,7 +241,7 @@ def main(argv=None) -> dict:
               "non_embedding_parameters": non_embedding, "device": device, "versions": versions, "command": command,
               "paper_table4": [{"tokens": t, "tokens_per_parameter": t / PAPER_PARAMS, "ratio": r} for t, r in PAPER_TABLE4],
               "points": []}
-    start = time.time()
+    start, existing_caches = time.time(), cache_records(cache_dir)
     for epochs in sizes:
         run_args = SimpleNamespace(validation_file=args.validation_file, data_cache_dir=cache_dir, seed=args.seed,
                                    epochs=epochs, output_root=os.path.join(output_root, size_label(epochs)))
@@ -253,7 +261,7 @@ def main(argv=None) -> dict:
             "token_wall_time_s": token["wall_time_s"], "patch_wall_time_s": patch["wall_time_s"],
             "train_time_ratio": patch["train_time_s"] / token["train_time_s"], "runs": rows,
         })
-        report["tokenize_s"] = tokenisation_seconds(cache_dir)
+        report["tokenize_s"] = tokenisation_seconds(cache_dir, existing_caches)
         report["total_wall_time_s"] = time.time() - start
         write_report(report, report_dir)
     print(markdown_table(report["points"], params))

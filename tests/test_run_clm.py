@@ -360,6 +360,7 @@ def test_streaming_two_stage_job(workdir, tmp_path, caplog):
     assert json.loads((tmp_path / "job" / "all_results.json").read_text())["streamed_data"] == streamed
     assert any(r.getMessage().startswith(f"Streamed {streamed['documents'] - streamed['skipped_empty']} documents of the "
                                          f"training data ({streamed['skipped_empty']} null or empty texts skipped)")
+               and r.getMessage().endswith(f"of which the stages trained on {results['tokens']:,}: the stream reads ahead of training")
                for r in caplog.records)
 
 

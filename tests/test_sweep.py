@@ -162,3 +162,18 @@ def test_a_model_config_with_a_key_twice_is_refused(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"sweep.py: error: model config {config} has the key 'hidden_size' twice" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_tokenising_time_counts_only_the_caches_the_sweep_made(tmp_path):
+    """Before, every cache in --data_cache_dir counted: a sweep that read a shared or earlier cache reported a
+    tokenising time no run of it had spent."""
+    def cache(name, seconds):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"tokenize_seconds": seconds}))
+
+    cache("earlier", 10.0)
+    existing = sweep.cache_records(str(tmp_path))
+    assert sweep.tokenisation_seconds(str(tmp_path), existing) is None  # read from the cache: nothing tokenised
+    cache("train", 2.5)
+    cache("wikitext", 0.5)
+    assert sweep.tokenisation_seconds(str(tmp_path), existing) == 3.0

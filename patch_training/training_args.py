@@ -69,6 +69,27 @@ class RunTrainingArguments(TrainingArguments):
         },
     )
 
+    def __reduce_ex__(self, protocol):
+        """Pickled as the stock `TrainingArguments` with the same values: transformers' Trainer saves its arguments
+        with torch.save in every checkpoint (`training_args.bin`), which then needed this project to load
+        (`No module named 'patch_training'`). copy and deepcopy keep this class (`__copy__`, `__deepcopy__`)."""
+        import copyreg
+
+        return copyreg._reconstructor, (TrainingArguments, object, None), dict(self.__dict__)
+
+    def __copy__(self):
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
     def __post_init__(self):
         refuse_non_finite(self)  # before transformers' own checks, which fail on some (int(inf) for --save_steps)
         if isinstance(self.liger_kernel_config, str):

@@ -396,3 +396,32 @@ def test_folder_problem_says_what_os_makedirs_would_fail_on(tmp_path, monkeypatc
         if expected is not None:
             assert problem == f"--x {given}: {expected}, not a folder"
     assert (tmp_path / "file").read_text() == "keep" and os.path.islink(tmp_path / "to-nothing")
+
+
+def test_training_arguments_pickle_as_stock_and_copy_as_ours():
+    """transformers' Trainer torch.saves its arguments into every checkpoint (training_args.bin), which needed this
+    project to load (No module named 'patch_training'): RunTrainingArguments pickles as the stock TrainingArguments
+    with the same values, and copies (copy, deepcopy) stay RunTrainingArguments."""
+    import copy
+    import io
+    import pickle
+
+    import torch
+    from transformers import TrainingArguments
+
+    from patch_training.training_args import RunTrainingArguments
+
+    args = RunTrainingArguments(output_dir="/tmp/x", report_to="none", use_cpu=True, learning_rate=1e-3,
+                                lr_scheduler_type="cosine", lr_scheduler_kwargs='{"num_cycles": 0.25}')
+    buffer = io.BytesIO()
+    torch.save(args, buffer)
+    assert b"patch_training" not in buffer.getvalue()
+    buffer.seek(0)
+    for loaded in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(args))):
+        assert type(loaded) is TrainingArguments
+        ours = args.to_dict()  # every stock field with our value; our extra fields stay as attributes
+        assert loaded.to_dict() == {k: ours[k] for k in loaded.to_dict()} and set(loaded.to_dict()) <= set(ours)
+        assert loaded.overwrite_output_dir is False and loaded.do_train is True
+    for clone in (copy.copy(args), copy.deepcopy(args)):
+        assert type(clone) is RunTrainingArguments and clone.to_dict() == args.to_dict()
+    assert copy.deepcopy(args).lr_scheduler_kwargs is not args.lr_scheduler_kwargs

@@ -26,6 +26,10 @@ assert type(m).__name__ == sys.argv[2], type(m)
 p = transformers.pipeline("text-generation", model=sys.argv[1])
 out = p("The king said", max_new_tokens=4, do_sample=False)[0]["generated_text"]
 assert out.startswith("The king said") and len(out) > len("The king said"), out
+import os, torch
+if os.path.isfile("training_args.bin"):  # the Trainer's pickled arguments load without this project too
+    args = torch.load("training_args.bin", weights_only=False)
+    assert type(args) is transformers.TrainingArguments and args.learning_rate > 0, type(args)
 assert "modeling_llama_patch" not in sys.modules and "patch_training" not in sys.modules
 print("OK")
 """

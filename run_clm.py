@@ -502,6 +502,7 @@ def check_inputs(model_args, data_args, patch_args, training_args):
         )
     check_report_to(training_args.report_to)
     check_trainer_settings(training_args)
+    check_world_size(training_args)
     if patch_args.patch_switch == "continue" and (training_args.deepspeed or training_args.fsdp):
         raise UsageError(
             "--patch_switch continue carries the optimizer state across the switch under DDP or one device; "
@@ -538,6 +539,21 @@ def check_inputs(model_args, data_args, patch_args, training_args):
     if patch_args.patch_size > 1 and not patch_args.has_patch_stage:
         logger.warning("--patch_size %d is ignored: --patch_data_fraction is 0 (token-level baseline)", patch_args.patch_size)
     return train_source, eval_source, config, tokenizer
+
+
+def check_world_size(training_args) -> None:
+    """UsageError when the launcher started several processes (WORLD_SIZE > 1) but transformers runs this one
+    alone: on a machine without a GPU, a launch without --use_cpu true. Each process then trained and saved on its
+    own into the same --output_dir, one of them failed on the folder's lock ("in use by another run") and the
+    other left a checkpoint of a world size of 1 that the corrected command refused."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1 and training_args.world_size == 1:
+        import torch
+
+        fix = "add --use_cpu true to run the processes as one job on CPU" if not torch.cuda.is_available() else (
+            "check the launcher's settings")
+        raise UsageError(f"launched as {launched} processes (WORLD_SIZE={launched}), but each would train alone "
+                         f"(the Trainer's world size is 1): {fix}")
 
 
 def check_plans(plans, block_size: int) -> None:

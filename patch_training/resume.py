@@ -117,8 +117,12 @@ def run_identity(arguments, derived: dict | None = None) -> dict:
 def batch_identity(patch_args, training_args) -> dict:
     """The global batches, which per-device batch, accumulation and world size may split differently between
     attempts: sequences per optimizer step over all ranks, of each stage (None without a patch stage).
-    UsageError (from `stage_batch_settings`) when the patch stage's batch cannot be derived."""
+    UsageError (from `stage_batch_settings`) when the patch stage's batch cannot be derived. Under DeepSpeed the
+    world size is part of it too (`deepspeed_world_size`, None otherwise): ZeRO partitions the optimizer state
+    over the ranks and cannot load a checkpoint written by another number of them (a ZeRORuntimeException
+    traceback after the resume had started)."""
     return {
+        "deepspeed_world_size": training_args.world_size if training_args.deepspeed else None,
         "sequences_per_step": global_batch_size(training_args),
         "patch_sequences_per_step": (
             math.prod(stage_batch_settings(patch_args, training_args)) * training_args.world_size

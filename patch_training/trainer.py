@@ -118,9 +118,10 @@ class PatchTrainer(Trainer):
 
     def __init__(self, *args, patch_eval_dataset=None, schedule_steps: int | None = None, carry_state_from=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1 and isinstance(self.train_dataset, torch.utils.data.Dataset) and not isinstance(
-                self.train_dataset, torch.utils.data.IterableDataset):  # the last step holds each block once
-            self.train_dataset = IgnoredPadding(self.train_dataset, self.args.world_size * self.args.per_device_train_batch_size)
+        # Training blocks are not padded: the shuffled order is a permutation of the stage's blocks, the same on
+        # any number of ranks, so that a run resumed with another split of the same global batch reads the same
+        # data (padding made it a permutation of a world-size-dependent length: resumed on another number of ranks,
+        # blocks were trained twice and others never). Accelerate fills a last partial step by repeating blocks.
         self._exact_eval: dict[int, tuple] = {}  # id(dataset) -> (its IgnoredPadding, the loss scale)
         self._eval_loss_scale: float | None = None
         self.patch_eval_dataset = patch_eval_dataset
@@ -247,7 +248,14 @@ class PatchTrainer(Trainer):
         if "loss" in logs and self.stage_patch_size > 1:
             logs["patch_loss"] = logs.pop("loss")
         if self._offset_loss_sum is not None and self._offset_loss_count and "patch_loss" in logs:
-            means = (self._offset_loss_sum / self._offset_loss_count).tolist()
+            # The mean over ranks, as transformers logs the loss (every rank logs here: a collective). Before, rank
+            # 0's alone: on 8 GPUs the offset curves showed 1/8 of the data and did not average to patch_loss.
+            local = self._offset_loss_sum / self._offset_loss_count  # (K,)
+            if self.args.world_size > 1:
+                from transformers.trainer_pt_utils import nested_gather
+
+                local = nested_gather(local[None], self.args.parallel_mode).mean(0)
+            means = local.tolist()
             for offset, value in enumerate(means, start=1):
                 logs[f"offset_{offset}_loss"] = round(value, 4)
             self._offset_loss_sum, self._offset_loss_count = None, 0

@@ -52,8 +52,11 @@ set_run_args() {
   LOG_FILE="$LOG_DIR/node${NODE_RANK}-$(date +%Y%m%d-%H%M%S).log"
 }
 
-# run_logged COMMAND...: runs COMMAND with its output shown and appended to LOG_FILE; returns its status.
-# DRY_RUN=1 prints the command and runs nothing (nor writes a log).
+# run_logged COMMAND...: replaces the launcher with COMMAND (exec: the same process, so a signal sent to the
+# launcher's PID, by `kill` or a scheduler, reaches torchrun / accelerate / deepspeed, which stop their ranks;
+# before, the launcher's shell died alone and the job trained on, re-parented), its output shown and appended to
+# LOG_FILE through tee. The launcher's exit status is COMMAND's. DRY_RUN=1 prints the command and runs nothing
+# (nor writes a log).
 run_logged() {
   if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "$@"
@@ -66,5 +69,6 @@ run_logged() {
     printf '%q ' "$@"
     echo
   } | tee -a "$LOG_FILE"
-  "$@" 2>&1 | tee -a "$LOG_FILE"
+  exec > >(tee -a "$LOG_FILE") 2>&1
+  exec "$@"
 }

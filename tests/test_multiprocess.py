@@ -134,6 +134,14 @@ def test_ddp_two_processes_with_accelerate(tmp_path, data_cache):
         independent = eval_perplexity.main(["--model", str(folder), "--tokenizer", str(REPO_ROOT / "data" / "llama2_tokenizer"),
                                             "--block_size", str(BLOCK), "--max_blocks", "5", "--device", "cpu", "--no_progress"])
         assert results[stage]["eval_perplexity"] == pytest.approx(independent["perplexity"], rel=1e-5), stage
+    # The logged per-offset losses are the mean over both ranks, as patch_loss is: they average to it (before,
+    # rank 0's alone: 10.2056 against 10.1588).
+    logged = [e for e in json.loads((out / "patch_stage" / "trainer_state.json").read_text())["log_history"]
+              if "offset_1_loss" in e]
+    assert logged
+    for entry in logged:
+        offsets = [entry[f"offset_{k}_loss"] for k in range(1, K + 1)]
+        assert sum(offsets) / K == pytest.approx(entry["patch_loss"], abs=2e-4), entry
     assert "fused LM-head loss" not in launcher_log(out), "DDP trains with the fused LM-head loss (no fallback said)"
 
 
@@ -225,3 +233,67 @@ def test_a_finished_run_ends_its_process_group(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def processes_naming(text: str) -> list[int]:
+    """The PIDs of the processes whose command line holds `text` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_a_signal_to_the_launcher_stops_the_job(tmp_path, data_cache):
+    """SIGTERM to the launcher's PID (`kill PID`, a scheduler's stop) killed only the launcher's shell: torchrun,
+    tee and both ranks were re-parented and trained on to the end, holding the output folder. The launcher now
+    becomes torchrun (exec), which stops its ranks."""
+    import signal
+    import time
+
+    out = tmp_path / "signalled"
+    values = {**os.environ, "NGPU": str(WORLD), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+              "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    values["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{values.get('PATH', '')}"
+    command = [str(REPO_ROOT / "scripts" / "launch_torchrun.sh"), *TINY_RUN, "--max_steps", "100000", "--save_steps", "1",
+               "--use_cpu", "true", "--output_dir", str(out), "--data_cache_dir", str(data_cache)]
+    launcher = subprocess.Popen(command, env=values, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list((out / "patch_stage").glob("checkpoint-*/trainer_state.json")):
+            assert launcher.poll() is None and time.time() < deadline, "the job ended or never saved a checkpoint"
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)  # the launcher's PID only, not its process group
+        launcher.wait(timeout=120)
+        deadline = time.time() + 60
+        while processes_naming(str(out)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not processes_naming(str(out)), "ranks of the job still run after the launcher was stopped"
+    finally:
+        for pid in processes_naming(str(out)):
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU launch without --use_cpu")
+def test_processes_that_would_each_train_alone_are_refused(tmp_path, data_cache):
+    """Two processes launched on CPU without --use_cpu true each ran with a Trainer world size of 1: one failed
+    on the folder's lock ("in use by another run"), the other trained alone and left a checkpoint that the corrected
+    command then refused as another run. Now each refuses in one line before touching the folder."""
+    out = tmp_path / "alone"
+    values = {**os.environ, "NGPU": str(WORLD), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+              "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG": "configs/accelerate/cpu_ddp_2proc.yaml"}
+    values["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{values.get('PATH', '')}"
+    command = [str(REPO_ROOT / "scripts" / "launch_accelerate.sh"), *TINY_RUN, "--output_dir", str(out),
+               "--data_cache_dir", str(data_cache)]
+    done = subprocess.run(command, capture_output=True, text=True, env=values, cwd=REPO_ROOT, timeout=600)
+    assert done.returncode != 0
+    assert ("run_clm.py: error: launched as 2 processes (WORLD_SIZE=2), but each would train alone (the Trainer's "
+            "world size is 1): add --use_cpu true") in done.stdout + done.stderr
+    assert not out.exists()

@@ -427,3 +427,26 @@ def test_the_starting_weights_are_identified_by_their_weight_files(workdir, tmp_
     assert names[0] == "model.safetensors.index.json" and len(names) > 2
     assert set(names[1:]) == {p.name for p in sharded.glob("model-*-of-*.safetensors")}
     assert run_clm.init_weights_identity("meta-llama/Llama-2-7b-hf") is None and run_clm.init_weights_identity(None) is None
+
+
+def test_deepspeed_runs_keep_their_world_size(workdir, tmp_path):
+    """Per-device batch, accumulation and world size may split an unchanged global batch differently on a resume,
+    except under DeepSpeed: ZeRO cannot load optimizer state partitioned over another number of ranks, and the
+    accepted resume ended in a ZeRORuntimeException traceback. Now refused in one line naming the world sizes."""
+    class Launched:  # the parsed arguments as a launch of `world_size` ranks, with or without DeepSpeed
+        def __init__(self, args, **changed):
+            self._args, self._changed = args, changed
+
+        def __getattr__(self, name):
+            return self._changed[name] if name in self._changed else getattr(self._args, name)
+
+    model_args, data_args, patch_args, training_args = parsed(workdir, tmp_path, per_device_train_batch_size=8)
+    two = Launched(training_args, world_size=2, per_device_train_batch_size=4, deepspeed="configs/deepspeed/zero2.json")
+    one = Launched(training_args, world_size=1, per_device_train_batch_size=8, deepspeed="configs/deepspeed/zero2.json")
+    folder = tmp_path / "ds"
+    prepare_output_dir(str(folder), batch_identity(patch_args, two), False, True)
+    (folder / "checkpoint-2").mkdir()
+    with pytest.raises(UsageError, match=r"holds a different run \(deepspeed_world_size: 2 -> 1\)"):
+        prepare_output_dir(str(folder), batch_identity(patch_args, one), False, True)
+    without = [batch_identity(patch_args, Launched(a, deepspeed=None)) for a in (two, one)]
+    assert without[0] == without[1] and without[0]["deepspeed_world_size"] is None  # DDP: may change

@@ -134,7 +134,7 @@ def check_model_settings(config, model_name_or_path: str | None, loss_implementa
     output folder is claimed: a local --model_name_or_path folder without weights (a config alone: that is
     --config_name), and --loss_implementation fused on an architecture it is not exact for."""
     if model_name_or_path and os.path.isdir(model_name_or_path):
-        if not any(os.path.isfile(os.path.join(model_name_or_path, name)) for name in WEIGHT_FILES):
+        if not weight_files(model_name_or_path):
             raise UsageError(
                 f"--model_name_or_path {model_name_or_path} holds no weights ({', '.join(WEIGHT_FILES[::2])}): to "
                 "train a new model from its config, give it as --config_name"
@@ -150,6 +150,11 @@ def check_model_settings(config, model_name_or_path: str | None, loss_implementa
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+def holds_tokenizer(folder: str) -> bool:
+    """Whether the local folder `folder` holds a saved tokenizer (one of TOKENIZER_FILES)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(name: str, flag: str = "--tokenizer_name"):
     """AutoTokenizer.from_pretrained(name), with a one-line UsageError naming `flag` where there is none to load:
     a path that does not exist, a local folder with none of TOKENIZER_FILES (transformers 5.24 made an empty
@@ -157,7 +162,7 @@ def load_tokenizer(name: str, flag: str = "--tokenizer_name"):
     tokenizer that does not load, or one with no tokens beyond its special ones."""
     if not os.path.exists(name) and os.path.sep in name:
         raise UsageError(f"{flag} {name} does not exist")
-    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+    if os.path.isdir(name) and not holds_tokenizer(name):
         raise UsageError(f"{flag} {name}: no tokenizer to load (the folder holds none of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -194,7 +199,7 @@ def check_tokenizer_fits_model(tokenizer, tokenizer_flag: str, config, model_pat
         )
     if model_path is None:
         return
-    if not os.path.isdir(model_path) or not any(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+    if not os.path.isdir(model_path) or not holds_tokenizer(model_path):
         return
     if os.path.realpath(model_path) == os.path.realpath(getattr(tokenizer, "name_or_path", "") or ""):
         return

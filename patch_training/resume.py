@@ -153,17 +153,23 @@ def check_same_run(output_dir: str, identity: dict) -> None:
     """Refuse to resume or report a run recorded in `output_dir` with another identity, naming each changed
     setting with its old and new value. Keys the record does not hold (a run from an earlier version of this
     script, whose record held fewer settings) are not compared."""
-    record = Path(output_dir) / RUN_ARGS_FILE
-    if not record.is_file():
-        return
-    previous = json.loads(record.read_text())
-    changed = {k: (previous[k], v) for k, v in identity.items() if k in previous and not same_setting(previous[k], v)}
-    if changed:
-        details = "; ".join(describe_change(k, old, new) for k, (old, new) in changed.items())
+    details = run_changes(output_dir, identity)
+    if details:
         raise UsageError(
             f"--output_dir {output_dir} holds a different run ({details}): choose another directory "
             "or pass --overwrite_output_dir"
         )
+
+
+def run_changes(output_dir: str, identity: dict) -> str | None:
+    """The settings in which `identity` differs from the run recorded in `output_dir`, each as `describe_change`
+    says it, joined by "; "; None where none differs or nothing is recorded (see `check_same_run`)."""
+    record = Path(output_dir) / RUN_ARGS_FILE
+    if not record.is_file():
+        return None
+    previous = json.loads(record.read_text())
+    changed = {k: (previous[k], v) for k, v in identity.items() if k in previous and not same_setting(previous[k], v)}
+    return "; ".join(describe_change(k, old, new) for k, (old, new) in changed.items()) or None
 
 
 def describe_change(name: str, old, new) -> str:
@@ -267,11 +273,10 @@ def check_output_folder(output_dir: str, identity: dict, overwrite: bool, inputs
         if has_progress(path):
             check_same_run(output_dir, identity)
         else:  # a run that failed before its first checkpoint: nothing to resume or to lose
-            try:
-                check_same_run(output_dir, identity)
-            except UsageError as error:
-                logger.warning("%s; it made no progress (no checkpoint, no model): this run takes the folder over",
-                               str(error).split(": choose another directory", 1)[0])
+            details = run_changes(output_dir, identity)
+            if details:
+                logger.warning("--output_dir %s holds a different run (%s); it made no progress (no checkpoint, no "
+                               "model): this run takes the folder over", output_dir, details)
     return own if claimed and overwrite else []
 
 

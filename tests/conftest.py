@@ -78,3 +78,28 @@ def foreign_tokenizer_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("foreign_tokenizer")
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(folder)
     return str(folder)
+
+
+IN_THE_WAY = ["file", "link to nothing"]  # what stops a path from becoming a folder (os.makedirs fails on both)
+
+
+def path_in_the_way(folder, kind: str):
+    """A path in `folder` that os.makedirs fails on: a file holding "keep" (`kind` "file"), or a link to nothing."""
+    blocker = folder / "in-the-way"
+    if kind == "file":
+        blocker.write_text("keep")
+    else:
+        blocker.symlink_to(folder / "gone")
+    return blocker
+
+
+def refused_as_in_the_way(main, program: str | None, argv: list[str], flag: str, folder, blocker, kind: str, capsys) -> None:
+    """`main(argv)` (a script's entry point, `flag` naming `folder` in `argv`) exits 2 with the one line naming the
+    path in the way (`path_in_the_way`), and leaves that path as it was. `program`: the name the line starts with
+    (None for a parser named after sys.argv[0])."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    line = f"{program + ': ' if program else ''}error: {flag} {folder}: {blocker} is a {kind}, not a folder"
+    assert exit_info.value.code == 2 and line in err
+    assert blocker.read_text() == "keep" if kind == "file" else blocker.is_symlink()

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import IN_THE_WAY, REPO_ROOT, path_in_the_way, refused_as_in_the_way
 
 CONFIGS = REPO_ROOT / "configs"
 SCRIPTS = REPO_ROOT / "scripts"
@@ -662,7 +662,7 @@ def test_prepare_refuses_bad_input_before_writing(tmp_path, monkeypatch, capsys,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["file", "link to nothing"])
+@pytest.mark.parametrize("kind", IN_THE_WAY)
 @pytest.mark.parametrize("flags, flag", [
     (["--input_files", "data/sample_train.jsonl", "--validation_file", "none"], "--data_cache_dir"),
     (["--shards", "0", "--no_tokenize"], "--output_dir"),
@@ -671,17 +671,10 @@ def test_prepare_refuses_a_folder_option_that_cannot_be_a_folder(tmp_path, monke
     """Before, a file as --data_cache_dir ended in a FileExistsError traceback from os.makedirs, after tokenising
     had started; now one line before any work (and the file is kept)."""
     monkeypatch.chdir(REPO_ROOT)
-    blocker = tmp_path / "in-the-way"
-    if kind == "file":
-        blocker.write_text("mine")
-    else:
-        blocker.symlink_to(tmp_path / "gone")
+    blocker = path_in_the_way(tmp_path, kind)
     folders = {"--output_dir": str(tmp_path / "out"), "--data_cache_dir": str(tmp_path / "cache"), flag: str(blocker / "sub")}
-    with pytest.raises(SystemExit) as exit_info:
-        prepare_pile.main([*flags, *(item for pair in folders.items() for item in pair)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and f"{flag} {blocker}/sub: {blocker} is a {kind}, not a folder" in err
-    assert (blocker.read_text() == "mine" if kind == "file" else blocker.is_symlink())
+    argv = [*flags, *(item for pair in folders.items() for item in pair)]
+    refused_as_in_the_way(prepare_pile.main, None, argv, flag, blocker / "sub", blocker, kind, capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 

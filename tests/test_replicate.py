@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import IN_THE_WAY, REPO_ROOT, path_in_the_way, refused_as_in_the_way
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import replicate  # noqa: E402
@@ -103,21 +103,14 @@ def test_every_float_option_is_checked(capsys):
 
 @pytest.mark.parametrize("flag", ["--output_root", "--data_cache_dir"])
 @pytest.mark.parametrize("below", [False, True])
-@pytest.mark.parametrize("kind", ["file", "link to nothing"])
+@pytest.mark.parametrize("kind", IN_THE_WAY)
 def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below, kind):
     """Before, --output_root naming a file (or a path under one) ended in a FileExistsError traceback."""
-    blocker = tmp_path / "a-file"
-    if kind == "file":
-        blocker.write_text("keep")
-    else:  # os.makedirs fails on it as on a file
-        blocker.symlink_to(tmp_path / "gone")
+    blocker = path_in_the_way(tmp_path, kind)
     folder = blocker / "sub" if below else blocker
     argv = ["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)]
-    with pytest.raises(SystemExit) as exit_info:
-        replicate.main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and f"replicate.py: error: {flag} {folder}: {blocker} is a {kind}, not a folder" in err
-    assert (blocker.read_text() == "keep" if kind == "file" else blocker.is_symlink()) and not (tmp_path / "r").exists()
+    refused_as_in_the_way(replicate.main, "replicate.py", argv, flag, folder, blocker, kind, capsys)
+    assert not (tmp_path / "r").exists()
 
 
 def test_relative_folders_are_taken_from_the_current_folder(tmp_path, monkeypatch):

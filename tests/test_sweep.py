@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import IN_THE_WAY, REPO_ROOT, path_in_the_way, refused_as_in_the_way
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import sweep  # noqa: E402
@@ -136,20 +136,14 @@ def test_every_float_option_of_the_sweep_is_checked(monkeypatch):
 
 @pytest.mark.parametrize("flag", ["--output_root", "--report_dir", "--data_cache_dir"])
 @pytest.mark.parametrize("below", [False, True])
-@pytest.mark.parametrize("kind", ["file", "link to nothing"])
+@pytest.mark.parametrize("kind", IN_THE_WAY)
 def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below, kind):
     """Before, --output_root or --report_dir naming a file ended in a FileExistsError traceback."""
-    blocker = tmp_path / "a-file"
-    if kind == "file":
-        blocker.write_text("keep")
-    else:  # os.makedirs fails on it as on a file
-        blocker.symlink_to(tmp_path / "gone")
+    blocker = path_in_the_way(tmp_path, kind)
     folder = blocker / "sub" if below else blocker
-    with pytest.raises(SystemExit) as exit_info:
-        sweep.main(["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and f"sweep.py: error: {flag} {folder}: {blocker} is a {kind}, not a folder" in err
-    assert (blocker.read_text() == "keep" if kind == "file" else blocker.is_symlink()) and not (tmp_path / "r").exists()
+    argv = ["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)]
+    refused_as_in_the_way(sweep.main, "sweep.py", argv, flag, folder, blocker, kind, capsys)
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_model_config_with_a_key_twice_is_refused(tmp_path, capsys, monkeypatch, no_run):

@@ -47,7 +47,7 @@ PATCH = ("patch", 2 / 3, 4)  # name, λ, K
 TOKEN = ("token", 0.0, 4)
 
 PRESETS = {
-    # One H100/H200 in 7 to 8.5 minutes (estimated), tokenisation included (sized from the 58M replication's timings; see
+    # One H200 in 442 s (measured 2026-11-30), tokenisation included (sized from the 58M replication's timings; see
     # the README): a 19.5M-parameter Llama (256 hidden, 4 layers) so the largest size reaches 3.8 tokens per
     # parameter; 0.18, 0.5 and 1.44 passes over the 51.1M-token corpus (9.2M to 74M tokens, 8x).
     "gpu": {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The data-scaling sweep (scripts/sweep.py --preset gpu) on one H100/H200, tokenisation included, as one
 # command: 19.5M-parameter Llama, 0.18 / 0.5 / 1.44 passes over the 51.1M-token offline corpus, a token-level
-# and a patch run (K=4, λ=2/3) at each size; 7 to 8.5 minutes estimated from the 58M replication's timings.
+# and a patch run (K=4, λ=2/3) at each size; 442 s on one H200 (2026-11-30; results in benchmarks/results/sweep-h200).
 #
 #   here, once:      python scripts/sweep.py --preset gpu --prepare    (copies the corpus into .gpu_data/)
 #   on the GPU:      bash scripts/sweep_gpu.sh

@@ -6,16 +6,22 @@
 #
 # Writes one JSON per variant and OUT_DIR/summary.md (the README table; each target met / NOT met / not
 # measured; the GPU-sized train configs for the best micro-batch), so a second run with other variants can
-# write beside it in another folder. Variants (default: memory compile-mb16 compile-mb32):
+# write beside it in another folder. Variants (default: regional-mb16 memory regional-mb32 compile-mb16):
 #   memory         the head + loss peak memory (fused, chunked, stock) at 8,192 positions x 32,000 and 128,256
-#   compile-mbN    torch.compile, micro-batch N sequences of 2,048 tokens, the real loader over the token cache
+#   regional-mbN   torch.compile by regions (one compilation of the decoder layer serves all 24; accelerate's
+#                  use_regional_compilation), micro-batch N sequences of 2,048 tokens, the real loader over the
+#                  token cache
+#   compile-mbN    the same, the whole model compiled (on one H200, 2026-11-30: 178 s for the token stage's
+#                  35 steps at micro-batch 16, nearly all of it compiling; the patch stage compiles again)
 #   unfused-mbN    the same with --loss_implementation unfused (the stock head + chunked K-way loss)
 #   eager-mbN      eager PyTorch
 #   reference      torch.compile, one batch already on the GPU (the loader's cost), plus a bare PyTorch loop
 #   cudnn          torch.compile with SDPA restricted to cuDNN attention
 #   liger          eager + Liger-Kernel
-# Variants that would start after SUITE_SECONDS (default 450 s) are skipped, so the suite ends within 8 minutes;
-# one that fails (out of memory at a large micro-batch, say) is reported and the suite goes on.
+# The suite ends within SUITE_SECONDS (default 450 s) plus the summary, so within 8 minutes: a variant gets the
+# time left (`timeout`), and one cut short keeps the stages it finished (throughput.py writes its JSON after each
+# stage; the table names it "cut short"); variants with less than 20 s left are skipped. One that fails (out of
+# memory at a large micro-batch, say) is reported and the suite goes on. Progress goes to OUT_DIR/suite.log too.
 # Wheels that the machine lacks (no internet) are installed from .whl/ (benchmarks/prepare_gpu_wheels.sh).
 # Extra flags for throughput.py go in $BENCH_FLAGS (e.g. BENCH_FLAGS="--data_cache_dir /tmp/tc").
 set -euo pipefail
@@ -26,10 +32,22 @@ if [ $# -lt 1 ] || [[ $1 == -* ]]; then
 fi
 OUT_DIR=$1
 shift
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(regional-mb16 memory regional-mb32 compile-mb16)
+for variant in "${variants[@]}"; do  # all of them known before anything runs
+  case $variant in
+    memory | regional-mb[0-9]* | compile-mb[0-9]* | unfused-mb[0-9]* | eager-mb[0-9]* | reference | cudnn | liger) ;;
+    *) echo "gpu_suite.sh: unknown variant '$variant' (memory, regional-mbN, compile-mbN, unfused-mbN, eager-mbN," \
+            "reference, cudnn, liger)" >&2
+       exit 2 ;;
+  esac
+done
 STEPS=${STEPS:-30}
 SUITE_SECONDS=${SUITE_SECONDS:-450}
 PYTHON=${PYTHON:-python}
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/suite.log") 2>&1
 # Only the wheels built for this Python and platform (packaging's tags, as pip decides): .whl/ is prepared for the
 # device's Python 3.12, and a machine with another Python keeps its own packages.
 mapfile -t wheels < <("$PYTHON" - <<'PY'
@@ -57,25 +75,30 @@ common=(--model_config configs/model/llama-370m.json --block_size 2048 --patch_s
         --warmup 5)
 reports=()
 start=$SECONDS
-bench() {  # bench NAME FLAGS...: one throughput.py run; a failure is reported, not fatal
-  local name=$1
+bench() {  # bench NAME FLAGS...: one throughput.py run in the time left; a failure is reported, not fatal
+  local name=$1 left=$(( SUITE_SECONDS - (SECONDS - start) )) status=0
   shift
-  if (( SECONDS - start > SUITE_SECONDS )); then
-    echo "$name: skipped (past SUITE_SECONDS=$SUITE_SECONDS)"
+  if (( left < 20 )); then
+    echo "$name: skipped (${left} s left of SUITE_SECONDS=$SUITE_SECONDS)"
     return
   fi
-  echo "== $name ($(( SECONDS - start )) s)"
-  if "$PYTHON" benchmarks/throughput.py "${common[@]}" "$@" "${extra[@]}" --output_json "$OUT_DIR/$name.json"; then
+  echo "== $name ($(( SECONDS - start )) s; ${left} s left)"
+  timeout -s INT -k 30 "$left" "$PYTHON" benchmarks/throughput.py "${common[@]}" "$@" "${extra[@]}" \
+    --output_json "$OUT_DIR/$name.json" || status=$?
+  if [ -f "$OUT_DIR/$name.json" ]; then  # whole, or cut short after a stage
     reports+=("$OUT_DIR/$name.json")
-  else
-    echo "$name: failed (exit $?; out of memory at this micro-batch?)"
+  fi
+  if (( status == 124 || status == 130 )); then
+    echo "$name: cut short at the suite's time limit"
+  elif (( status != 0 )); then
+    echo "$name: failed (exit $status; out of memory at this micro-batch?)"
   fi
 }
-variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(memory compile-mb16 compile-mb32)
 for variant in "${variants[@]}"; do
   case $variant in
     memory) bench memory --micro_batch 4 --loss_hidden_size 1024 --head_loss_memory 32000 128256 ;;
+    regional-mb[0-9]*) bench "$variant" --micro_batch "${variant#regional-mb}" --torch_compile --compile_regions \
+                         --skip_loss_memory ;;
     compile-mb[0-9]*) bench "$variant" --micro_batch "${variant#compile-mb}" --torch_compile --skip_loss_memory ;;
     unfused-mb[0-9]*) bench "$variant" --micro_batch "${variant#unfused-mb}" --torch_compile --skip_loss_memory \
                         --loss_implementation unfused ;;
@@ -88,8 +111,6 @@ for variant in "${variants[@]}"; do
       else
         echo "liger: needs a CUDA GPU and liger-kernel (pip install -r requirements-gpu.txt); skipped"
       fi ;;
-    *) echo "unknown variant '$variant' (memory, compile-mbN, unfused-mbN, eager-mbN, reference, cudnn, liger)" >&2
-       exit 2 ;;
   esac
 done
 # The README table, issue 15's targets (met / NOT met), and the GPU-sized train configs of the best micro-batch.

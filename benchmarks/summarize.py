@@ -35,16 +35,20 @@ def stage_label(stage: dict) -> str:
 
 
 def table_rows(reports: dict[str, dict]) -> list[str]:
-    """Markdown rows, README order: variant | stage | tokens/s | positions/s | step ms | peak GiB | MFU | data wait."""
-    rows = ["| variant | stage | tokens/s | positions/s | step ms | peak GiB | MFU | data wait |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown rows, README order: variant | stage | tokens/s | positions/s | step ms | peak GiB | MFU | data wait |
+    warm-up s (the untimed steps, torch.compile's compilation included; "-" in reports older than the column).
+    A report cut short (`"complete": false`) is named "<variant> (cut short)"."""
+    rows = ["| variant | stage | tokens/s | positions/s | step ms | peak GiB | MFU | data wait | warm-up s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, report in reports.items():
+        name = variant if report.get("complete", True) else f"{variant} (cut short)"
         for stage in report.get("stages", []):
             peak = f"{stage['peak_memory_gib']:.2f}" if stage.get("peak_memory_gib") is not None else "-"
             mfu = f"{100 * stage['mfu']:.1f}%" if stage.get("mfu") is not None else "-"
             wait = f"{100 * stage['data_wait_share']:.2f}%" if stage.get("data_wait_share") is not None else "-"
-            rows.append(f"| {variant} | {stage_label(stage)} | {stage['tokens_per_s']:,.0f} | {stage['positions_per_s']:,.0f} "
-                        f"| {1000 * stage['step_time_s']:.1f} | {peak} | {mfu} | {wait} |")
+            warmup = f"{stage['warmup_s']:.0f}" if stage.get("warmup_s") is not None else "-"
+            rows.append(f"| {name} | {stage_label(stage)} | {stage['tokens_per_s']:,.0f} | {stage['positions_per_s']:,.0f} "
+                        f"| {1000 * stage['step_time_s']:.1f} | {peak} | {mfu} | {wait} | {warmup} |")
     return rows
 
 
@@ -110,12 +114,14 @@ def best_token_micro_batch(reports: dict[str, dict]) -> tuple[int, float, str] |
 def write_gpu_configs(reports: dict[str, dict], folder: Path, paper_configs: Path) -> list[Path]:
     """The paper's 370M train configs (token and patch K=4 λ=2/3) at the best token-stage micro-batch, for a card
     of the measured memory (80gb / 141gb): per-device batch = that micro-batch, accumulation keeping 2M tokens per
-    optimizer step on 8 GPUs, torch.compile on. None written without a GPU report or for a micro-batch that does
-    not divide the 128 sequences per GPU of a step (or, in the patch stage, is not divisible by K)."""
+    optimizer step on 8 GPUs, torch.compile on (by regions, `torch_compile_regions`, if that variant compiled so).
+    None written without a GPU report or for a micro-batch that does not divide the 128 sequences per GPU of a step
+    (or, in the patch stage, is not divisible by K)."""
     best = best_token_micro_batch(reports)
     if best is None:
         return []
-    micro_batch, memory, _ = best
+    micro_batch, memory, variant = best
+    regions = bool(reports[variant]["settings"].get("compile_regions"))
     per_gpu = PAPER_TOKENS_PER_STEP // (PAPER_GPUS * PAPER_BLOCK)  # 128 sequences of 2,048 per GPU per step
     if per_gpu % micro_batch or micro_batch % 4:
         return []
@@ -125,6 +131,8 @@ def write_gpu_configs(reports: dict[str, dict], folder: Path, paper_configs: Pat
         config = json.loads((paper_configs / f"{name}.json").read_text(encoding="utf-8"))
         config.update(per_device_train_batch_size=micro_batch, gradient_accumulation_steps=per_gpu // micro_batch,
                       torch_compile=True, output_dir=f"runs/{name}-{card}")
+        if regions:
+            config["torch_compile_regions"] = True
         path = folder / f"{name}-{card}.json"
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         written.append(path)

@@ -36,6 +36,7 @@ import time
 import weakref
 
 import torch
+import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -50,7 +51,7 @@ from patch_training.liger import check_liger_environment, liger_config_for_stage
 from patch_training.models import resolve_attn_implementation  # noqa: E402
 from patch_training.readers import DataSource  # noqa: E402
 from patch_training.token_cache import cached_token_stream  # noqa: E402
-from patch_training.trainer import PatchTrainer  # noqa: E402
+from patch_training.trainer import PatchTrainer, fresh_compilation  # noqa: E402
 from patch_training.training_args import RunTrainingArguments  # noqa: E402
 
 from modeling_llama_patch import PatchLlamaForCausalLM, kway_cross_entropy  # noqa: E402
@@ -97,6 +98,7 @@ class TimedTrainer(PatchTrainer):
         self.synthetic_batch = synthetic_batch
         self.data_time = 0.0
         self.window_start = self.window_time = None
+        self.train_start = time.perf_counter()  # warmup_s: from here to the end of the untimed steps
         self.add_callback(WindowTimer(self))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -121,6 +123,7 @@ class WindowTimer(TrainerCallback):
         if state.global_step == first:
             synchronize()
             trainer.window_start, trainer.data_time = time.perf_counter(), 0.0
+            trainer.warmup_time = trainer.window_start - trainer.train_start
         elif state.global_step == last:
             synchronize()
             trainer.window_time = time.perf_counter() - trainer.window_start
@@ -143,8 +146,9 @@ def stage_model(config, patch_size: int, args, stock: bool = False):
 
 
 def stage_result(name: str, patch_size: int, args, model_config, step_time: float, data_time: float | None,
-                 final_loss: float | None) -> dict:
-    """The row of one measured stage. `step_time` is the mean wall time of one optimizer step."""
+                 final_loss: float | None, warmup_time: float | None = None) -> dict:
+    """The row of one measured stage. `step_time` is the mean wall time of one optimizer step (s);
+    `warmup_time` the wall time of the untimed steps before it (s), torch.compile's compilation included."""
     positions = args.micro_batch * args.block_size
     tokens = positions * patch_size
     flops = training_flops_per_position(model_config, args.block_size) * positions / step_time
@@ -162,6 +166,7 @@ def stage_result(name: str, patch_size: int, args, model_config, step_time: floa
         "data_wait_share": None if data_time is None else data_time / (step_time * args.steps),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "final_loss": final_loss,
+        "warmup_s": warmup_time,
     }
 
 
@@ -196,6 +201,7 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
         optim="adamw_torch_fused" if use_cuda else "adamw_torch",
         torch_compile=args.torch_compile,
         torch_compile_mode=args.compile_mode if args.torch_compile else None,
+        torch_compile_regions=args.compile_regions,  # run_clm.py's --torch_compile_regions
         save_strategy="no",
         logging_steps=10_000,
         report_to="none",
@@ -214,9 +220,10 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
     if use_cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    fresh_compilation(training_args)  # each stage compiles as in a fresh process, as run_clm.py's stages do
     trainer.train()
     result = stage_result(name, patch_size, args, model.config, trainer.window_time / args.steps, trainer.data_time,
-                          trainer.state.log_history[-1].get("train_loss"))
+                          trainer.state.log_history[-1].get("train_loss"), trainer.warmup_time)
     del trainer, model
     if use_cuda:
         torch.cuda.empty_cache()
@@ -233,10 +240,13 @@ def reference_loop(name, patch_size, args, config, stream, tokenizer) -> dict:
     batch = {key: value.to(device) for key, value in default_data_collator(list(dataset)).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=device == "cuda")
-    forward = torch.compile(model, mode=args.compile_mode) if args.torch_compile else model
+    if args.torch_compile:
+        torch._dynamo.reset()
+    forward = compiled(model, args) if args.torch_compile else model
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    loop_start = time.perf_counter()
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             synchronize()
@@ -249,12 +259,22 @@ def reference_loop(name, patch_size, args, config, stream, tokenizer) -> dict:
         optimizer.zero_grad(set_to_none=True)
     synchronize()
     step_time = (time.perf_counter() - start) / args.steps
-    result = stage_result(name, patch_size, args, model.config, step_time, None, loss.item())
+    result = stage_result(name, patch_size, args, model.config, step_time, None, loss.item(), start - loop_start)
     result["data"] = "synthetic"
     del model, forward, optimizer
     if device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def compiled(model, args):
+    """The reference loop's torch.compile of `model`, as the Trainer's accelerate does it: the whole model, or
+    with --compile_regions each repeated decoder layer and the other leaf modules (`accelerate.utils.compile_regions`)."""
+    if args.compile_regions:
+        from accelerate.utils import compile_regions
+
+        return compile_regions(model, mode=args.compile_mode)
+    return torch.compile(model, mode=args.compile_mode)
 
 
 def choose_sdpa_backend(backend: str) -> None:
@@ -408,6 +428,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator); at least 1")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as --bf16 in run_clm.py)")
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile_regions", action="store_true",
+                        help="with --torch_compile: regional compilation (run_clm.py's --torch_compile_regions, "
+                        "accelerate's use_regional_compilation): one compilation of the "
+                        "decoder layer serves every layer, so compiling takes a fraction of the whole model's time")
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
     parser.add_argument("--liger", action="store_true", help="Liger-Kernel RMSNorm/SwiGLU/RoPE + fused linear CE (K=1)")
@@ -439,6 +463,8 @@ def main(argv=None) -> dict:
             check_liger_environment(use_cpu=False)
         except UsageError as error:
             parser.error(str(error).replace("--use_liger_kernel", "--liger"))
+    if args.compile_regions and not args.torch_compile:
+        parser.error("--compile_regions needs --torch_compile")
     if args.data == "streaming" and args.dataloader_num_workers > 1:
         parser.error("--data streaming reads one stream: --dataloader_num_workers must be 0 or 1")
     if args.patch_size < 1:
@@ -469,21 +495,31 @@ def main(argv=None) -> dict:
                 DataSource.from_files(args.train_file, "train_file"), tokenizer,
                 RunTrainingArguments(output_dir=output_dir, report_to="none"), cache_dir=args.data_cache_dir,
             )
-        stages = [run_stage("token", 1, args, config, stream, tokenizer, output_dir),
-                  run_stage("patch", args.patch_size, args, config, stream, tokenizer, output_dir)]
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        report = {
+            "device": device,
+            "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+            "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
+            "stages": [],
+            "complete": False,  # until every stage is measured: a report cut short keeps the stages it finished
+        }
+        runs = [lambda: run_stage("token", 1, args, config, stream, tokenizer, output_dir),
+                lambda: run_stage("patch", args.patch_size, args, config, stream, tokenizer, output_dir)]
         if args.reference_loop:
-            stages += [reference_loop("token-loop", 1, args, config, stream, tokenizer),
-                       reference_loop("patch-loop", args.patch_size, args, config, stream, tokenizer)]
+            runs += [lambda: reference_loop("token-loop", 1, args, config, stream, tokenizer),
+                     lambda: reference_loop("patch-loop", args.patch_size, args, config, stream, tokenizer)]
+        for run in runs:
+            stage = run()
+            report["stages"].append(stage)
+            write_report(report, args.output_json)  # before the line below, which says the stage is on disk
+            print(f"throughput.py: {stage['stage']} stage: warm-up {stage['warmup_s']:.1f} s ({args.warmup} steps, "
+                  f"compilation included), then {1000 * stage['step_time_s']:.1f} ms a step, "
+                  f"{stage['tokens_per_s']:,.0f} tokens/s", flush=True)
+    stages = report["stages"]
     token, patch = stages[:2]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    report = {
-        "device": device,
-        "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
-        "stages": stages,
-        "patch_token_tokens_per_s_ratio": patch["tokens_per_s"] / token["tokens_per_s"],
-    }
+    report["patch_token_tokens_per_s_ratio"] = patch["tokens_per_s"] / token["tokens_per_s"]
+    report["complete"] = True
     if not args.skip_loss_memory:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -510,10 +546,16 @@ def main(argv=None) -> dict:
               f"stock causal-LM loss {m['stock_causal_lm_loss_gib']:.2f} GiB, K-way K=1 {m['kway_loss_k1_gib']:.2f} GiB, "
               f"K={args.patch_size} {m[f'kway_loss_k{args.patch_size}_gib']:.2f} GiB")
     print(json.dumps(report, indent=2))
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+    write_report(report, args.output_json)
     return report
+
+
+def write_report(report: dict, path: str | None) -> None:
+    """Write `report` as JSON to `path` (nothing without one), whole or not at all (a temporary file renamed)."""
+    if path:
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

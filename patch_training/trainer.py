@@ -352,6 +352,18 @@ class MasterWeightsFrom(TrainerCallback):
             raise RuntimeError(f"{self.folder} has no weights for {sorted(missing)}")
 
 
+def fresh_compilation(args: TrainingArguments) -> None:
+    """With --torch_compile, forget what torch.compile learnt in this process (`torch._dynamo.reset()`), so that
+    a stage compiles as a fresh process would. Otherwise the token stage, whose sequences are K times shorter
+    than the patch stage's, fails the patch stage's shape guards and dynamo's automatic dynamic shapes compile
+    it with symbolic batch and sequence sizes (torch 2.11 to 2.13), and both stages share one recompile limit.
+    Raises nothing; does nothing without --torch_compile."""
+    if args.torch_compile:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+
+
 def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None, job_axis=None,
               schedule_steps=None, carry_state_from=None):
     """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it.
@@ -360,6 +372,7 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
     `--report_to` trackers on the job's step and axes. `schedule_steps`, `carry_state_from`: one schedule and
     optimizer state across stages (see `PatchTrainer`)."""
     token_eval, patch_eval = eval_datasets
+    fresh_compilation(stage_args)
     trainer = PatchTrainer(
         model=model,
         args=stage_args,

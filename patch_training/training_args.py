@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,24 @@ from transformers import TrainingArguments
 
 from .cli import UsageError, first_line, loads_json_object, refuse_below, refuse_non_finite
 from .liger import check_liger_kernel_config
+
+
+# accelerate's switch for regional compilation (TorchDynamoPlugin.use_regional_compilation), set by
+# --torch_compile_regions or by `accelerate launch` with use_regional_compilation in its config.
+REGIONAL_COMPILATION_ENV = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
+
+
+def regional_compilation_env() -> bool:
+    """Whether REGIONAL_COMPILATION_ENV asks for regional compilation, read as accelerate reads it. UsageError
+    for a value accelerate would fail on later with a traceback."""
+    from accelerate.utils import str_to_bool
+
+    value = os.environ.get(REGIONAL_COMPILATION_ENV, "false")
+    try:
+        return bool(str_to_bool(value))
+    except ValueError:
+        raise UsageError(f"{REGIONAL_COMPILATION_ENV}={value!r} is not a truth value (accelerate reads y, yes, t, true, "
+                         "on, 1 or n, no, f, false, off, 0)") from None
 
 
 @dataclass
@@ -69,6 +88,17 @@ class RunTrainingArguments(TrainingArguments):
         },
     )
 
+    torch_compile_regions: bool = field(
+        default=False,
+        metadata={
+            "help": "With --torch_compile: compile by regions (accelerate's regional compilation): one compilation of "
+            "the decoder layer serves every layer, the other modules are compiled alone, and the top-level forward "
+            "(patch means, loss) runs eagerly. Compiling takes a fraction of the whole model's time (370M on CPU: "
+            "25 s instead of 70 for the token stage, 5 s instead of 56 for the patch stage, whose layers reuse the "
+            "token stage's compilations; see README, Throughput)."
+        },
+    )
+
     def __reduce_ex__(self, protocol):
         """Pickled as the stock `TrainingArguments` with the same values: transformers' Trainer saves its arguments
         with torch.save in every checkpoint (`training_args.bin`), which then needed this project to load
@@ -110,7 +140,14 @@ class RunTrainingArguments(TrainingArguments):
             self.accelerator_config = {"non_blocking": True}
         if self.use_liger_kernel:
             check_liger_kernel_config(self.liger_kernel_config)
+        compiling = self.torch_compile or self.torch_compile_backend or self.torch_compile_mode
+        if self.torch_compile_regions and not compiling:
+            raise UsageError("--torch_compile_regions compiles by regions: it needs --torch_compile true")
+        if compiling and regional_compilation_env():
+            self.torch_compile_regions = True  # accelerate would compile by regions anyway (`accelerate launch` config)
         super().__post_init__()
+        if self.torch_compile_regions:  # read by accelerate's TorchDynamoPlugin, as transformers passes backend and mode
+            os.environ[REGIONAL_COMPILATION_ENV] = "true"
         check_training_numbers(self)
         check_settings_run_clm_does_not_honour(self)
 

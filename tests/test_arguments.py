@@ -307,6 +307,8 @@ LATE_FAILURES = {  # flags -> the start of the one line
     "compile_backend": (["--torch_compile", "true", "--torch_compile_backend", "nonsense"],
                         "--torch_compile_backend 'nonsense' is not a backend accelerate knows (eager, aot_eager, inductor"),
     "compile_mode": (["--torch_compile", "true", "--torch_compile_mode", "fast"], "--torch_compile_mode 'fast' is not one"),
+    "compile_regions_alone": (["--torch_compile_regions", "true"],
+                              "--torch_compile_regions compiles by regions: it needs --torch_compile true"),
     "push_to_hub_offline": (["--push_to_hub", "true"], "--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set"),
     "push_to_hub_unreachable": (["--push_to_hub", "true", "--hub_token", "hf_not_a_token"],
                                 "--push_to_hub cannot reach the Hugging Face Hub as a logged-in user ("),
@@ -355,6 +357,30 @@ def test_the_same_settings_done_right_are_taken(tmp_path):
         args = RunTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **flags)
         check_trainer_settings(args)
         assert args.do_train
+
+
+def test_regional_compilation_flag_and_accelerate_switch_agree(tmp_path, monkeypatch):
+    """--torch_compile_regions sets accelerate's switch (ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION), and the switch
+    set by `accelerate launch`'s config turns the flag on, so the run's recorded settings say what accelerate does;
+    a value accelerate cannot read is one line (it failed later with accelerate's traceback)."""
+    from patch_training.training_args import REGIONAL_COMPILATION_ENV, RunTrainingArguments
+
+    def make(**flags):
+        return RunTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **flags)
+
+    monkeypatch.setenv(REGIONAL_COMPILATION_ENV, "false")  # restored after the test
+    assert make(torch_compile=True).torch_compile_regions is False
+    assert make(torch_compile=True, torch_compile_regions=True).torch_compile_regions is True
+    assert os.environ[REGIONAL_COMPILATION_ENV] == "true"
+    for value, regions in (("1", True), ("Yes", True), ("off", False)):
+        monkeypatch.setenv(REGIONAL_COMPILATION_ENV, value)
+        assert make(torch_compile=True).torch_compile_regions is regions
+        assert make().torch_compile_regions is False  # without compiling, the switch does nothing
+    monkeypatch.setenv(REGIONAL_COMPILATION_ENV, "maybe")
+    with pytest.raises(UsageError) as refused:
+        make(torch_compile=True)
+    assert str(refused.value) == ("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION='maybe' is not a truth value (accelerate "
+                                  "reads y, yes, t, true, on, 1 or n, no, f, false, off, 0)")
 
 
 @pytest.mark.parametrize("flags", [["--max_step", "4"], ["--output_d", "/tmp/elsewhere"], ["--learning_r=0.1"],

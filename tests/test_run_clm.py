@@ -234,10 +234,30 @@ def test_patch_max_steps_beyond_the_data_stops_after_one_pass(workdir, finished_
     assert capped["patch_stage"]["steps"] == 2
 
 
-def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path):
-    """--torch_compile true runs both stages, the stage switch and evaluation, and ends where eager does."""
+@pytest.mark.parametrize("regions", [False, True], ids=["whole_model", "regions"])
+def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path, monkeypatch, regions):
+    """--torch_compile true runs both stages, the stage switch and evaluation, and ends where eager does; so does
+    --torch_compile_regions true (accelerate's regional compilation: the decoder layers compiled, the top-level
+    forward with the patch means and the K-way loss eager)."""
+    from patch_training.training_args import REGIONAL_COMPILATION_ENV
+
+    monkeypatch.setenv(REGIONAL_COMPILATION_ENV, "false")  # restored after the test
+    compiled = []  # per stage: (whole model compiled, first decoder layer compiled)
+    train = PatchTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        output = train(self, *args, **kwargs)
+        wrapped = self.model_wrapped
+        layer = (wrapped._orig_mod if isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) else wrapped).model.layers[0]
+        compiled.append((isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule),
+                         isinstance(layer, torch._dynamo.eval_frame.OptimizedModule)))
+        return output
+
+    monkeypatch.setattr(PatchTrainer, "train", recording_train)
     output_dir = tmp_path / "compiled"
-    results = run_clm.main(job_args(workdir, output_dir, torch_compile=True, save_steps=100))
+    results = run_clm.main(job_args(workdir, output_dir, torch_compile=True, save_steps=100,
+                                    **({"torch_compile_regions": True} if regions else {})))
+    assert compiled == [(not regions, regions)] * 2  # both stages
     reference_dir, reference = finished_job
     assert results["patch_stage"]["steps"] == 6 and results["token_stage"]["steps"] == 6
     assert max_abs_difference(weights(output_dir), weights(reference_dir)) < 1e-3

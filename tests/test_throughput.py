@@ -87,7 +87,9 @@ def test_benchmark_runs_on_cpu(tmp_path):
         "--output_json", str(output),
     ])
     assert json.loads(output.read_text())["patch_token_tokens_per_s_ratio"] == report["patch_token_tokens_per_s_ratio"]
+    assert report["complete"] is True and json.loads(output.read_text())["complete"] is True
     token, patch = report["stages"]
+    assert token["warmup_s"] > 0 and patch["warmup_s"] > 0  # the untimed step, compilation included
     assert token["sequence_tokens"] == 32 and patch["sequence_tokens"] == 128
     assert patch["tokens_per_s"] == pytest.approx(4 * patch["positions_per_s"])
     assert report["patch_token_tokens_per_s_ratio"] > 1.0  # same positions per step, 4x the tokens
@@ -158,12 +160,16 @@ def test_gpu_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
     flags = f"--model_config configs/model/llama-tiny.json --block_size 32 --micro_batch 2 --warmup 1 --data_cache_dir {tmp_path / 'cache'}"
     env = {**os.environ, "STEPS": "2", "BENCH_FLAGS": flags,
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "results"), "eager-mb2", "liger", "memory"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "results"), "eager-mb2", "regional-mb2",
+                           "liger", "memory"], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "liger: needs a CUDA GPU and liger-kernel" in done.stdout or torch.cuda.is_available()
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "| eager-mb2 | token |" in summary and "| eager-mb2 | patch K=4 |" in summary
+    # regional compilation (accelerate's compile_regions) through the same Trainer step
+    assert "| regional-mb2 | token |" in summary and "| regional-mb2 | patch K=4 |" in summary
+    assert json.loads((tmp_path / "results" / "regional-mb2.json").read_text())["settings"]["compile_regions"] is True
+    assert "== regional-mb2" in (tmp_path / "results" / "suite.log").read_text()  # the progress log
     # at 64 positions the head's gradients dominate, so only that the verdicts are there, for the memory report
     assert "- fused head + loss <= 1/4 of the chunked path at 32,000: " in summary and "(memory: 64 x 32,000" in summary
     assert "- fused head + loss <= 1/8 of stock at 128,256: " in summary and "(memory: 64 x 128,256" in summary
@@ -171,6 +177,35 @@ def test_gpu_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
         assert "- token-stage MFU >= 45%: not measured (no GPU report)" in summary
         assert "K-way loss peak memory <= stock's: met (eager-mb2:" in summary
         assert "GPU-sized train configs: none (no GPU report)" in summary
+
+
+def test_benchmark_cut_short_keeps_the_stages_it_finished(tmp_path):
+    """Interrupted (SIGINT, as gpu_suite.sh's time limit sends) after the token stage, throughput.py leaves a
+    report with that stage, marked incomplete, and the summary names it "cut short" (regression: on one H200 the
+    suite's first variant was cut short in its patch stage and left no report at all)."""
+    import signal
+
+    output = tmp_path / "cut.json"
+    command = [sys.executable, "benchmarks/throughput.py", "--block_size", "32", "--micro_batch", "2", "--steps", "2",
+               "--warmup", "1", "--skip_loss_memory", "--data_cache_dir", str(tmp_path / "cache"),
+               "--output_json", str(output)]
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+        for line in process.stdout:
+            if line.startswith("throughput.py: token stage: warm-up"):
+                process.send_signal(signal.SIGINT)
+                break
+        process.communicate(timeout=300)
+    report = json.loads(output.read_text())
+    assert report["complete"] is False and [stage["stage"] for stage in report["stages"]] == ["token"]
+    assert "| cut (cut short) | token |" in summarize.summarize([str(output)])
+
+
+def test_gpu_suite_refuses_an_unknown_variant_before_running_any(tmp_path):
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "out"), "memory", "compile-16"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 2 and "gpu_suite.sh: unknown variant 'compile-16'" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_suite_needs_an_output_folder():
@@ -194,6 +229,11 @@ def test_gpu_configs_use_the_best_micro_batch(tmp_path):
         assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * 8 * 2048 == 2048 * 1024
         assert config["torch_compile"] is True and config["output_dir"] == f"runs/{path.stem}"
     assert summarize.write_gpu_configs({"cpu": {"stages": [{"stage": "token", "mfu": None}]}}, tmp_path, REPO_ROOT) == []
+    # the best variant compiled by regions: so do its configs
+    reports["regional-mb32"] = report(32, 0.48)
+    reports["regional-mb32"]["settings"]["compile_regions"] = True
+    for path in summarize.write_gpu_configs(reports, tmp_path, REPO_ROOT / "configs" / "train"):
+        assert json.loads(path.read_text())["torch_compile_regions"] is True
 
 
 @pytest.mark.parametrize("script, flags, line", [

@@ -189,13 +189,18 @@ def test_deepspeed_zero2_two_processes(tmp_path, data_cache):
     assert "fused LM-head loss" not in launcher_log(out), "ZeRO-2 trains with the fused LM-head loss (no fallback said)"
 
 
-def test_deepspeed_zero2_with_torch_compile(tmp_path, data_cache):
-    """--torch_compile under DeepSpeed (accelerate hands the model to DeepSpeed's engine.compile): both stages
-    train, the handover and the stage saves see the compiled module's parameters, the model is stock."""
+@pytest.mark.parametrize("regions", [False, True], ids=["whole_model", "regions"])
+def test_deepspeed_zero2_with_torch_compile(tmp_path, data_cache, regions):
+    """--torch_compile under DeepSpeed (accelerate hands the model to DeepSpeed's engine.compile; by regions,
+    `compile_regions_deepspeed` compiles each layer in place): both stages train, the handover and the stage saves
+    see the compiled module's parameters, the model is stock."""
     out = tmp_path / "zero2_compiled"
-    results = launch_deepspeed(out, data_cache, "zero2.json", "--torch_compile", "true", TORCH_LOGS="dynamo")
+    flags = ("--torch_compile", "true") + (("--torch_compile_regions", "true") if regions else ())
+    results = launch_deepspeed(out, data_cache, "zero2.json", *flags, TORCH_LOGS="dynamo")
     log = launcher_log(out)
     assert "torchdynamo start tracing forward" in log and "done compiler function inductor" in log, "nothing compiled"
+    # by regions, dynamo starts at a decoder layer's forward, never at the whole model's (modeling_llama_patch.py)
+    assert ("modeling_llama_patch.py" in log.split("torchdynamo start tracing forward", 1)[1].splitlines()[0]) is not regions
     assert "recompile_limit" not in log, "dynamo gave up and ran part of the model eagerly"
     check_two_ranks_and_both_stages(results, out)
     check_weights(out)

@@ -36,7 +36,6 @@ import time
 import weakref
 
 import torch
-import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -240,8 +239,7 @@ def reference_loop(name, patch_size, args, config, stream, tokenizer) -> dict:
     batch = {key: value.to(device) for key, value in default_data_collator(list(dataset)).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=device == "cuda")
-    if args.torch_compile:
-        torch._dynamo.reset()
+    fresh_compilation(args)  # as run_stage: a stage compiles as in a fresh process
     forward = compiled(model, args) if args.torch_compile else model
     if device == "cuda":
         torch.cuda.empty_cache()

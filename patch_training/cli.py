@@ -293,13 +293,18 @@ def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> Non
 
 
 def end_process_group() -> None:
-    """Every rank of a finished multi-process run waits for the others, then destroys the process group, as torch
-    asks. Left to interpreter exit, gloo's threads sometimes aborted a rank ("terminate called without an active
-    exception", exit -6; seen with torch 2.11), and the launcher reported a finished run as failed. No-op without
-    a process group."""
+    """Every rank of a finished multi-process run frees what is left of the run (a DistributedDataParallel
+    module in a reference cycle, whose reducer holds the process group), waits for the others, then destroys the
+    process group, as torch asks. Left to interpreter exit, gloo's threads sometimes aborted a rank ("terminate
+    called without an active exception", exit -6; seen with torch 2.11), and the launcher reported a finished run
+    as failed; a DDP module freed after the group was destroyed hung its rank (1 run in 11 of
+    tests/ddp_fused_loss.py, torch 2.13, until the launcher's timeout). No-op without a process group."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP modules no longer reachable go now, while the group they hold is alive
         dist.barrier()
         dist.destroy_process_group()
 

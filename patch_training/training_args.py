@@ -140,12 +140,11 @@ class RunTrainingArguments(TrainingArguments):
             self.accelerator_config = {"non_blocking": True}
         if self.use_liger_kernel:
             check_liger_kernel_config(self.liger_kernel_config)
-        compiling = self.torch_compile or self.torch_compile_backend or self.torch_compile_mode
-        if self.torch_compile_regions and not compiling:
+        super().__post_init__()  # also turns torch_compile on for a --torch_compile_backend or --torch_compile_mode
+        if self.torch_compile_regions and not self.torch_compile:
             raise UsageError("--torch_compile_regions compiles by regions: it needs --torch_compile true")
-        if compiling and regional_compilation_env():
+        if self.torch_compile and regional_compilation_env():
             self.torch_compile_regions = True  # accelerate would compile by regions anyway (`accelerate launch` config)
-        super().__post_init__()
         if self.torch_compile_regions:  # read by accelerate's TorchDynamoPlugin, as transformers passes backend and mode
             os.environ[REGIONAL_COMPILATION_ENV] = "true"
         check_training_numbers(self)

@@ -575,12 +575,25 @@ class PatchModelMixin:
             _log_once(f"fused LM-head loss: not exact for model_type {self.config.model_type!r}; using the stock head "
                       "and the chunked K-way loss")
             return None
-        head = self.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear) or hasattr(head.weight, "ds_id"):  # ds_id: a DeepSpeed ZeRO-3 partition
-            _log_once("fused LM-head loss: the head's weight is partitioned (DeepSpeed ZeRO-3) or the head is not a "
-                      "plain Linear; using the stock head and the chunked K-way loss")
+        head = self._output_head()
+        if not isinstance(head, torch.nn.Linear):
+            _log_once(f"fused LM-head loss: the output head is a {type(head).__name__}, not a Linear; using the stock "
+                      "head and the chunked K-way loss")
+            return None
+        if hasattr(head.weight, "ds_id"):  # ds_id: a DeepSpeed ZeRO-3 partition
+            _log_once("fused LM-head loss: the head's weight is partitioned (DeepSpeed ZeRO-3); using the stock head "
+                      "and the chunked K-way loss")
             return None
         return arguments
+
+    def _output_head(self) -> torch.nn.Module:
+        """The output embeddings (the LM head) as the module that owns the weight: a `torch.compile` wrapper
+        around it (accelerate's regional compilation, `compile_regions`, compiles each leaf module outside the
+        repeated blocks one by one) is looked through, since the fused loss uses the weight, not the head's forward."""
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        head = self.get_output_embeddings()
+        return head._orig_mod if isinstance(head, OptimizedModule) else head
 
     def _fused_forward(self, stock_inputs: dict, labels, patch_size: int, num_items_in_batch, fused_arguments: dict):
         """The decoder (`self.base_model`) on the stock inputs, then the fused LM-head + K-way loss on its final
@@ -589,7 +602,7 @@ class PatchModelMixin:
 
         base_inputs = {name: value for name, value in stock_inputs.items() if name != "labels"}
         outputs = self.base_model(**base_inputs)
-        head = self.get_output_embeddings()
+        head = self._output_head()
         targets = next_patch_targets(labels, patch_size)  # (B, n, K)
         loss, per_offset = fused_kway_linear_cross_entropy(
             outputs.last_hidden_state, head.weight, targets, head.bias, num_items_in_batch=num_items_in_batch,

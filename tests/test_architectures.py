@@ -389,6 +389,63 @@ def test_fused_loss_equals_the_stock_head(model_type, patch_size):
     assert patch(ids, labels=labels).logits is not None
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("patch_size", [1, K])
+def test_fused_loss_under_regional_compilation(model_type, patch_size, caplog, monkeypatch):
+    """accelerate's regional compilation (`--torch_compile_regions`) wraps each leaf module outside the repeated
+    blocks in its own torch.compile, the LM head included. The fused loss looks through that wrapper: it is still
+    used (no logits, no fallback line), with the loss and gradients of the uncompiled model's stock head and
+    chunked K-way loss. (Regression: on an H200 the wrapped head sent every regional run to the unfused path.)"""
+    from accelerate.utils import compile_regions
+
+    _, patch = build_pair(model_type, patch_size)
+    patch.train()
+    ids = random_ids(2, 4 * K)
+    labels = ids.clone()
+    labels[0, 5] = IGNORE_INDEX
+    ref_loss, ref_offsets, _, ref_gradients = train_step(patch, ids, labels, "unfused")
+    patch.loss_implementation = "auto"  # the default; compile_regions copies the attributes
+    torch._dynamo.reset()
+    compiled = compile_regions(patch, backend="eager")
+    assert isinstance(compiled.get_output_embeddings(), torch._dynamo.eval_frame.OptimizedModule)
+    monkeypatch.setattr(modeling_llama_patch, "_LOGGED", set())
+    with caplog.at_level("WARNING"):
+        patch.zero_grad(set_to_none=True)
+        out = compiled(ids, labels=labels, num_items_in_batch=torch.tensor(25))
+        out.loss.backward()
+    torch._dynamo.reset()
+    assert compiled.loss_implementation == "auto" and out.logits is None
+    assert not [r for r in caplog.records if "fused LM-head loss" in r.getMessage()]
+    torch.testing.assert_close(out.loss.detach(), ref_loss, **FP32_TOL)
+    torch.testing.assert_close(out.offset_losses, ref_offsets, **FP32_TOL)
+    assert_grads_close(grads(patch), ref_gradients)
+
+
+def test_a_head_that_is_not_a_linear_falls_back_naming_its_type(caplog, monkeypatch):
+    """A head that is not a Linear (after looking through torch.compile) uses the stock head under "auto", with
+    one log line naming its type."""
+    _, patch = build_pair("llama", K)
+    patch.train()
+
+    class ScaledHead(torch.nn.Module):  # a head with its own forward: the fused loss would skip it
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, hidden):
+            return self.linear(hidden) * 0.5
+
+    patch.lm_head = ScaledHead(patch.lm_head)
+    ids = random_ids(2, 4 * K)
+    monkeypatch.setattr(modeling_llama_patch, "_LOGGED", set())
+    with caplog.at_level("WARNING"):
+        out = patch(ids, labels=ids)
+    assert out.logits is not None
+    said = [r.getMessage() for r in caplog.records if "fused LM-head loss" in r.getMessage()]
+    assert said == ["fused LM-head loss: the output head is a ScaledHead, not a Linear; using the stock head and the "
+                    "chunked K-way loss"]
+
+
 def test_fused_loss_falls_back_where_it_is_not_exact(caplog, monkeypatch):
     """An architecture whose forward adds to its loss (MoE router loss) uses the stock head under "auto", with
     one log line; "fused" refuses it in one line."""

@@ -235,11 +235,15 @@ def test_patch_max_steps_beyond_the_data_stops_after_one_pass(workdir, finished_
 
 
 @pytest.mark.parametrize("regions", [False, True], ids=["whole_model", "regions"])
-def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path, monkeypatch, regions):
+def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path, monkeypatch, caplog, regions):
     """--torch_compile true runs both stages, the stage switch and evaluation, and ends where eager does; so does
     --torch_compile_regions true (accelerate's regional compilation: the decoder layers compiled, the top-level
-    forward with the patch means and the K-way loss eager)."""
+    forward with the patch means and the K-way loss eager). Both train with the fused LM-head loss: no fallback
+    line (regional compilation wraps the head in torch.compile, which the fused loss looks through)."""
+    import modeling_llama_patch
     from patch_training.training_args import REGIONAL_COMPILATION_ENV
+
+    monkeypatch.setattr(modeling_llama_patch, "_LOGGED", set())
 
     monkeypatch.setenv(REGIONAL_COMPILATION_ENV, "false")  # restored after the test
     compiled = []  # per stage: (whole model compiled, first decoder layer compiled)
@@ -255,9 +259,11 @@ def test_torch_compile_job_matches_eager(workdir, finished_job, tmp_path, monkey
 
     monkeypatch.setattr(PatchTrainer, "train", recording_train)
     output_dir = tmp_path / "compiled"
-    results = run_clm.main(job_args(workdir, output_dir, torch_compile=True, save_steps=100,
-                                    **({"torch_compile_regions": True} if regions else {})))
+    with caplog.at_level("WARNING", logger="modeling_llama_patch"):
+        results = run_clm.main(job_args(workdir, output_dir, torch_compile=True, save_steps=100,
+                                        **({"torch_compile_regions": True} if regions else {})))
     assert compiled == [(not regions, regions)] * 2  # both stages
+    assert not [r for r in caplog.records if "fused LM-head loss" in r.getMessage()]
     reference_dir, reference = finished_job
     assert results["patch_stage"]["steps"] == 6 and results["token_stage"]["steps"] == 6
     assert max_abs_difference(weights(output_dir), weights(reference_dir)) < 1e-3

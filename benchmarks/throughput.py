@@ -178,6 +178,24 @@ def training_blocks(args, stream, tokenizer, block_len: int, num_blocks: int) ->
     return StreamingTokenBlocks(source.documents, tokenizer, source.text_column, 0, num_blocks, block_len)
 
 
+def loss_path(model) -> str:
+    """Which training loss `model` (as the Trainer wrapped it: torch.compile, accelerate's regional compilation)
+    computes: "fused" (the fused LM-head + K-way loss) or "unfused" (the stock head, then the chunked K-way loss),
+    by the model's own decision (`_fused_loss_arguments`, what its training forward asks)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    model = model._orig_mod if isinstance(model, OptimizedModule) else model
+    model = getattr(model, "module", model)  # DDP
+    if not hasattr(model, "_fused_loss_arguments"):
+        return "unfused"
+    labels = torch.zeros(1, 2, dtype=torch.long)
+    training, model.training = model.training, True  # the decision of a training forward
+    try:
+        return "unfused" if model._fused_loss_arguments(labels, {}) is None else "fused"
+    finally:
+        model.training = training
+
+
 def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> dict:
     """Train `warmup + steps` optimizer steps of one stage through PatchTrainer; time the last `steps`."""
     block_len = patch_size * args.block_size
@@ -223,6 +241,7 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
     trainer.train()
     result = stage_result(name, patch_size, args, model.config, trainer.window_time / args.steps, trainer.data_time,
                           trainer.state.log_history[-1].get("train_loss"), trainer.warmup_time)
+    result["loss_path"] = loss_path(trainer.model_wrapped)
     del trainer, model
     if use_cuda:
         torch.cuda.empty_cache()
@@ -258,6 +277,7 @@ def reference_loop(name, patch_size, args, config, stream, tokenizer) -> dict:
     synchronize()
     step_time = (time.perf_counter() - start) / args.steps
     result = stage_result(name, patch_size, args, model.config, step_time, None, loss.item(), start - loop_start)
+    result["loss_path"] = loss_path(forward)
     result["data"] = "synthetic"
     del model, forward, optimizer
     if device == "cuda":
@@ -527,15 +547,15 @@ def main(argv=None) -> dict:
     print(f"model {args.model_config}, T={args.block_size}, micro-batch {args.micro_batch}, K={args.patch_size}, "
           f"bf16={args.bf16}, compile={args.torch_compile}, liger={args.liger}, attention={args.attn_implementation} "
           f"(SDPA backend {args.sdpa_backend}), compile mode={args.compile_mode}, data={args.data}, loader workers={args.dataloader_num_workers}\n")
-    header = (f"{'stage':<11} {'tokens/s':>12} {'positions/s':>12} {'step ms':>9} {'peak GiB':>9} {'MFU':>6} "
-              f"{'data wait':>9}")
+    header = (f"{'stage':<11} {'loss':>8} {'tokens/s':>12} {'positions/s':>12} {'step ms':>9} {'peak GiB':>9} "
+              f"{'MFU':>6} {'data wait':>9}")
     print(header)
     print("-" * len(header))
     for s in stages:
         peak = f"{s['peak_memory_gib']:.2f}" if s["peak_memory_gib"] is not None else "-"
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
         wait = f"{100 * s['data_wait_share']:.2f}%" if s["data_wait_share"] is not None else "-"
-        print(f"{s['stage']:<11} {s['tokens_per_s']:>12,.0f} {s['positions_per_s']:>12,.0f} "
+        print(f"{s['stage']:<11} {s['loss_path']:>8} {s['tokens_per_s']:>12,.0f} {s['positions_per_s']:>12,.0f} "
               f"{1000 * s['step_time_s']:>9.1f} {peak:>9} {mfu:>6} {wait:>9}")
     print(f"\npatch/token tokens-per-second ratio: {report['patch_token_tokens_per_s_ratio']:.3f} (limit K={args.patch_size})")
     if "loss_memory" in report:

@@ -4,6 +4,7 @@
 #
 #   scripts/run_paper.sh configs/train/llama-370m-patch-k4-lambda0.67.json [--flag value ...]
 #   scripts/run_paper.sh 370m [--flag value ...]     # the baseline, then λ = 1/2, 2/3, 4/5, one after another
+#   scripts/run_paper.sh configs/train/llama-370m-patch-k4-lambda0.67-141gb.json   # sized for one card (README)
 #   BACKEND=deepspeed DS_CONFIG=configs/deepspeed/zero3.json scripts/run_paper.sh 2.7b
 #
 # BACKEND: accelerate (default; ACCELERATE_CONFIG picks DDP, DeepSpeed or FSDP), deepspeed (DS_CONFIG) or
@@ -28,7 +29,11 @@ target=$1
 shift
 case "$target" in
   *.json) configs=("$target") ;;
-  370m | 780m | 1.3b | 2.7b) configs=("configs/train/llama-$target-token.json" "configs/train/llama-$target-patch"-*.json) ;;
+  370m | 780m | 1.3b | 2.7b)
+    configs=("configs/train/llama-$target-token.json")
+    for config in "configs/train/llama-$target-patch"-*.json; do
+      [[ $config == *-[0-9]*gb.json ]] || configs+=("$config")  # GPU-sized configs (-80gb, -141gb) run by name
+    done ;;
   *) usage ;;
 esac
 for config in "${configs[@]}"; do

@@ -7,6 +7,7 @@ by `accelerate launch`'s own parsing, shell scripts by `bash -n` and shellcheck.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,10 +152,11 @@ def test_paper_config_has_the_paper_settings(path, bf16_gpu, monkeypatch):
     size = path.stem.split("-")[1]
     assert model_args.config_name == f"configs/model/llama-{size}.json"
     fraction, k = patch_args.patch_data_fraction, patch_args.patch_size
+    name = GPU_CARD_SUFFIX.sub(".json", path.name)  # a GPU-sized config: the paper config it sizes
     if fraction == 0:
-        assert path.name == paper_config_name(size, None)
+        assert name == paper_config_name(size, None)
     else:
-        assert k == 4 and path.name == paper_config_name(size, fraction)
+        assert k == 4 and name == paper_config_name(size, fraction)
         assert any(abs(fraction - f) < 1e-12 for f in PAPER_RUNS[size]), "λ = 2/3 is 0.666..., not 0.67"
 
     # 2M tokens per step on 8 GPUs, in both stages (the patch stage: K*T-token sequences, K times fewer).
@@ -179,7 +181,7 @@ def test_paper_configs_differ_only_in_model_batch_patch_and_output():
     allowed = {"config_name", "per_device_train_batch_size", "gradient_accumulation_steps", "patch_size",
                "patch_data_fraction", "output_dir"}
     reference = json.loads(PAPER_CONFIGS[0].read_text())
-    for path in PAPER_CONFIGS[1:]:
+    for path in [p for p in PAPER_CONFIGS[1:] if not GPU_CARD_SUFFIX.search(p.name)]:  # those: their own test
         values = json.loads(path.read_text())
         assert set(values) == set(reference), path.name
         assert {key for key in values if values[key] != reference[key]} <= allowed, path.name
@@ -746,3 +748,18 @@ def test_prepare_then_run_clm_reads_the_cache_without_tokenising(tmp_path, monke
     ])
     assert results["dataset_tokens"] == summary["train_tokens"]
     assert results["perplexity"] is not None
+
+
+GPU_CARD_SUFFIX = re.compile(r"-(80|141)gb\.json$")
+GPU_SIZED_SETTINGS = {"per_device_train_batch_size", "gradient_accumulation_steps", "torch_compile",
+                      "torch_compile_regions", "loss_implementation", "output_dir"}
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER_CONFIGS if GPU_CARD_SUFFIX.search(p.name)], ids=lambda p: p.name)
+def test_gpu_sized_config_changes_only_the_gpu_settings(path):
+    """A GPU-sized config (benchmarks/summarize.py, from measured reports) is its paper config with only the
+    micro-batch, the accumulation, compilation and the loss implementation changed, and its own output folder."""
+    sized = json.loads(path.read_text())
+    paper = json.loads((path.parent / GPU_CARD_SUFFIX.sub(".json", path.name)).read_text())
+    changed = {key for key in sized.keys() | paper.keys() if sized.get(key) != paper.get(key)}
+    assert changed <= GPU_SIZED_SETTINGS and sized["torch_compile"] is True

@@ -90,6 +90,7 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert report["complete"] is True and json.loads(output.read_text())["complete"] is True
     token, patch = report["stages"]
     assert token["warmup_s"] > 0 and patch["warmup_s"] > 0  # the untimed step, compilation included
+    assert token["loss_path"] == patch["loss_path"] == "fused"  # the default, as the model decided it
     assert token["sequence_tokens"] == 32 and patch["sequence_tokens"] == 128
     assert patch["tokens_per_s"] == pytest.approx(4 * patch["positions_per_s"])
     assert report["patch_token_tokens_per_s_ratio"] > 1.0  # same positions per step, 4x the tokens
@@ -111,6 +112,7 @@ def test_benchmark_synthetic_data_and_reference_loop(tmp_path):
     token, patch, token_loop, patch_loop = report["stages"]
     assert report["patch_token_tokens_per_s_ratio"] == pytest.approx(patch["tokens_per_s"] / token["tokens_per_s"])
     assert token_loop["data_wait_share"] is None and patch_loop["sequence_tokens"] == 128
+    assert token_loop["loss_path"] == "unfused" and patch_loop["loss_path"] == "fused"  # stock LlamaForCausalLM, ours
     assert all(stage["final_loss"] > 0 for stage in report["stages"][2:])
 
     report_file = tmp_path / "synthetic.json"
@@ -137,12 +139,16 @@ def test_benchmark_streaming_loader(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def readme_table_rows() -> list[str]:
+    return [line for line in (REPO_ROOT / "README.md").read_text().splitlines() if line.startswith("| ")]
+
+
 def test_summary_reproduces_the_readme_h100_table():
     """The README's H100 rows are the committed JSON reports, number for number; the verdicts follow them."""
     names = ("eager", "compile", "liger")
     reports = [str(REPO_ROOT / "benchmarks" / "results" / f"h100-370m-{name}.json") for name in names]
     text = summarize.summarize(reports)
-    readme_rows = [line for line in (REPO_ROOT / "README.md").read_text().splitlines() if line.startswith("| ")]
+    readme_rows = readme_table_rows()
     rows = [line for line in text.splitlines() if line.startswith("| h100-370m-")]
     assert len(rows) == 6
     for row in rows:
@@ -152,6 +158,29 @@ def test_summary_reproduces_the_readme_h100_table():
     assert "- data wait < 2% of the step: NOT met (worst 4.45%, h100-370m-compile patch K=4)" in text
     assert "ratio >= 3.9: met (h100-370m-eager 3.86, h100-370m-compile 3.92, h100-370m-liger 3.59)" in text
     assert "K-way loss peak memory <= stock's: met (h100-370m-eager: 0.98 vs 2.93 GiB at 8,192 positions" in text
+
+
+H200_VARIANTS = ("regional-unfused-mb16", "regional-unfused-mb32", "regional-mb16", "regional-mb32", "regional-mb64",
+                 "compile-mb16", "memory")
+
+
+def test_summary_reproduces_the_readme_h200_table_and_configs(tmp_path):
+    """The README's H200 table is the committed reports' summary, row for row (variant names included), and the
+    committed GPU-sized configs are what the summary writes from them."""
+    folder = REPO_ROOT / "benchmarks" / "results" / "throughput-h200"
+    reports = [str(folder / f"{name}.json") for name in H200_VARIANTS]
+    text = summarize.main([*reports, "--configs_dir", str(tmp_path)])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(rows) == 12 and all(row in readme_table_rows() for row in rows[1:])
+    assert "- token-stage MFU >= 45%: met (best 46.2%, regional-unfused-mb32)" in text
+    assert "- data wait < 2% of the step: met (worst 1.56%, compile-mb16 patch K=4)" in text
+    assert "- 80gb: regional-unfused-mb16 (micro-batch 16)" in text and "- 141gb: regional-unfused-mb32 (micro-batch 32)" in text
+    assert (folder / "summary.md").read_text().splitlines()[:22] == text.splitlines()[:22]
+    written = sorted(tmp_path.glob("*.json"))
+    assert [p.name for p in written] == ["llama-370m-patch-k4-lambda0.67-141gb.json", "llama-370m-patch-k4-lambda0.67-80gb.json",
+                                         "llama-370m-token-141gb.json", "llama-370m-token-80gb.json"]
+    for path in written:
+        assert json.loads(path.read_text()) == json.loads((REPO_ROOT / "configs" / "train" / path.name).read_text()), path.name
 
 
 def test_gpu_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
@@ -168,7 +197,11 @@ def test_gpu_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert "| eager-mb2 | token |" in summary and "| eager-mb2 | patch K=4 |" in summary
     # regional compilation (accelerate's compile_regions) through the same Trainer step
     assert "| regional-mb2 | token |" in summary and "| regional-mb2 | patch K=4 |" in summary
-    assert json.loads((tmp_path / "results" / "regional-mb2.json").read_text())["settings"]["compile_regions"] is True
+    regional = json.loads((tmp_path / "results" / "regional-mb2.json").read_text())
+    assert regional["settings"]["compile_regions"] is True
+    # the fused loss under regional compilation (regression: the compiled head sent it to the unfused path)
+    assert [stage["loss_path"] for stage in regional["stages"]] == ["fused", "fused"]
+    assert "| regional-mb2 | token | fused |" in summary
     assert "== regional-mb2" in (tmp_path / "results" / "suite.log").read_text()  # the progress log
     # at 64 positions the head's gradients dominate, so only that the verdicts are there, for the memory report
     assert "- fused head + loss <= 1/4 of the chunked path at 32,000: " in summary and "(memory: 64 x 32,000" in summary
@@ -213,27 +246,52 @@ def test_gpu_suite_needs_an_output_folder():
     assert done.returncode == 2 and "usage: bash benchmarks/gpu_suite.sh OUT_DIR [VARIANT...]" in done.stderr
 
 
-def test_gpu_configs_use_the_best_micro_batch(tmp_path):
-    """From GPU reports, the 370M configs at the token stage's best-MFU micro-batch, for the card's memory, keep the
-    paper's 2M tokens per optimizer step on 8 GPUs (and K times fewer sequences of K*T in the patch stage)."""
-    def report(micro_batch, mfu):
-        return {"device": "NVIDIA H100 80GB HBM3", "device_memory_gib": 79.2, "settings": {"micro_batch": micro_batch},
-                "stages": [{"stage": "token", "patch_size": 1, "mfu": mfu}, {"stage": "patch", "patch_size": 4, "mfu": mfu}]}
+def gpu_report(micro_batch, mfu, peak_gib, regions=False, loss_path=None, device_gib=139.8):
+    stages = [{"stage": "token", "patch_size": 1, "mfu": mfu, "peak_memory_gib": peak_gib},
+              {"stage": "patch", "patch_size": 4, "mfu": mfu, "peak_memory_gib": peak_gib}]
+    if loss_path:
+        for stage in stages:
+            stage["loss_path"] = loss_path
+    return {"device": "NVIDIA H200", "device_memory_gib": device_gib, "stages": stages,
+            "settings": {"micro_batch": micro_batch, "compile_regions": regions, "loss_implementation": "auto"}}
 
-    reports = {"compile-mb16": report(16, 0.41), "compile-mb32": report(32, 0.47)}
+
+def test_gpu_configs_use_the_best_variant_that_fits_each_card(tmp_path):
+    """For each card (80gb, 141gb), the 370M configs at the token stage's best-MFU variant among those whose peak
+    memory is within 90% of the card: its micro-batch (2M tokens per optimizer step on 8 GPUs kept by the
+    accumulation), its regional compilation and its unfused loss."""
+    reports = {"compile-mb16": gpu_report(16, 0.41, 30.0), "compile-mb32": gpu_report(32, 0.47, 72.0),
+               "regional-unfused-mb32": gpu_report(32, 0.44, 60.0, regions=True, loss_path="unfused"),
+               "compile-mb64": gpu_report(64, 0.46, 110.0)}
     written = summarize.write_gpu_configs(reports, tmp_path, REPO_ROOT / "configs" / "train")
-    assert sorted(p.name for p in written) == ["llama-370m-patch-k4-lambda0.67-80gb.json", "llama-370m-token-80gb.json"]
-    for path in written:
-        config = json.loads(path.read_text())
-        assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (32, 4)
+    assert sorted(p.name for p in written) == ["llama-370m-patch-k4-lambda0.67-141gb.json",
+                                               "llama-370m-patch-k4-lambda0.67-80gb.json",
+                                               "llama-370m-token-141gb.json", "llama-370m-token-80gb.json"]
+    configs = {p.name: json.loads(p.read_text()) for p in written}
+    big, small = configs["llama-370m-token-141gb.json"], configs["llama-370m-token-80gb.json"]
+    # 141 GB: the best MFU (72 GiB fits 0.9 x 139.8); 80 GB: 72 GiB is over 0.9 x 79.11, so the best that fits
+    assert (big["per_device_train_batch_size"], big["gradient_accumulation_steps"]) == (32, 4)
+    assert "torch_compile_regions" not in big and "loss_implementation" not in big
+    assert (small["per_device_train_batch_size"], small["gradient_accumulation_steps"]) == (32, 4)
+    assert small["torch_compile_regions"] is True and small["loss_implementation"] == "unfused"
+    for name, config in configs.items():
         assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * 8 * 2048 == 2048 * 1024
-        assert config["torch_compile"] is True and config["output_dir"] == f"runs/{path.stem}"
+        assert config["torch_compile"] is True and config["output_dir"] == f"runs/{name[:-5]}"
+    # nothing fits 80 GB: only the 141 GB configs; no GPU report: none
+    (tmp_path / "b").mkdir()
+    only_big = summarize.write_gpu_configs({"mb64": gpu_report(64, 0.46, 110.0)}, tmp_path / "b",
+                                           REPO_ROOT / "configs" / "train")
+    assert [p.name for p in only_big] == ["llama-370m-token-141gb.json", "llama-370m-patch-k4-lambda0.67-141gb.json"]
     assert summarize.write_gpu_configs({"cpu": {"stages": [{"stage": "token", "mfu": None}]}}, tmp_path, REPO_ROOT) == []
-    # the best variant compiled by regions: so do its configs
-    reports["regional-mb32"] = report(32, 0.48)
-    reports["regional-mb32"]["settings"]["compile_regions"] = True
-    for path in summarize.write_gpu_configs(reports, tmp_path, REPO_ROOT / "configs" / "train"):
-        assert json.loads(path.read_text())["torch_compile_regions"] is True
+    # a micro-batch that does not divide the 128 sequences per GPU of a step is not used
+    assert summarize.write_gpu_configs({"mb24": gpu_report(24, 0.5, 40.0)}, tmp_path, REPO_ROOT / "configs" / "train") == []
+
+
+def test_gpu_configs_from_reports_without_peak_memory_fit_their_own_card(tmp_path):
+    """A report without peak memory (older reports) fits only a card of its own device's size."""
+    report = gpu_report(32, 0.47, None, device_gib=79.2)
+    written = summarize.write_gpu_configs({"old": report}, tmp_path, REPO_ROOT / "configs" / "train")
+    assert sorted(p.name for p in written) == ["llama-370m-patch-k4-lambda0.67-80gb.json", "llama-370m-token-80gb.json"]
 
 
 @pytest.mark.parametrize("script, flags, line", [

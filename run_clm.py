@@ -120,7 +120,9 @@ class ModelArguments:
         metadata={
             "help": "The training loss: auto (the fused LM-head + K-way loss, which never holds the positions x "
             "vocabulary logits, where it is exact for the architecture, else the stock head and the chunked K-way "
-            "loss, said in one log line), fused (refuse an architecture it is not exact for) or unfused."
+            "loss, said in one log line), fused (refuse an architecture it is not exact for) or unfused (the "
+            "stock head: more memory, and on one H200 about 5%% faster a step for the 370M model at vocabulary "
+            "32,000; see the README's Throughput)."
         },
     )
 

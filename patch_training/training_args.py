@@ -18,17 +18,40 @@ from .liger import check_liger_kernel_config
 REGIONAL_COMPILATION_ENV = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
 
 
+# Whether this process set REGIONAL_COMPILATION_ENV itself (for --torch_compile_regions), as opposed to the launcher.
+_REGIONAL_SWITCH_SET_HERE = False
+
+
 def regional_compilation_env() -> bool:
-    """Whether REGIONAL_COMPILATION_ENV asks for regional compilation, read as accelerate reads it. UsageError
+    """Whether REGIONAL_COMPILATION_ENV asks for regional compilation, read as accelerate reads it: the switch as
+    the launcher set it. A value this process set for an earlier run's --torch_compile_regions is taken back first,
+    so that it does not turn a later run in the same process (a notebook, a benchmark, tests) regional. UsageError
     for a value accelerate would fail on later with a traceback."""
     from accelerate.utils import str_to_bool
 
+    take_back_regional_compilation_switch()
     value = os.environ.get(REGIONAL_COMPILATION_ENV, "false")
     try:
         return bool(str_to_bool(value))
     except ValueError:
         raise UsageError(f"{REGIONAL_COMPILATION_ENV}={value!r} is not a truth value (accelerate reads y, yes, t, true, "
                          "on, 1 or n, no, f, false, off, 0)") from None
+
+
+def take_back_regional_compilation_switch() -> None:
+    """Remove REGIONAL_COMPILATION_ENV if this process set it (`set_regional_compilation_switch`) and nobody has set
+    it since, so that only the launcher's switch stays."""
+    global _REGIONAL_SWITCH_SET_HERE
+    if _REGIONAL_SWITCH_SET_HERE and os.environ.get(REGIONAL_COMPILATION_ENV) == "true":  # not set again since
+        del os.environ[REGIONAL_COMPILATION_ENV]
+    _REGIONAL_SWITCH_SET_HERE = False
+
+
+def set_regional_compilation_switch() -> None:
+    """Set REGIONAL_COMPILATION_ENV to "true" for accelerate, remembering that this process set it."""
+    global _REGIONAL_SWITCH_SET_HERE
+    os.environ[REGIONAL_COMPILATION_ENV] = "true"
+    _REGIONAL_SWITCH_SET_HERE = True
 
 
 @dataclass
@@ -143,10 +166,12 @@ class RunTrainingArguments(TrainingArguments):
         super().__post_init__()  # also turns torch_compile on for a --torch_compile_backend or --torch_compile_mode
         if self.torch_compile_regions and not self.torch_compile:
             raise UsageError("--torch_compile_regions compiles by regions: it needs --torch_compile true")
-        if self.torch_compile and regional_compilation_env():
+        take_back_regional_compilation_switch()  # an earlier run's, in this process: not this run's setting
+        from_launcher = self.torch_compile and regional_compilation_env()
+        if from_launcher:
             self.torch_compile_regions = True  # accelerate would compile by regions anyway (`accelerate launch` config)
-        if self.torch_compile_regions:  # read by accelerate's TorchDynamoPlugin, as transformers passes backend and mode
-            os.environ[REGIONAL_COMPILATION_ENV] = "true"
+        if self.torch_compile_regions and not from_launcher:  # read by accelerate's TorchDynamoPlugin, as
+            set_regional_compilation_switch()                # transformers passes backend and mode
         check_training_numbers(self)
         check_settings_run_clm_does_not_honour(self)
 

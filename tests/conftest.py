@@ -103,3 +103,18 @@ def refused_as_in_the_way(main, program: str | None, argv: list[str], flag: str,
     line = f"{program + ': ' if program else ''}error: {flag} {folder}: {blocker} is a {kind}, not a folder"
     assert exit_info.value.code == 2 and line in err
     assert blocker.read_text() == "keep" if kind == "file" else blocker.is_symlink()
+
+
+@pytest.fixture(autouse=True)
+def _accelerate_dynamo_switches_restored():
+    """accelerate reads torch.compile's settings from ACCELERATE_DYNAMO_* variables, which transformers'
+    TrainingArguments and our --torch_compile_regions set in the process: each test leaves them as it found
+    them, so that a job a later test launches does not inherit an earlier test's compilation."""
+    from patch_training import training_args
+
+    before = {key: value for key, value in os.environ.items() if key.startswith("ACCELERATE_DYNAMO_")}
+    yield
+    for key in [key for key in os.environ if key.startswith("ACCELERATE_DYNAMO_")]:
+        del os.environ[key]
+    os.environ.update(before)
+    training_args._REGIONAL_SWITCH_SET_HERE = False

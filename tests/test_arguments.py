@@ -451,3 +451,27 @@ def test_training_arguments_pickle_as_stock_and_copy_as_ours():
     for clone in (copy.copy(args), copy.deepcopy(args)):
         assert type(clone) is RunTrainingArguments and clone.to_dict() == args.to_dict()
     assert copy.deepcopy(args).lr_scheduler_kwargs is not args.lr_scheduler_kwargs
+
+
+def test_a_regional_run_does_not_make_the_next_run_in_the_process_regional(tmp_path, monkeypatch):
+    """The switch that --torch_compile_regions sets for accelerate is this process's, not the launcher's: the next
+    arguments made in the same process (a notebook running run_clm twice, a benchmark, the test suite, which
+    parses every config) neither compile by regions nor record that they do, unless they ask; the launcher's switch
+    still counts. (Regression: parsing the 141gb config in the test process made a later whole-model DeepSpeed job,
+    launched from it, compile by regions.)"""
+    from patch_training.training_args import REGIONAL_COMPILATION_ENV, RunTrainingArguments
+
+    def make(**flags):
+        return RunTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **flags)
+
+    monkeypatch.delenv(REGIONAL_COMPILATION_ENV, raising=False)
+    assert make(torch_compile=True, torch_compile_regions=True).torch_compile_regions is True
+    assert os.environ[REGIONAL_COMPILATION_ENV] == "true"  # for accelerate, in this run
+    assert make(torch_compile=True).torch_compile_regions is False  # the next run, whole model
+    assert REGIONAL_COMPILATION_ENV not in os.environ
+    make(torch_compile=True, torch_compile_regions=True)
+    make()  # not compiling at all takes it back too (a process launched after it would inherit it)
+    assert REGIONAL_COMPILATION_ENV not in os.environ
+    monkeypatch.setenv(REGIONAL_COMPILATION_ENV, "true")  # the launcher's switch
+    assert make(torch_compile=True).torch_compile_regions is True
+    assert make(torch_compile=True).torch_compile_regions is True and os.environ[REGIONAL_COMPILATION_ENV] == "true"

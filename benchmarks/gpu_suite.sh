@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR [VARIANT...]
 #
 # Writes one JSON per variant and OUT_DIR/summary.md (the README table; each target met / NOT met / not
-# measured; the GPU-sized train configs for the best micro-batch), so a second run with other variants can
+# measured; the GPU-sized train configs for 80 GB and 141 GB cards), so a second run with other variants can
 # write beside it in another folder. Variants (default: regional-unfused-mb16 regional-unfused-mb32 regional-mb32
 # memory regional-mb64):
 #   memory         the head + loss peak memory (fused, chunked, stock) at 8,192 positions x 32,000 and 128,256
@@ -119,7 +119,7 @@ for variant in "${variants[@]}"; do
       fi ;;
   esac
 done
-# The README table, issue 15's targets (met / NOT met), and the GPU-sized train configs of the best micro-batch.
+# The README table, issue 15's targets (met / NOT met), and the GPU-sized train configs of the best variant per card.
 if [ ${#reports[@]} -gt 0 ]; then
   "$PYTHON" benchmarks/summarize.py "${reports[@]}" --configs_dir "$OUT_DIR" | tee "$OUT_DIR/summary.md"
 fi

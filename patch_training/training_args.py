@@ -23,13 +23,11 @@ _REGIONAL_SWITCH_SET_HERE = False
 
 
 def regional_compilation_env() -> bool:
-    """Whether REGIONAL_COMPILATION_ENV asks for regional compilation, read as accelerate reads it: the switch as
-    the launcher set it. A value this process set for an earlier run's --torch_compile_regions is taken back first,
-    so that it does not turn a later run in the same process (a notebook, a benchmark, tests) regional. UsageError
-    for a value accelerate would fail on later with a traceback."""
+    """Whether REGIONAL_COMPILATION_ENV asks for regional compilation, read as accelerate reads it (the launcher's
+    switch once `take_back_regional_compilation_switch` has run). UsageError for a value accelerate would fail on
+    later with a traceback."""
     from accelerate.utils import str_to_bool
 
-    take_back_regional_compilation_switch()
     value = os.environ.get(REGIONAL_COMPILATION_ENV, "false")
     try:
         return bool(str_to_bool(value))
@@ -166,7 +164,9 @@ class RunTrainingArguments(TrainingArguments):
         super().__post_init__()  # also turns torch_compile on for a --torch_compile_backend or --torch_compile_mode
         if self.torch_compile_regions and not self.torch_compile:
             raise UsageError("--torch_compile_regions compiles by regions: it needs --torch_compile true")
-        take_back_regional_compilation_switch()  # an earlier run's, in this process: not this run's setting
+        # A switch this process set for an earlier run's --torch_compile_regions is not this run's setting: taken
+        # back, so that a later run in the same process (a notebook, a benchmark, tests) is not made regional.
+        take_back_regional_compilation_switch()
         from_launcher = self.torch_compile and regional_compilation_env()
         if from_launcher:
             self.torch_compile_regions = True  # accelerate would compile by regions anyway (`accelerate launch` config)

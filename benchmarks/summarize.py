@@ -29,7 +29,8 @@ FUSED_OVER_CHUNKED_TARGET = 1 / 4  # at vocab 32,000
 FUSED_OVER_STOCK_TARGET = 1 / 8  # at vocab 128,256
 PAPER_GPUS, PAPER_TOKENS_PER_STEP, PAPER_BLOCK = 8, 2048 * 1024, 2048
 # Card sizes the GPU configs are written for: name -> the memory torch reports (GiB; `total_memory`, what its
-# out-of-memory message calls "total capacity": 79.11 on an H100 80 GB, 139.80 measured on an H200).
+# out-of-memory message calls "total capacity": 139.80 measured on an H200; 79.11 for 80 GB cards, as that message
+# reads in public bug reports, not measured here).
 CARDS = {"80gb": 79.11, "141gb": 139.80}
 CARD_FIT = 0.9  # a variant fits a card if every stage's peak allocated memory is within this share of it
 

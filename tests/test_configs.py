@@ -362,9 +362,14 @@ def test_accelerate_fsdp_config_shards_llama_layers_and_saves_full_weights(monke
     assert args.use_fsdp
     with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
         env = prepare_multi_gpu_env(args)
-    # The plugin each process builds from that environment (sync_module_states asks for a GPU: pretend one).
-    with mock.patch.dict(os.environ, env, clear=True), \
-            mock.patch("accelerate.utils.dataclasses.is_cuda_available", return_value=True), \
+    # The plugin each process builds from that environment (sync_module_states asks for a GPU: pretend one,
+    # through the probe the installed accelerate uses: is_cuda_available, or get_torch_accelerator_backend in 1.16).
+    import accelerate.utils.dataclasses as plugin_module
+
+    probe = (mock.patch.object(plugin_module, "is_cuda_available", return_value=True)
+             if hasattr(plugin_module, "is_cuda_available") else
+             mock.patch.object(plugin_module, "get_torch_accelerator_backend", return_value=("cuda", torch.cuda)))
+    with mock.patch.dict(os.environ, env, clear=True), probe, \
             mock.patch.object(torch.cuda, "current_device", return_value=0):
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD

@@ -647,7 +647,9 @@ def test_no_labels_returns_logits_only():
     assert out.loss is None and out.offset_losses is None
     assert out.logits.shape == (2, 3, VOCAB)
     torch.testing.assert_close(out.logits, reference, **FP32_TOL)
-    torch.testing.assert_close(last, out.logits[:, -1:], **SAME_TOL)
+    # To float rounding, as stock: the head on one row and on all rows takes different matmul kernels (stock
+    # Llama's logits_to_keep=1 differs from its full logits' last row by 6e-7 with transformers 5.25, torch 2.13).
+    torch.testing.assert_close(last, out.logits[:, -1:], **FP32_TOL)
 
 
 def test_generate_refused_for_patch_model():

@@ -6,7 +6,7 @@ From each position r the patch stage predicts all K tokens t_r1..t_rK of the nex
     loss_r = sum_k -log softmax(z_r)[t_rk] = K_r * logsumexp(z_r) - sum_k z_r[t_rk]
     d loss_r / d z_r = K_r * softmax(z_r) - sum_k onehot(t_rk)
 
-The unfused path (`modeling_llama_patch.kway_cross_entropy` on `lm_head(hidden)`) holds the (N, V) logits and
+The unfused path (`loss.kway_cross_entropy` on `lm_head(hidden)`) holds the (N, V) logits and
 their gradient: 2 x 0.49 GiB at 8,192 x 32,000 in bf16, four times that at 128,256. Here the hidden states
 (N, H) and the head's weight (V, H) go in, and rows are processed in chunks, as Liger-Kernel's
 `fused_linear_cross_entropy` does for K = 1: the chunk's logits, their logsumexp and the K targets' logits,
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modeling_llama_patch import IGNORE_INDEX, check_offset_weights, loss_denominator
+from .loss import IGNORE_INDEX, check_offset_weights, loss_denominator
 
 # The chunk's logits hold at most max(FUSED_CHUNK_ELEMENTS, FUSED_MIN_CHUNK_ROWS * V) elements, and a chunk
 # peaks at 6 bytes an element (its float32 logits plus their bf16 copy being made): 8M elements, 48 MiB, is
@@ -172,7 +172,7 @@ def fused_kway_linear_cross_entropy(
         accumulation, as transformers' causal-LM loss); None: the targets that count here.
       chunk_rows: rows per chunk; None: `default_chunk_rows(V)`.
       offset_weights: (K,) non-negative weights w_k of the offsets (a sequence or tensor), or None (all 1): the
-        loss sums w_k * -log p. As in `modeling_llama_patch.kway_cross_entropy`, used as given (mean 1 after
+        loss sums w_k * -log p. As in `loss.kway_cross_entropy`, used as given (mean 1 after
         `normalise_offset_weights`, so that equal weights are Eq. 3 exactly).
 
     Returns (loss, per_offset_loss):

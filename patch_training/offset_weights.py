@@ -7,7 +7,7 @@ given here (see README, "Recipes beyond the paper"), so the rule is a parameter:
 - `power:<alpha>`: w_k proportional to k^-alpha, k = 1..K (alpha >= 0; alpha = 0 is the paper's mean);
 - a JSON list of K non-negative numbers, e.g. `[1, 0.5, 0.25, 0.125]`.
 
-Either is scaled to mean 1 (`modeling_llama_patch.normalise_offset_weights`), so equal weights are Eq. 3 exactly.
+Either is scaled to mean 1 (`loss.normalise_offset_weights`), so equal weights are Eq. 3 exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 
-from modeling_llama_patch import normalise_offset_weights
+from .loss import normalise_offset_weights
 
 from .cli import UsageError
 

@@ -19,7 +19,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-from modeling_llama_patch import count_loss_targets, get_patch_size, loss_target_labels
+from modeling_llama_patch import get_patch_size
+
+from .loss import count_loss_targets, loss_target_labels
 
 from . import compat
 from .blocks import IgnoredPadding

@@ -480,16 +480,25 @@ class PatchModelMixin:
         super().save_pretrained(save_directory, *args, **kwargs)
         stock_name = self._stock_class.__name__
         self.config.architectures = [stock_name]
-        config_file = os.path.join(save_directory, "config.json")
-        if kwargs.get("is_main_process", True) and os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as handle:
-                saved = json.load(handle)
-            saved["architectures"] = [stock_name]
+        if kwargs.get("is_main_process", True):
+            values = {"architectures": [stock_name]}
             if self.saved_use_cache is not None:
-                saved["use_cache"] = self.saved_use_cache
-            with open(config_file, "w", encoding="utf-8") as handle:
-                json.dump(saved, handle, indent=2, sort_keys=True)
-                handle.write("\n")
+                values["use_cache"] = self.saved_use_cache
+            update_saved_config(save_directory, values)
+
+
+def update_saved_config(save_directory, values: dict) -> None:
+    """Set the entries `values` in the config.json that `save_pretrained` wrote in `save_directory` (rewritten
+    indented, keys sorted, as transformers writes it); nothing when there is none."""
+    config_file = os.path.join(save_directory, "config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    saved.update(values)
+    with open(config_file, "w", encoding="utf-8") as handle:
+        json.dump(saved, handle, indent=2, sort_keys=True)
+        handle.write("\n")
 
 
 _LOGGED: set[str] = set()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Patch-level then token-level training of a Llama causal LM, in one launch.
+"""Patch-level then token-level training of a causal LM, in one launch.
 
 A fork of the shape of transformers' `examples/pytorch/language-modeling/run_clm.py` (argument dataclasses
 parsed by `HfArgumentParser`; a lone `*.json` argument is a config file) that adds patch-level training
@@ -12,7 +12,7 @@ parsed by `HfArgumentParser`; a lone `*.json` argument is a config file) that ad
 
 Relative cost λ/K + 1 - λ of a token-level run on the same tokens. λ = 0 is the token-level baseline.
 
-Each of the paper's choices can be changed on its own (README, "Recipes beyond the paper": Token Superposition
+Each of the paper's choices can be changed on its own (docs/recipes.md: Token Superposition
 Training's): the split by a fraction r of the optimizer steps (`--patch_step_fraction`), patch steps with the token
 steps' positions rather than tokens (`--patch_batch_mode positions`), the optimizer state and one schedule carried
 across the switch (`--patch_switch continue`), and weighted offsets in the K-way loss (`--patch_offset_weights`).
@@ -20,57 +20,22 @@ across the switch (`--patch_switch continue`), and weighted offsets in the K-way
 Works under `python`, `torchrun`, `accelerate launch` and `deepspeed`. Re-running the same command resumes
 an interrupted job; re-running a finished one reports its results and changes nothing.
 
-This file is the driver: the arguments and `main()`. The work is done by the `patch_training` package beside
-it (readers, token cache, blocks, stages, resume, models, trainer, results) and the model by
-`modeling_llama_patch.py`.
+This file is the driver: the arguments and `main()`, which reads as the algorithm in six steps. The work is
+done by the `patch_training` package beside it (`job`: inputs and plan; `run_dir`: the output folder, resume
+and completion; `stage_loop`: the stages) and the model by `modeling_llama_patch.py`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import NamedTuple
 
-from patch_training.cli import (
-    UsageError, blank_as_unset, folder_problem, parse_arguments as parse_command_line, refuse_below, run_cli,
-)
-from patch_training.liger import check_liger_environment, check_liger_kernel_config
-from patch_training.readers import DataSource, split_file_list
-from patch_training.results import ALL_RESULTS_FILE, add_job_totals, recipe_results, report
-from patch_training.resume import (
-    STREAM_INDEX_FILE,
-    batch_identity,
-    data_files_identity,
-    check_output_folder,
-    check_output_not_an_input,
-    check_same_run,
-    claim_output_dir,
-    output_dir_lock,
-    run_identity,
-    write_json_atomic,
-)
-from patch_training.stages import (
-    PATCH_BATCH_MODES,
-    PATCH_SWITCHES,
-    global_batch_size,
-    plan_stages,
-    repetition_warning,
-    split_fractions,
-    stage_steps,
-)
-from patch_training.training_args import (
-    RunTrainingArguments,
-    check_patch_stage_settings,
-    check_trainer_settings,
-    torch_compile_caveat,
-)
-
-# The model, the Trainer, the data pipeline and the token cache are imported in the functions that use them, so
-# that `--help` and a usage error answer without loading them.
+from patch_training.cli import UsageError, blank_as_unset, parse_arguments as parse_command_line, refuse_below, run_cli
+from patch_training.job import load_inputs, plan_job
+from patch_training.run_dir import RunDir
+from patch_training.stages import PATCH_BATCH_MODES, PATCH_SWITCHES
+from patch_training.training_args import RunTrainingArguments
 
 logger = logging.getLogger("run_clm")
 
@@ -122,7 +87,7 @@ class ModelArguments:
             "vocabulary logits, where it is exact for the architecture, else the stock head and the chunked K-way "
             "loss, said in one log line), fused (refuse an architecture it is not exact for) or unfused (the "
             "stock head: more memory, and on one H200 about 5%% faster a step for the 370M model at vocabulary "
-            "32,000; see the README's Throughput)."
+            "32,000; see docs/throughput.md)."
         },
     )
 
@@ -247,7 +212,7 @@ class PatchArguments:
         default=None,
         metadata={"help": "Stop the patch stage after this many optimizer steps (default: one pass over its data)."},
     )
-    # Recipes beyond the paper (README, "Recipes beyond the paper"): each choice independently, the paper's by default.
+    # Recipes beyond the paper (docs/recipes.md): each choice independently, the paper's by default.
     patch_step_fraction: float | None = field(
         default=None,
         metadata={
@@ -349,228 +314,31 @@ class PatchArguments:
         return self._split_fraction < 1
 
 
+class JobArguments(NamedTuple):
+    """The parsed arguments of a job, one dataclass per group."""
+
+    model: ModelArguments
+    data: DataArguments
+    patch: PatchArguments
+    training: RunTrainingArguments
+
+
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, PatchArguments, RunTrainingArguments)
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, PatchArguments, RunTrainingArguments]:
+def parse_arguments(argv: list[str] | None = None) -> JobArguments:
     """Parse the command line: flags, a lone `*.json` config file, or a config file followed by flags that
-    override its values (`run_clm.py configs/train/x.json --output_dir runs/y`)."""
-    return parse_command_line(ARGUMENT_CLASSES, argv)
+    override its values (`run_clm.py configs/train/x.json --output_dir runs/y`). UsageError for any bad value."""
+    return JobArguments(*parse_command_line(ARGUMENT_CLASSES, argv))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checks of the inputs, before any work
-# ---------------------------------------------------------------------------------------------------------
+def configure_logging(training_args: RunTrainingArguments) -> None:
+    """This script's log lines on the main process (warnings only elsewhere); transformers' warnings only."""
+    import transformers
 
-
-def check_output_dir(data_args: DataArguments, training_args: RunTrainingArguments) -> str:
-    """The output folder, checked: given, not a path under a file (nor is the cache folder), and no
-    --resume_from_checkpoint (this script resumes by itself)."""
-    output_dir = training_args.output_dir
-    if output_dir is None:
-        raise UsageError("give --output_dir")
-    if training_args.resume_from_checkpoint is not None:
-        raise UsageError(
-            "--resume_from_checkpoint is not used: run_clm.py resumes by itself from the newest complete checkpoint "
-            "in --output_dir (and goes straight to the token stage once the patch stage is complete); re-run the "
-            "same command"
-        )
-    for name, folder in (("output_dir", output_dir), ("data_cache_dir", data_args.data_cache_dir)):
-        problem = folder_problem(f"--{name}", folder)
-        if problem:
-            raise UsageError(problem)
-    return output_dir
-
-
-def input_paths(model_args: ModelArguments, data_args: DataArguments, training_args: RunTrainingArguments) -> list[str]:
-    """The local paths that the run reads (data files, model config or weights, tokenizer, token cache,
-    DeepSpeed config): never deleted or written over, even inside --output_dir."""
-    paths = [model_args.config_name, model_args.model_name_or_path, model_args.tokenizer_name, data_args.data_cache_dir]
-    for spec in (data_args.train_file, data_args.validation_file):
-        paths += split_file_list(spec or "")  # 'a,b' or a JSON list
-    if isinstance(training_args.deepspeed, str):
-        paths.append(training_args.deepspeed)
-    return [p.strip() for p in paths if p and p.strip() and os.path.exists(p.strip())]
-
-
-def job_identity(model_args, data_args, patch_args, training_args) -> dict:
-    """What a re-run must share to resume this job (`resume.run_identity`): every argument but the documented
-    `MAY_CHANGE` ones, the global batch of each stage, and the files the data patterns expand to. UsageError
-    when the patch stage's batch cannot be derived."""
-    derived = {**batch_identity(patch_args, training_args), **data_files_identity(data_args)}
-    return run_identity((model_args, data_args, patch_args, training_args), derived)
-
-
-def path_state(path: str) -> str:
-    """What identifies the content of a local path without reading it: a file's size and modification time, a
-    folder's `readers.source_fingerprint` (hashed), or "not a local path"."""
-    import datetime
-    import hashlib
-
-    from patch_training.readers import source_fingerprint
-
-    if os.path.isfile(path):
-        stat = os.stat(path)
-        modified = datetime.datetime.fromtimestamp(stat.st_mtime_ns / 1e9, datetime.timezone.utc)
-        return f"{stat.st_size} bytes, modified {modified.isoformat(timespec='microseconds')}"
-    if os.path.isdir(path):
-        return "folder " + hashlib.sha256(source_fingerprint(path).encode()).hexdigest()[:16]
-    return "not a local path"
-
-
-def init_weights_identity(model_name_or_path: str | None) -> dict | None:
-    """{file: `path_state`} of the files a local --model_name_or_path folder's weights load from
-    (`models.weight_files`), None for a hub name or no checkpoint. Only those: the folder may also hold a run's
-    checkpoints and logs, or this run's own output folder, which change while the weights do not."""
-    from patch_training.models import weight_files
-
-    if not (model_name_or_path and os.path.isdir(model_name_or_path)):
-        return None
-    return {name: path_state(os.path.join(model_name_or_path, name)) for name in weight_files(model_name_or_path)}
-
-
-def content_identity(model_args, config, tokenizer, train_source, eval_source) -> dict:
-    """What the run's input paths hold, for `job_identity`'s record: a file rewritten in place between attempts
-    (another shard under the same name, an edited model config, another tokenizer) is another run, refused on
-    resume like a changed flag. Data files are identified as the token cache identifies them, without reading
-    them: size and modification time (`path_state`); the starting weights by their files (`init_weights_identity`);
-    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`; a data file also by the
-    rule it is read by where it has one (`readers.reading_rule`: a run started before a bare CR ended a .txt line
-    read other documents from the same file)."""
-    from patch_training.readers import reading_rule
-    from patch_training.token_cache import tokenizer_fingerprint
-
-    def data(source):  # with the rule a file is read by, where it has one (a .txt file's line ends)
-        return None if source is None else {name: path_state(name) + reading_rule(name) for name in source.names}
-
-    values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    return {
-        "model_config": json.loads(json.dumps(values, sort_keys=True, default=str)),
-        "init_weight_files": init_weights_identity(model_args.model_name_or_path),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "train_data": data(train_source),
-        "validation_data": data(eval_source),
-    }
-
-
-def check_output_outside_data(output_dir: str, data_args) -> None:
-    """UsageError when --output_dir lies where --train_file or --validation_file reads: in a folder it names, or
-    where one of its glob patterns can reach (`data/*` reads a folder `data/run`, `data/**/*.json` the files in it;
-    `readers.pattern_may_reach`), whether the output folder exists yet or not. The run's own outputs (its JSON
-    files, checkpoints) would be read as data by the next attempt, which would then be refused as another run or
-    train on them."""
-    import glob
-
-    from patch_training.readers import pattern_may_reach
-
-    output = Path(output_dir).resolve()
-    for name, spec in (("train_file", data_args.train_file), ("validation_file", data_args.validation_file)):
-        for entry in split_file_list(spec or ""):  # 'a,b' or a JSON list
-            if glob.has_magic(entry):
-                parts = Path(entry).parts  # the pattern from its first folder that exists, symbolic links resolved
-                base = next(i for i in range(len(parts), -1, -1) if not glob.has_magic(os.path.join("", *parts[:i])))
-                resolved = os.path.join(os.path.realpath(os.path.join(".", *parts[:base])), *parts[base:])
-                inside = pattern_may_reach(entry, output_dir) or pattern_may_reach(resolved, str(output))
-                what = f"{entry}, a pattern"
-            else:
-                inside = os.path.isdir(entry) and (output == Path(entry).resolve() or Path(entry).resolve() in output.parents)
-                what = f"{entry}, a folder"
-            if inside:
-                raise UsageError(
-                    f"--output_dir {output_dir} lies in {what} that --{name} reads: the run's outputs "
-                    "would become its data on the next attempt; choose an --output_dir outside it"
-                )
-
-
-def check_inputs(model_args, data_args, patch_args, training_args):
-    """Check the data, the run settings, the model config and the tokenizer against each other.
-    Returns (training DataSource, validation DataSource or None, model config, tokenizer)."""
-    from patch_training.models import (
-        check_model_settings, check_one_model_config, check_tokenizer_fits_model, load_model_config, load_tokenizer,
-    )
-    from patch_training.tracking import check_report_to
-
-    if data_args.train_file is not None:
-        train_source = DataSource.from_files(data_args.train_file, "train_file", data_args.text_column_name)
-    else:
-        train_source = DataSource(data_args.text_column_name, dataset_name=data_args.dataset_name,
-                                  dataset_config_name=data_args.dataset_config_name, dataset_split=data_args.dataset_split)
-    eval_source = None
-    if data_args.validation_file is not None:
-        eval_source = DataSource.from_files(data_args.validation_file, "validation_file", data_args.text_column_name)
-    if data_args.validation_file is None and training_args.eval_strategy != "no":
-        raise UsageError(
-            f"--eval_strategy {training_args.eval_strategy.value} needs a --validation_file (or set --eval_strategy no)"
-        )
-    check_report_to(training_args.report_to)
-    check_trainer_settings(training_args)
-    check_world_size(training_args)
-    if patch_args.patch_switch == "continue" and (training_args.deepspeed or training_args.fsdp):
-        raise UsageError(
-            "--patch_switch continue carries the optimizer state across the switch under DDP or one device; "
-            f"with --{'deepspeed' if training_args.deepspeed else 'fsdp'} it is not supported yet (use --patch_switch restart)"
-        )
-    check_patch_stage_settings(training_args, patch_args.has_patch_stage)
-    caveat = torch_compile_caveat(training_args)
-    if caveat:
-        logger.warning(caveat)
-    if training_args.save_only_model and training_args.save_strategy != "no":
-        logger.warning("--save_only_model: checkpoints hold only the weights, so an interrupted run cannot resume "
-                       "from them (a re-run is refused; --overwrite_output_dir starts over)")
-    if data_args.streaming and training_args.max_steps <= 0:
-        raise UsageError("--streaming needs --max_steps: it fixes the token budget that --patch_data_fraction splits")
-    if data_args.streaming and training_args.dataloader_num_workers > 1:
-        raise UsageError(
-            f"--streaming tokenises one stream of blocks, which --dataloader_num_workers "
-            f"{training_args.dataloader_num_workers} would read that many times over (every block repeated): use "
-            "--dataloader_num_workers 1 (tokenise in a background process) or 0, or drop --streaming to use the cache"
-        )
-    check_one_model_config(model_args.config_name, model_args.model_name_or_path)
-    config = load_model_config(model_args.model_name_or_path or model_args.config_name)
-    check_model_settings(config, model_args.model_name_or_path, model_args.loss_implementation)
-    if training_args.use_liger_kernel:
-        check_liger_environment(training_args.use_cpu, config.model_type)
-        check_liger_kernel_config(training_args.liger_kernel_config, config.model_type)
-    tokenizer = load_tokenizer(model_args.tokenizer_name)
-    check_tokenizer_fits_model(tokenizer, f"--tokenizer_name {model_args.tokenizer_name}", config, model_args.model_name_or_path)
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions is not None and data_args.block_size > max_positions:
-        raise UsageError(
-            f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings {max_positions}"
-        )
-    if patch_args.patch_size > 1 and not patch_args.has_patch_stage:
-        logger.warning("--patch_size %d is ignored: --patch_data_fraction is 0 (token-level baseline)", patch_args.patch_size)
-    return train_source, eval_source, config, tokenizer
-
-
-def check_world_size(training_args) -> None:
-    """UsageError when the launcher started several processes (WORLD_SIZE > 1) but transformers runs this one
-    alone: on a machine without a GPU, a launch without --use_cpu true. Each process then trained and saved on its
-    own into the same --output_dir, one of them failed on the folder's lock ("in use by another run") and the
-    other left a checkpoint of a world size of 1 that the corrected command refused."""
-    launched = os.environ.get("WORLD_SIZE", "1")
-    if launched.isdigit() and int(launched) > 1 and training_args.world_size == 1:
-        import torch
-
-        fix = "add --use_cpu true to run the processes as one job on CPU" if not torch.cuda.is_available() else (
-            "check the launcher's settings")
-        raise UsageError(f"launched as {launched} processes (WORLD_SIZE={launched}), but each would train alone "
-                         f"(the Trainer's world size is 1): {fix}")
-
-
-def check_plans(plans, block_size: int) -> None:
-    """Refuse a stage with less than one block of training tokens; log each stage's share of the stream."""
-    for plan in plans:
-        if plan.num_blocks == 0:
-            raise UsageError(
-                f"the {plan.name} stage gets {plan.budget_tokens} training tokens, fewer than one block of "
-                f"{plan.block_len} (block_size {block_size}{f' x patch_size {plan.patch_size}' if plan.patch_size > 1 else ''}): "
-                "give more data or epochs, or lower --block_size / --patch_data_fraction"
-            )
-        logger.info(
-            "%s stage: %d blocks of %d tokens = %d tokens (%d positions), starting at stream token %d; %d tokens dropped",
-            plan.name, plan.num_blocks, plan.block_len, plan.tokens, plan.positions, plan.start_token, plan.dropped_tokens,
-        )
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,126 +347,25 @@ def check_plans(plans, block_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # Parse the arguments: flags, or a JSON config file (and flags that override it).
-    model_args, data_args, patch_args, training_args = parse_arguments(argv)
-    import transformers
+    # 1. The arguments: flags, or a JSON config file and flags that override it; each group checks its own.
+    args = parse_arguments(argv)
+    configure_logging(args.training)
+    # 2. The inputs: data sources, model config and tokenizer, loaded once and checked against each other and
+    #    against the run settings, before anything is written.
+    inputs = load_inputs(args)
+    # 3. The run folder: the run's identity and the folder's rules. A finished run reports and changes nothing.
+    run = RunDir.open(args, inputs)
+    if run.finished:
+        return run.report_finished()
+    with run.locked():  # from here on a second run into the folder is refused
+        # 4. Tokenise once (the on-disk cache, or a stream) and split the token budget between the stages (λ).
+        job = plan_job(args, inputs, run.stream_index_file)
+        # 5. Every input has been read: claim the folder (an overwritten run's outputs are deleted only now).
+        run.claim()
+        # 6. Train the stages in order (the patch stage hands its weights to the token stage), save, report.
+        from patch_training.stage_loop import train_stages  # the Trainer loads only for a job that trains
 
-    from patch_training.models import resolve_attn_implementation
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity(logging.WARNING)
-    output_dir = check_output_dir(data_args, training_args)
-    check_output_outside_data(output_dir, data_args)
-    # Also checks the patch stage's batch settings (stage_batch_settings raises) before any data is read.
-    identity = job_identity(model_args, data_args, patch_args, training_args)
-    train_source, eval_source, config, tokenizer = check_inputs(model_args, data_args, patch_args, training_args)
-    identity.update(content_identity(model_args, config, tokenizer, train_source, eval_source))
-    check_output_not_an_input(output_dir, input_paths(model_args, data_args, training_args))
-
-    # A finished job: report and change nothing (the same job: a changed one is refused).
-    results_file = Path(output_dir) / ALL_RESULTS_FILE
-    if results_file.is_file() and not training_args.overwrite_output_dir:
-        check_same_run(output_dir, identity)
-        results = json.loads(results_file.read_text())
-        if training_args.should_log:
-            logger.info("%s already holds a finished run; nothing to do (use --overwrite_output_dir to redo it)", output_dir)
-            report(results)
-        return results
-
-    # Check every input before any work. The folder is locked now (a second run into it is refused) but
-    # claimed, and with --overwrite_output_dir emptied of the earlier run's outputs, only once the data has been
-    # read: bad data never costs a finished model.
-    attn_implementation = resolve_attn_implementation(model_args.attn_implementation, config)
-    with output_dir_lock(output_dir, training_args.should_save):
-        with training_args.main_process_first(desc="output directory"):
-            outdated = check_output_folder(output_dir, identity, training_args.overwrite_output_dir,
-                                           inputs=input_paths(model_args, data_args, training_args))
-        return train_job(model_args, data_args, patch_args, training_args, output_dir, identity, outdated,
-                         train_source, eval_source, tokenizer, attn_implementation)
-
-
-def train_job(model_args, data_args, patch_args, training_args, output_dir, identity, outdated, train_source,
-              eval_source, tokenizer, attn_implementation) -> dict:
-    """Tokenise, plan the stages, claim the output folder (`claim_output_dir`), train and report; `main` has
-    checked the inputs and the folder, and holds its lock."""
-    from transformers import set_seed
-
-    from patch_training.blocks import streamed_counts, training_blocks, validation_blocks
-    from patch_training.token_cache import cached_token_stream, skipped_note
-    from patch_training.trainer import StageArguments, StageJob, train_stages
-
-    set_seed(training_args.seed)
-
-    # Tokenise once into the on-disk cache (or stream), and split the token budget between the stages.
-    block_size, k = data_args.block_size, patch_args.patch_size
-    cache = dict(cache_dir=data_args.data_cache_dir, batch_size=data_args.tokenize_batch_size)
-    steps_budget = training_args.max_steps * global_batch_size(training_args) * block_size
-    stream = dataset_tokens = None
-    if data_args.streaming:  # read during training, after the claim: check what can be checked now
-        train_source.check_starts()
-        total_tokens = steps_budget
-    else:
-        stream, _ = cached_token_stream(train_source, tokenizer, training_args, num_workers=data_args.preprocessing_num_workers, **cache)
-        dataset_tokens = len(stream)
-        if dataset_tokens == 0:
-            raise UsageError("--train_file holds no text")
-        total_tokens = steps_budget if training_args.max_steps > 0 else math.floor(training_args.num_train_epochs * dataset_tokens)
-        warning = repetition_warning(total_tokens, dataset_tokens, epochs_requested=training_args.max_steps <= 0)
-        if warning:
-            logger.warning(warning)
-    # λ (a fraction of the tokens) given, or derived exactly from r (a fraction of the optimizer steps).
-    patch_fraction, step_fraction = split_fractions(patch_args, training_args, block_size)
-    plans = plan_stages(total_tokens, patch_fraction, k, block_size, data_args.skip_data_fraction)
-    check_plans(plans, block_size)
-    stage_args = StageArguments(training_args, patch_args, output_dir)  # each made right before its stage's Trainer
-
-    # --patch_switch continue: one schedule over both stages' optimizer steps, the optimizer state carried on.
-    continued = patch_args.patch_switch == "continue" and len(plans) == 2
-    schedule_steps = sum(stage_steps(plan, stage_args(plan)) for plan in plans) if continued else None
-
-    train_dataset = functools.partial(training_blocks, stream=stream, source=train_source, tokenizer=tokenizer,
-                                      batch_size=data_args.tokenize_batch_size, write_index=training_args.should_save,
-                                      index_file=os.path.join(output_dir, STREAM_INDEX_FILE))
-    eval_datasets = (None, None)
-    if eval_source is not None:
-        eval_stream, _ = cached_token_stream(eval_source, tokenizer, training_args, **cache)
-        eval_datasets = validation_blocks(eval_stream, block_size, k, data_args.max_eval_blocks)
-
-    # Every input has been read: claim the folder (delete an overwritten run's outputs, record this run).
-    with training_args.main_process_first(desc="output directory"):
-        claim_output_dir(output_dir, identity, outdated, training_args.should_save)
-
-    logger.info("Attention: %s", attn_implementation)
-
-    # Train each stage: the patch stage (skipped once complete) hands its weights to the token stage; with λ = 1
-    # the patch model is the final model.
-    results = {"output_dir": output_dir, "patch_size": k, "patch_data_fraction": float(patch_fraction),
-               "block_size": block_size, "dataset_tokens": dataset_tokens, "budget_tokens": total_tokens,
-               "attn_implementation": attn_implementation,
-               **recipe_results(patch_args, step_fraction, schedule_steps)}
-    job = StageJob(output_dir=output_dir, run_name=training_args.run_name, config_name=model_args.config_name,
-                   init_from=model_args.model_name_or_path, attn_implementation=attn_implementation,
-                   loss_implementation=model_args.loss_implementation, offset_weights=patch_args.offset_weights,
-                   has_patch_stage=patch_args.has_patch_stage, has_token_stage=patch_args.has_token_stage,
-                   continued=continued, schedule_steps=schedule_steps)
-    trainer, final_eval = train_stages(job, plans, stage_args, train_dataset, eval_datasets, tokenizer, results)
-
-    # Report: the accounting of both stages and the relative cost, in all_results.json.
-    results_file = Path(output_dir) / ALL_RESULTS_FILE
-    stages = [results[f"{p.name}_stage"] for p in plans]
-    add_job_totals(results, stages, patch_fraction, k, stages[-1] if patch_args.has_token_stage else final_eval)
-    if data_args.streaming:  # what the stream read of the data, null texts included (the cache logs it up front)
-        results["streamed_data"] = streamed = streamed_counts(os.path.join(output_dir, STREAM_INDEX_FILE))
-        if streamed and (trainer is None or trainer.args.should_save):
-            logger.info("Streamed %s documents of the training data%s, %s tokens read (%d of its %d parts read whole), "
-                        "of which the stages trained on %s: the stream reads ahead of training",
-                        f"{streamed['documents'] - streamed['skipped_empty']:,}",
-                        skipped_note({"num_skipped_empty": streamed["skipped_empty"]}), f"{streamed['tokens']:,}",
-                        streamed["parts_read_whole"], streamed["parts"], f"{results['tokens']:,}")
-    if trainer is None or trainer.args.should_save:
-        write_json_atomic(results_file, results)
-        report(results)
-    return results
+        return run.finish(train_stages(job, run))
 
 
 def cli() -> None:

@@ -51,8 +51,8 @@ class IgnoredPadding(torch.utils.data.Dataset):
     `num_items_in_batch`.
 
     For evaluation (`PatchTrainer.exact_eval_dataset`): under several ranks accelerate fills the last batch of
-    each rank by repeating real blocks from the start (`even_batches`), so a distributed evaluation scored some
-    blocks twice (eval_perplexity 8,724.8 where the model's was 8,804.1, 5 blocks on 2 ranks). Padded to
+    each rank by repeating real blocks from the start (`even_batches`), so a distributed evaluation would score
+    some blocks twice (eval_perplexity 8,724.8 where the model's is 8,804.1, 5 blocks on 2 ranks). Padded to
     `multiple` = ranks x per-device batch, every batch is full and holds each real block once; the ignored ones
     only cost their compute. `num_real` is len(blocks). (Not for training, whose shuffled order must not depend
     on the number of ranks: see `PatchTrainer.__init__`.)"""

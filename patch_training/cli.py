@@ -42,7 +42,7 @@ def folder_problem(flag: str, folder: str | Path | None) -> str | None:
 
 def refuse_below(arguments, names: tuple[str, ...], minimum: int) -> None:
     """UsageError naming the first of the `arguments` fields `names` set below `minimum` (None: unset, fine).
-    NaN is refused too: it compares false with every number, so `value < minimum` alone let it through."""
+    NaN is refused too: it compares false with every number, so `value < minimum` alone would let it through."""
     for name in names:
         value = getattr(arguments, name)
         if isinstance(value, float) and math.isnan(value):
@@ -80,8 +80,8 @@ def dataclass_field_types(classes: tuple) -> dict[str, tuple]:
 def blank_as_unset(arguments) -> None:
     """Set every optional text field of the dataclass instance `arguments` (type `str | None`) that holds only
     blanks to None: `--tokenizer_name ""` on the command line, or "" in a config, unsets the value a config file
-    gave (the way to drop tiny-patch.json's `config_name` or `tokenizer_name`), as it already did for the fields
-    read by truth value; before, "" reached the tokenizer loader as a name."""
+    gave (the way to drop tiny-patch.json's `config_name` or `tokenizer_name`), as for the fields read by truth
+    value; "" would otherwise reach the tokenizer loader as a name."""
     field_types = dataclass_field_types((type(arguments),))
     for f in dataclasses.fields(arguments):
         value = getattr(arguments, f.name, None)
@@ -247,6 +247,28 @@ def naming_file(path) -> Iterator[None]:
         raise OSError(error.errno, error.strerror, str(path)) from error
 
 
+def write_json_atomic(path, payload: dict) -> None:
+    """Write `payload` as indented, key-sorted JSON to `path` through a temporary file in the same folder and an
+    atomic rename, so that a reader (or a job killed while writing) never sees half a file. OSError (naming the
+    temporary file) when it cannot be written."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with naming_file(tmp), open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def describe_change(name: str, old, new) -> str:
+    """`name: old -> new` for a message; for two dicts (per-file fingerprints, a model config) only the entries
+    that differ, at most five, so that a changed shard among thousands is named in a line of readable length."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{name}: {old!r} -> {new!r}"
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "(absent)") != new.get(k, "(absent)")]
+    parts = [f"{k} {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys[:5]]
+    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return f"{name}: {', '.join(parts)}{more}"
+
+
 class WriteFailure(Exception):
     """A failure to write a file, carried as its one-line message (`write_error_message`) out of a data-loader
     worker: torch re-raises a worker's exception from its text alone, so an OSError arrived without its errno or
@@ -295,10 +317,10 @@ def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> Non
 def end_process_group() -> None:
     """Every rank of a finished multi-process run frees what is left of the run (a DistributedDataParallel
     module in a reference cycle, whose reducer holds the process group), waits for the others, then destroys the
-    process group, as torch asks. Left to interpreter exit, gloo's threads sometimes aborted a rank ("terminate
-    called without an active exception", exit -6; seen with torch 2.11), and the launcher reported a finished run
-    as failed; a DDP module freed after the group was destroyed hung its rank (1 run in 11 of
-    tests/ddp_fused_loss.py, torch 2.13, until the launcher's timeout). No-op without a process group."""
+    process group, as torch asks. Left to interpreter exit, gloo's threads can abort a rank ("terminate called
+    without an active exception", exit -6; torch 2.11) and the launcher reports a finished run as failed; a DDP
+    module freed after the group is destroyed can hang its rank until the launcher's timeout (torch 2.13). No-op
+    without a process group."""
     import gc
 
     import torch.distributed as dist

@@ -3,6 +3,7 @@ built from a config or from saved weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -15,7 +16,7 @@ from modeling_llama_patch import (
     FUSED_LOSS_ARCHITECTURES, AutoPatchModelForCausalLM, UnsupportedModelError, check_supported, fused_loss_arguments,
 )
 
-from .cli import UsageError, first_line
+from .cli import UsageError, describe_change, first_line
 
 
 def resolve_attn_implementation(requested: str, config=None) -> str:
@@ -91,8 +92,6 @@ def check_one_model_config(config_name: str | None, model_name_or_path: str | No
     run starts from the checkpoint with the checkpoint's own config, so the other would be silently ignored (say
     tiny-patch.json's config_name beside a 370M checkpoint, or a config with another max_position_embeddings).
     Configs that differ only in what saving adds (SAVED_CONFIG_KEYS) are the same model."""
-    from .resume import describe_change
-
     if not (config_name and model_name_or_path):
         return
     given, checkpoint = (
@@ -264,19 +263,22 @@ def aligned_token_ids(token_id: int, in_config, in_generation, several: bool, ha
 
 
 def build_model(
-    config_name: str | None, init_from: str | None, patch_size: int, attn_implementation: str,
+    config, init_from: str | None, patch_size: int, attn_implementation: str,
     loss_implementation: str = "auto", offset_weights: tuple[float, ...] | None = None, tokenizer=None,
 ):
     """The patch model of a stage (`AutoPatchModelForCausalLM`: a subclass of the stock class of the config's
     model_type) at `patch_size`: from the weights in `init_from` (loaded in float32: mixed precision comes from
-    the launch, and the optimizer steps float32 weights), or from the config `config_name` (random weights from
-    the current seed). `loss_implementation`: auto, fused or unfused (`PatchModelMixin.loss_implementation`);
+    the launch, and the optimizer steps float32 weights; with `config`, the checkpoint's config already loaded),
+    or, with `init_from` None, from `config` (a loaded PretrainedConfig, left unchanged; random weights from the
+    current seed). `loss_implementation`: auto, fused or unfused (`PatchModelMixin.loss_implementation`);
     `offset_weights`: the K-way loss's per-offset weights (`PatchModelMixin.offset_weights`, None: the mean).
     With a `tokenizer`, its special token ids are recorded in the config (`record_special_tokens`)."""
+    config = copy.deepcopy(config)  # the stage sets patch_size, use_cache and the special tokens on its own copy
     if init_from is not None:
-        model = AutoPatchModelForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation, dtype=torch.float32)
+        loaded = {"config": config} if config is not None else {}
+        model = AutoPatchModelForCausalLM.from_pretrained(init_from, attn_implementation=attn_implementation,
+                                                          dtype=torch.float32, **loaded)
     else:
-        config = AutoConfig.from_pretrained(config_name)
         model = AutoPatchModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     model.config.patch_size = patch_size
     model.saved_use_cache = getattr(model.config, "use_cache", None)  # what checkpoints say (see PatchModelMixin)

@@ -2,7 +2,7 @@
 
 The paper (Eq. 3) averages the K next-patch targets equally. Token Superposition Training (Nous Research, 2026)
 weights them unequally for large K with a power law over the offsets; its exponent and exact form are not
-given here (see README, "Recipes beyond the paper"), so the rule is a parameter:
+given here (see docs/recipes.md), so the rule is a parameter:
 
 - `power:<alpha>`: w_k proportional to k^-alpha, k = 1..K (alpha >= 0; alpha = 0 is the paper's mean);
 - a JSON list of K non-negative numbers, e.g. `[1, 0.5, 0.25, 0.125]`.

@@ -5,14 +5,18 @@ line."""
 
 from __future__ import annotations
 
-ALL_RESULTS_FILE = "all_results.json"
+import logging
+
+from .stages import global_batch_size
+
+logger = logging.getLogger("run_clm")
 
 
 def stage_results(plan, args, metrics: dict) -> dict:
     """The record of one trained stage: its plan (a `StagePlan`), the batch of its TrainingArguments `args`, and
     what it trained (blocks seen = optimizer steps x sequences per step, at most the plan's blocks), plus the
     Trainer's `metrics`. A stage's positions are its tokens / K: the cost of a patch-stage token is 1/K."""
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    global_batch = global_batch_size(args)
     tokens, positions = tokens_seen(plan, metrics["steps"], global_batch)
     return {
         "blocks": plan.num_blocks, "block_tokens": plan.block_len, "tokens": tokens,
@@ -71,12 +75,33 @@ def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, pat
     return results
 
 
-def report(results: dict) -> None:
-    """Print the job's one-line summary: perplexity, relative cost (nominal and measured), where the results are."""
+def report(results: dict, results_file) -> None:
+    """Print the job's one-line summary: perplexity, relative cost (nominal and measured), and `results_file`,
+    where the results are."""
     line = f"perplexity {results['perplexity']:.3f}" if results.get("perplexity") is not None else "no validation set"
     print(
         f"[run_clm] done: {line}; relative cost nominal {results['relative_cost_nominal']:.3f} "
         f"(λ/K + 1 - λ), measured {results['relative_cost_measured']:.3f} (positions / tokens); "
-        f"results in {results['output_dir']}/{ALL_RESULTS_FILE}",
+        f"results in {results_file}",
         flush=True,
     )
+
+
+def job_results(results: dict, stages: list[dict], final: dict, stream_index_file: str | None, log: bool) -> dict:
+    """The job's all_results.json record: `results` (its header and stage records) with the job's totals
+    (`add_job_totals` over the stage records `stages`, `final` the final evaluation) and, for a --streaming job
+    (`stream_index_file` given), what the stream read of the data (`blocks.streamed_counts`, null texts included),
+    logged when `log` (the main process)."""
+    add_job_totals(results, stages, results["patch_data_fraction"], results["patch_size"], final)
+    if stream_index_file is not None:
+        from .blocks import streamed_counts
+        from .token_cache import skipped_note
+
+        results["streamed_data"] = streamed = streamed_counts(stream_index_file)
+        if streamed and log:
+            logger.info("Streamed %s documents of the training data%s, %s tokens read (%d of its %d parts read whole), "
+                        "of which the stages trained on %s: the stream reads ahead of training",
+                        f"{streamed['documents'] - streamed['skipped_empty']:,}",
+                        skipped_note({"num_skipped_empty": streamed["skipped_empty"]}), f"{streamed['tokens']:,}",
+                        streamed["parts_read_whole"], streamed["parts"], f"{results['tokens']:,}")
+    return results

@@ -1,7 +1,7 @@
 """The two stages of a job: the λ split of the token budget (`plan_stages`), and each stage's batch, length and
 TrainingArguments (the paper's defaults: the same tokens per optimizer step, a fresh schedule).
 
-The choices beyond the paper (README, "Recipes beyond the paper") that set the split and the batch live here too:
+The choices beyond the paper (docs/recipes.md) that set the split and the batch live here too:
 the split set by a fraction r of the optimizer steps (`split_fractions`: converted exactly to λ, then split by
 `plan_stages` as always), and a patch stage with the token stage's positions per step (`--patch_batch_mode
 positions`, `stage_batch_settings`)."""
@@ -69,6 +69,21 @@ def plan_stages(
     return plans
 
 
+def check_plans(plans: list[StagePlan], block_size: int) -> None:
+    """UsageError for a stage with less than one block of training tokens; log each stage's share of the stream."""
+    for plan in plans:
+        if plan.num_blocks == 0:
+            blocks = f"block_size {block_size}" + (f" x patch_size {plan.patch_size}" if plan.patch_size > 1 else "")
+            raise UsageError(
+                f"the {plan.name} stage gets {plan.budget_tokens} training tokens, fewer than one block of "
+                f"{plan.block_len} ({blocks}): give more data or epochs, or lower --block_size / --patch_data_fraction"
+            )
+        logger.info(
+            "%s stage: %d blocks of %d tokens = %d tokens (%d positions), starting at stream token %d; %d tokens dropped",
+            plan.name, plan.num_blocks, plan.block_len, plan.tokens, plan.positions, plan.start_token, plan.dropped_tokens,
+        )
+
+
 def stage_batch_settings(patch_args, training_args: TrainingArguments) -> tuple[int, int]:
     """(micro-batch, gradient accumulation) of the patch stage: the user's, or by `patch_args.patch_batch_mode`
     "tokens" the paper's default of the same tokens per optimizer step as the token stage (K times fewer
@@ -102,6 +117,12 @@ def stage_batch_settings(patch_args, training_args: TrainingArguments) -> tuple[
     )
 
 
+def patch_sequences_per_step(patch_args, training_args: TrainingArguments) -> int:
+    """Sequences of K*T tokens per optimizer step of the patch stage, over all ranks (`stage_batch_settings` x
+    world size). UsageError as `stage_batch_settings`."""
+    return math.prod(stage_batch_settings(patch_args, training_args)) * training_args.world_size
+
+
 def stage_training_args(training_args: RunTrainingArguments, patch_args, plan: StagePlan, output_dir: str, max_steps: int):
     """The TrainingArguments of one stage: its own output folder, batch, learning rate, warmup and length."""
     changes = {"output_dir": output_dir, "max_steps": max_steps, "num_train_epochs": 1.0}
@@ -125,8 +146,7 @@ def stage_max_steps(plan: StagePlan, patch_args, training_args: TrainingArgument
     --patch_max_steps stops at the end of the data instead (with a warning)."""
     if plan.name != "patch" or not patch_args.patch_max_steps:
         return -1
-    batch, accumulation = stage_batch_settings(patch_args, training_args)
-    sequences = patch_args.patch_max_steps * batch * accumulation * training_args.world_size
+    sequences = patch_args.patch_max_steps * patch_sequences_per_step(patch_args, training_args)
     if sequences >= plan.num_blocks:
         logger.warning(
             "--patch_max_steps %d would take %d sequences, but the patch stage has %d: it stops after one pass over "
@@ -154,7 +174,7 @@ def repetition_warning(budget_tokens: int, dataset_tokens: int, epochs_requested
 def tokens_per_step(patch_args, training_args: TrainingArguments, block_size: int) -> tuple[int, int]:
     """(P, Q): training tokens per optimizer step, over all ranks, of the patch stage (sequences of K*T) and of
     the token stage (sequences of T = `block_size`)."""
-    patch_sequences = math.prod(stage_batch_settings(patch_args, training_args)) * training_args.world_size
+    patch_sequences = patch_sequences_per_step(patch_args, training_args)
     return patch_sequences * patch_args.patch_size * block_size, global_batch_size(training_args) * block_size
 
 

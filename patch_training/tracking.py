@@ -38,9 +38,9 @@ from transformers import TrainerCallback
 from transformers.integrations import integration_utils as hf
 from transformers.integrations import TensorBoardCallback, WandbCallback
 
-from .cli import UsageError
+from .cli import UsageError, write_json_atomic
 from .results import tokens_seen
-from .resume import write_json_atomic
+from .stages import global_batch_size
 
 RUNS_DIR = "runs"
 RUN_RECORD = "run.json"
@@ -104,7 +104,7 @@ class JobAxis:
     def for_stage(cls, output_dir: str, run_name: str | None, plan, stage_args, previous: dict | None = None) -> JobAxis:
         """The axis of the stage `plan` trained with TrainingArguments `stage_args`, after the stage whose
         all_results.json record (steps, tokens, positions) is `previous` (None for the first stage)."""
-        global_batch = stage_args.per_device_train_batch_size * stage_args.gradient_accumulation_steps * stage_args.world_size
+        global_batch = global_batch_size(stage_args)
         before = previous or {}
         return cls(output_dir, job_run_name(output_dir, run_name), plan, global_batch, int(before.get("steps", 0)),
                    int(before.get("tokens", 0)), int(before.get("positions", 0)))

@@ -1,7 +1,7 @@
-"""`PatchTrainer` (exact gradient accumulation for the K-way loss, per-offset losses, patch and token
-evaluation, and with `--patch_switch continue` one learning-rate schedule and one AdamW state across both
-stages), training one stage, saving a stage's model (DeepSpeed's fp32 master weights included), and training
-the stages of a job one after the other (`train_stages`: the patch stage hands its weights to the token stage)."""
+"""`PatchTrainer`: transformers' Trainer for the patch model. Exact gradient accumulation for the K-way loss,
+per-offset losses, patch and token evaluation, the whole stage's figures across resumes (`StageProgress`), and
+with `--patch_switch continue` one learning-rate schedule and one AdamW state across both stages. The stages of a
+job are trained one after the other by `stage_loop.train_stages`."""
 
 from __future__ import annotations
 
@@ -9,32 +9,23 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from modeling_llama_patch import get_patch_size
 
-from .loss import count_loss_targets, loss_target_labels
-
 from . import compat
 from .blocks import IgnoredPadding
-from .cli import UsageError
-from .models import build_model
-from .results import stage_results
-from .resume import PATCH_STAGE_DIR, STAGE_COMPLETE_FILE, last_complete_checkpoint, write_json_atomic
-from .stages import StagePlan, stage_max_steps, stage_steps, stage_training_args
-from .tracking import JobAxis
+from .cli import UsageError, write_json_atomic
+from .loss import count_loss_targets, loss_target_labels
+from .run_dir import STAGE_PROGRESS_FILE
 
 logger = logging.getLogger("run_clm")
-
-STAGE_PROGRESS_FILE = "stage_progress.json"
 compat.install()  # transformers 5.17: a multi-process CPU run's optimizer state loads (see compat.py)
 
 
@@ -56,25 +47,17 @@ class StageProgress:
     loss_pending: float = 0.0
     last_logged_step: int = 0
     train_seconds: float = 0.0
-    first_step: int = 0  # the step that loss_sum and train_seconds count from (> 0 only after an old checkpoint)
 
     @property
     def train_loss(self) -> float:
-        return (self.loss_sum + self.loss_pending) / max(self.global_step - self.first_step, 1)
+        return (self.loss_sum + self.loss_pending) / max(self.global_step, 1)
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | None) -> StageProgress:
-        """The progress recorded in `checkpoint` (a fresh one for None). A checkpoint written before this record
-        existed gives the state's step with no loss or time: the figures then cover the later steps only."""
+        """The progress recorded in `checkpoint` (a fresh one for None)."""
         if checkpoint is None:
             return cls()
-        record = Path(checkpoint) / STAGE_PROGRESS_FILE
-        if record.is_file():
-            return cls(**json.loads(record.read_text()))
-        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
-        logger.warning("%s has no %s (an earlier version wrote it): train_loss and train_runtime_s will cover the "
-                       "steps after it only", checkpoint, STAGE_PROGRESS_FILE)
-        return cls(global_step=step, last_logged_step=step, first_step=step)
+        return cls(**json.loads((Path(checkpoint) / STAGE_PROGRESS_FILE).read_text()))
 
 
 class RestoreRunningLoss(TrainerCallback):
@@ -148,7 +131,6 @@ class PatchTrainer(Trainer):
             loss_pending=pending,
             last_logged_step=self._globalstep_last_logged,
             train_seconds=self.resumed_progress.train_seconds + time.time() - self.attempt_start,
-            first_step=self.resumed_progress.first_step,
         )
 
     def _save_checkpoint(self, model, trial):
@@ -157,9 +139,7 @@ class PatchTrainer(Trainer):
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f"{STAGE_PROGRESS_FILE}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(asdict(progress)))
-            os.replace(tmp, folder / STAGE_PROGRESS_FILE)
+            write_json_atomic(folder / STAGE_PROGRESS_FILE, asdict(progress))
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -243,15 +223,14 @@ class PatchTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "train_loss" in logs:  # train()'s closing metrics: the whole stage's figure (see `StageProgress`)
-            # transformers >= 5.2x divides the restored loss sum by the steps of this attempt only (30.87 logged
-            # for a stage of loss 10.29 after a resume at step 4 of 6): the trackers and trainer_state.json now
-            # get what all_results.json records.
+            # transformers 5.24 divides the restored loss sum by the steps of this attempt only (30.87 for a stage
+            # of loss 10.29 resumed at step 4 of 6): the trackers and trainer_state.json get all_results.json's.
             logs["train_loss"] = self.stage_progress(trained=True).train_loss
         if "loss" in logs and self.stage_patch_size > 1:
             logs["patch_loss"] = logs.pop("loss")
         if self._offset_loss_sum is not None and self._offset_loss_count and "patch_loss" in logs:
-            # The mean over ranks, as transformers logs the loss (every rank logs here: a collective). Before, rank
-            # 0's alone: on 8 GPUs the offset curves showed 1/8 of the data and did not average to patch_loss.
+            # The mean over ranks, as transformers logs the loss (every rank logs here: a collective), so that the
+            # offset curves cover all the data and average to patch_loss.
             local = self._offset_loss_sum / self._offset_loss_count  # (K,)
             if self.args.world_size > 1:
                 from transformers.trainer_pt_utils import nested_gather
@@ -289,72 +268,7 @@ class PatchTrainer(Trainer):
             self._eval_loss_scale = None
 
 
-def save_stage_model(trainer: Trainer, folder: str) -> None:
-    """`trainer.save_model(folder)`, except after DeepSpeed training: then DeepSpeed's fp32 master weights.
-
-    With bf16 (or fp16), DeepSpeed trains a 16-bit copy of the weights and keeps the fp32 master weights in
-    its ZeRO optimizer; `trainer.save_model` would save the 16-bit copy. Here each parameter's master is
-    gathered whole (`deepspeed.utils.safe_get_full_fp32_param`, ZeRO-1/2/3: a collective, so every rank runs
-    this, parameter by parameter) and the main process saves them as float32: what DDP and FSDP save, and
-    what the token stage starts from (`MasterWeightsFrom`). Where DeepSpeed has no fp32 master (no ZeRO
-    optimizer, e.g. ZeRO-0 with fp16), the 16-bit save."""
-    engine = trainer.deepspeed  # the training engine after trainer.train() under DeepSpeed, else None
-    if engine is None or engine.optimizer is None:
-        trainer.save_model(folder)
-        return
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state_dict = {}
-    for name, param in trainer.model.named_parameters():
-        master = safe_get_full_fp32_param(param)
-        if master is None:  # the same parameters on every rank: all of them fall back together
-            logger.warning("DeepSpeed keeps no fp32 master of %s: saving the %s module weights", name, param.dtype)
-            trainer.save_model(folder)
-            return
-        if trainer.args.should_save:
-            state_dict[name] = master.detach().to("cpu", torch.float32)
-    if trainer.args.should_save:
-        trainer.model.save_pretrained(folder, state_dict=state_dict)
-        trainer.model.config.dtype = "float32"  # save_pretrained recorded the module's 16-bit dtype
-        config_file = Path(folder) / "config.json"
-        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
-        if trainer.processing_class is not None:
-            trainer.processing_class.save_pretrained(folder)
-    trainer.accelerator.wait_for_everyone()
-
-
-class MasterWeightsFrom(TrainerCallback):
-    """Under DeepSpeed, start the fp32 master weights from a saved float32 model, not from its 16-bit rounding.
-
-    With bf16 (or fp16), DeepSpeed casts the model to 16 bits when it builds its engine and builds the fp32
-    masters from that cast copy, so the fp32 weights that the patch stage handed over would be rounded. At
-    the start of a stage that is not resumed, this sets every parameter's master from `folder`
-    (`deepspeed.utils.safe_set_full_fp32_param`, ZeRO-1/2/3: each rank sets its own partition). The 16-bit
-    module weights are already those weights rounded. A resumed stage keeps its checkpoint's masters."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step > 0:
-            return
-        from deepspeed.utils import safe_set_full_fp32_param
-        from safetensors import safe_open
-
-        params = dict(model.named_parameters())
-        index = self.folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-        missing = set(params)
-        for file in files:
-            with safe_open(self.folder / file, framework="pt") as weights:
-                for name in missing & set(weights.keys()):
-                    safe_set_full_fp32_param(params[name], weights.get_tensor(name).float())
-                    missing.discard(name)
-        if missing:
-            raise RuntimeError(f"{self.folder} has no weights for {sorted(missing)}")
-
-
-def fresh_compilation(args: TrainingArguments) -> None:
+def fresh_compilation(args) -> None:
     """With --torch_compile, forget what torch.compile learnt in this process (`torch._dynamo.reset()`), so that
     a stage compiles as a fresh process would. Otherwise the token stage, whose sequences are K times shorter
     than the patch stage's, fails the patch stage's shape guards and dynamo's automatic dynamic shapes compile
@@ -364,183 +278,3 @@ def fresh_compilation(args: TrainingArguments) -> None:
         import torch._dynamo
 
         torch._dynamo.reset()
-
-
-def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, master_weights_from=None, job_axis=None,
-              schedule_steps=None, carry_state_from=None):
-    """Train one stage (resuming from its last checkpoint if any), save its model, evaluate it.
-    `master_weights_from`: the saved model that `model` was loaded from, whose float32 weights DeepSpeed's
-    fp32 master weights start from (see `MasterWeightsFrom`). `job_axis`: a `tracking.JobAxis` that puts the
-    `--report_to` trackers on the job's step and axes. `schedule_steps`, `carry_state_from`: one schedule and
-    optimizer state across stages (see `PatchTrainer`)."""
-    token_eval, patch_eval = eval_datasets
-    fresh_compilation(stage_args)
-    trainer = PatchTrainer(
-        model=model,
-        args=stage_args,
-        train_dataset=train_dataset,
-        eval_dataset=token_eval,
-        patch_eval_dataset=patch_eval if plan.patch_size > 1 else None,
-        processing_class=tokenizer,
-        data_collator=default_data_collator,
-        schedule_steps=schedule_steps,
-        carry_state_from=carry_state_from,
-    )
-    if job_axis is not None:
-        job_axis.attach(trainer)
-    if master_weights_from is not None and trainer.is_deepspeed_enabled:
-        trainer.add_callback(MasterWeightsFrom(master_weights_from))
-    checkpoint = last_complete_checkpoint(stage_args.output_dir)
-    if checkpoint:
-        logger.info("Resuming the %s stage from %s", plan.name, checkpoint)
-    trainer.resumed_progress = StageProgress.of_checkpoint(checkpoint)
-    trainer.attempt_start = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    # The whole stage's figures, the same whether or not it was interrupted: transformers' train_loss is the
-    # loss summed over the steps of this train() call / their number; here over all the stage's steps.
-    progress = trainer.stage_progress(trained=True)
-    metrics = {
-        "steps": trainer.state.global_step,
-        "train_loss": progress.train_loss,
-        "train_runtime_s": round(progress.train_seconds, 2),
-        "resumed_from": checkpoint,
-    }
-    if token_eval is not None:
-        metrics.update(trainer.evaluate())
-    return trainer, metrics
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The stages of a job
-# ---------------------------------------------------------------------------------------------------------
-
-
-def stage_dir(output_dir: str, plan: StagePlan) -> str:
-    """The folder of the stage `plan` in the job's `output_dir`: `<output_dir>/patch_stage` for the patch stage,
-    `output_dir` itself for the token stage (whose model is the job's). Raises nothing."""
-    return os.path.join(output_dir, PATCH_STAGE_DIR) if plan.name == "patch" else output_dir
-
-
-@dataclass(frozen=True)
-class StageArguments:
-    """Each stage's TrainingArguments (`stages.stage_training_args`), made from the job's.
-
-    training_args: the job's `RunTrainingArguments` (the token stage's settings).
-    patch_args: run_clm.py's PatchArguments, read for the patch stage's batch, learning rate, warmup and
-      --patch_max_steps (`stages.stage_training_args`, `stages.stage_max_steps`).
-    output_dir: the job's folder (`stage_dir`).
-
-    Make them right before the stage's Trainer: making TrainingArguments resets accelerate's state, which a
-    second DeepSpeed Accelerator needs (and which a stage's Trainer set up)."""
-
-    training_args: TrainingArguments
-    patch_args: object
-    output_dir: str
-
-    def __call__(self, plan: StagePlan) -> TrainingArguments:
-        """The TrainingArguments that the stage `plan` trains with, in its `stage_dir`. UsageError when the
-        patch stage's batch cannot be derived (`stages.stage_batch_settings`)."""
-        return stage_training_args(self.training_args, self.patch_args, plan, stage_dir(self.output_dir, plan),
-                                   stage_max_steps(plan, self.patch_args, self.training_args))
-
-    def for_final_model(self, plan: StagePlan) -> TrainingArguments:
-        """The TrainingArguments of the stage `plan` in the job's folder with no step limit: those of a Trainer
-        that only evaluates and saves the final model. UsageError as for `__call__`."""
-        return stage_training_args(self.training_args, self.patch_args, plan, self.output_dir, -1)
-
-
-@dataclass(frozen=True)
-class StageJob:
-    """What `train_stages` needs of the job besides its plans, data and TrainingArguments: plain values, fixed
-    before the first stage.
-
-    output_dir: the job's folder (the token stage's and the final model's; `stage_dir`).
-    run_name: --run_name (None: the folder's name), for the trackers' one run per job (`tracking.JobAxis`).
-    config_name: the model config the first stage starts from (random weights) when `init_from` is None.
-    init_from: the checkpoint the first stage starts from (--model_name_or_path), or None.
-    attn_implementation: the resolved attention (`models.resolve_attn_implementation`).
-    loss_implementation: auto, fused or unfused (`models.build_model`).
-    offset_weights: the patch loss's K weights of mean 1, or None (the paper's mean); the patch stage's only.
-    has_patch_stage, has_token_stage: whether the job has each stage (λ > 0, λ < 1), whether or not it is done.
-    continued: --patch_switch continue with both stages: the token stage carries the patch stage's optimizer
-      state and its schedule on.
-    schedule_steps: the optimizer steps of that one schedule over both stages (None: each stage its own)."""
-
-    output_dir: str
-    run_name: str | None
-    config_name: str | None
-    init_from: str | None
-    attn_implementation: str
-    loss_implementation: str
-    offset_weights: tuple[float, ...] | None
-    has_patch_stage: bool
-    has_token_stage: bool
-    continued: bool
-    schedule_steps: int | None
-
-
-def train_stages(job: StageJob, plans: list[StagePlan], stage_args: StageArguments, train_dataset: Callable,
-                 eval_datasets: tuple, tokenizer, results: dict) -> tuple[PatchTrainer, dict]:
-    """Train the stages `plans` in order: a complete patch stage (its `stage_complete.json`) is skipped, and the
-    patch stage hands its weights (with `job.continued`, also its optimizer state) to the token stage. Each
-    stage's model goes to its `stage_dir`, with its trainer_state.json; with λ = 1 (no token stage) the patch
-    model is saved as the final, token-level (K = 1) model in the job's folder and evaluated there.
-
-    `train_dataset(plan)`: a stage's training blocks; `eval_datasets`: (token-level, patch-level) validation
-    blocks, (None, None) without validation data; `results`: the job's all_results.json record, to which each
-    stage's record (`<name>_stage`) and with λ = 1 the final evaluation (`final_eval`) are added.
-    Returns (the Trainer that saved the job's final model, the final evaluation with λ = 1 (else {})).
-    Raises what training raises: UsageError for bad input found only now (e.g. --patch_switch continue after
-    a patch stage finished without its optimizer state)."""
-    init_from = job.init_from
-    trainer = None
-    for plan in plans:
-        folder = stage_dir(job.output_dir, plan)
-        marker = Path(folder) / STAGE_COMPLETE_FILE
-        if plan.name == "patch" and marker.is_file():
-            logger.info("The patch stage is complete (%s): going straight to the token stage", marker)
-            results["patch_stage"] = json.loads(marker.read_text())
-            init_from = folder
-            continue
-        args = stage_args(plan)
-        model = build_model(job.config_name, init_from, plan.patch_size, job.attn_implementation,
-                            job.loss_implementation, job.offset_weights if plan.name == "patch" else None,
-                            tokenizer=tokenizer)
-        handover = init_from if plan.name == "token" and job.has_patch_stage else None
-        job_axis = JobAxis.for_stage(job.output_dir, job.run_name, plan, args, results.get("patch_stage"))
-        carry = handover if job.continued else None
-        trainer, metrics = run_stage(plan, args, model, train_dataset(plan), eval_datasets, tokenizer, handover,
-                                     job_axis, job.schedule_steps, carry)
-        results[f"{plan.name}_stage"] = stage_results(plan, args, metrics)
-        planned = stage_steps(plan, args)
-        if job.continued and metrics["steps"] != planned:  # the one schedule would not end as planned
-            logger.warning("the %s stage took %d optimizer steps, not the %d its schedule planned",
-                           plan.name, metrics["steps"], planned)
-        model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
-        save_stage_model(trainer, folder)
-        trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
-        if plan.name == "patch":
-            if job.continued:  # the token stage carries them on (before the marker: a complete stage has them)
-                trainer.save_optimizer_state(folder)
-            if trainer.args.should_save:  # written last: the model is complete
-                write_json_atomic(marker, results["patch_stage"])
-            trainer.accelerator.wait_for_everyone()
-            init_from = folder
-
-    # λ = 1: the patch model is the final model; save it as a token-level (K = 1) checkpoint.
-    final_eval = {}
-    if not job.has_token_stage:
-        if trainer is None:  # the patch stage was complete before this run
-            model = build_model(job.config_name, init_from, 1, job.attn_implementation, job.loss_implementation,
-                                tokenizer=tokenizer)
-            trainer = PatchTrainer(model=model, args=stage_args.for_final_model(plans[0]),
-                                   eval_dataset=eval_datasets[0], processing_class=tokenizer,
-                                   data_collator=default_data_collator)
-            # Its evaluation lies where the patch stage ended, on the job's axes.
-            axis = JobAxis.for_stage(job.output_dir, job.run_name, plans[0], trainer.args, results["patch_stage"])
-            axis.attach(trainer)
-        trainer.model.config.patch_size = 1
-        save_stage_model(trainer, job.output_dir)
-        if eval_datasets[0] is not None:
-            results["final_eval"] = final_eval = trainer.evaluate()
-    return trainer, final_eval

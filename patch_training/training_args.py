@@ -55,7 +55,7 @@ def set_regional_compilation_switch() -> None:
 @dataclass
 class RunTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments plus the job-level flag transformers 5 dropped, with two defaults
-    changed so that the training step never waits on the host (see README, "Throughput"):
+    changed so that the training step never waits on the host (see docs/throughput.md):
 
     - `logging_nan_inf_filter` is False: transformers' filter reads every micro-batch's loss on the host
       (`torch.isnan(loss)` in an `if`), a device synchronisation per micro-batch that stalls the GPU while
@@ -116,7 +116,7 @@ class RunTrainingArguments(TrainingArguments):
             "the decoder layer serves every layer, the other modules are compiled alone, and the top-level forward "
             "(patch means, loss) runs eagerly. Compiling takes a fraction of the whole model's time (370M on CPU: "
             "25 s instead of 70 for the token stage, 5 s instead of 56 for the patch stage, whose layers reuse the "
-            "token stage's compilations; see README, Throughput)."
+            "token stage's compilations; see docs/throughput.md)."
         },
     )
 

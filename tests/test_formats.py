@@ -361,19 +361,25 @@ def test_run_identity_holds_the_files_a_pattern_expands_to(tmp_path):
     import run_clm
     from conftest import REPO_ROOT
 
-    from patch_training.resume import check_same_run, prepare_output_dir
+    from patch_training.identity import job_identity
+    from patch_training.job import load_inputs
+    from patch_training.run_dir import check_same_run, prepare_output_dir
+
+    def identity_of(argv):
+        args = run_clm.parse_arguments(argv)
+        return job_identity(args, load_inputs(args))
 
     for index in (1, 0):
         (tmp_path / f"{index:02d}.jsonl").write_text(json.dumps({"text": f"shard {index}"}) + "\n")
     argv = ["--config_name", str(REPO_ROOT / "configs/model/llama-tiny.json"), "--train_file", str(tmp_path / "*.jsonl"),
-            "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none"]
-    identity = run_clm.job_identity(*run_clm.parse_arguments(argv))
+            "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none", "--block_size", "64"]
+    identity = identity_of(argv)
     assert identity["train_files"] == [str(tmp_path / "00.jsonl"), str(tmp_path / "01.jsonl")]
     prepare_output_dir(str(tmp_path / "run"), identity, overwrite=False, is_main=True)
-    check_same_run(str(tmp_path / "run"), run_clm.job_identity(*run_clm.parse_arguments(argv)))
+    check_same_run(str(tmp_path / "run"), identity_of(argv))
     (tmp_path / "02.jsonl").write_text(json.dumps({"text": "a new shard"}) + "\n")
     with pytest.raises(UsageError, match=r"holds a different run \(train_files: .*02.jsonl"):
-        check_same_run(str(tmp_path / "run"), run_clm.job_identity(*run_clm.parse_arguments(argv)))
+        check_same_run(str(tmp_path / "run"), identity_of(argv))
 
 
 # Lines of a text file with every kind of line end, and characters that `str.splitlines` breaks at but Python's

@@ -22,7 +22,8 @@ from test_run_clm import Interrupt, interrupt_at, job_args
 
 import run_clm
 from patch_training.cli import UsageError
-from patch_training.resume import LOCK_FILE, RUN_ARGS_FILE, describe_change
+from patch_training.cli import describe_change
+from patch_training.run_dir import LOCK_FILE, RUN_ARGS_FILE, check_output_outside_data, input_paths
 
 SMALL = dict(save_steps=2, validation_file=None)
 
@@ -225,7 +226,7 @@ def test_a_run_recorded_before_a_reading_rule_changed_is_another_run(workdir, tm
     import gzip
 
     from patch_training.readers import reading_rule
-    from patch_training.resume import RUN_ARGS_FILE, check_same_run
+    from patch_training.run_dir import RUN_ARGS_FILE, check_same_run
 
     text = "".join(json.loads(line)["text"] + "\n" for line in synthetic_corpus(tmp_path / "c.jsonl").read_text().splitlines())
     data = tmp_path / f"train{suffix}"
@@ -342,9 +343,9 @@ def test_where_a_pattern_reads(tmp_path, monkeypatch, pattern, output, reaches):
     arguments = types.SimpleNamespace(train_file=pattern, validation_file=None)
     if reaches:
         with pytest.raises(UsageError, match=f"lies in {re.escape(pattern)}, a pattern that --train_file reads"):
-            run_clm.check_output_outside_data(output, arguments)
+            check_output_outside_data(output, arguments)
     else:
-        run_clm.check_output_outside_data(output, arguments)
+        check_output_outside_data(output, arguments)
     (tmp_path / output / "checkpoint-1").mkdir(parents=True, exist_ok=True)
     (tmp_path / output / "all_results.json").write_text("{}")
     (tmp_path / output / "checkpoint-1" / "stream.jsonl").write_text("{}\n")
@@ -375,4 +376,4 @@ def test_inputs_given_as_a_json_list_are_protected(workdir, tmp_path):
     train, valid = synthetic_corpus(folder / "checkpoint-3" / "train.jsonl"), synthetic_corpus(tmp_path / "v.jsonl")
     arguments = run_clm.parse_arguments(job_args(workdir, folder, train_file=json.dumps([str(train)]),
                                                  validation_file=f'["{valid}"]'))
-    assert {str(train), str(valid)} <= set(run_clm.input_paths(arguments[0], arguments[1], arguments[3]))
+    assert {str(train), str(valid)} <= set(input_paths(arguments[0], arguments[1], arguments[3]))

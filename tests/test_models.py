@@ -115,7 +115,9 @@ def test_build_model_gives_the_stock_class_at_k(tmp_path):
     same weights in float32 whatever dtype they were saved in."""
     from transformers import Qwen3ForCausalLM
 
-    model = build_model(str(MODEL_CONFIGS / "qwen3-tiny.json"), None, 4, "sdpa", "unfused")
+    config = load_model_config(str(MODEL_CONFIGS / "qwen3-tiny.json"))
+    model = build_model(config, None, 4, "sdpa", "unfused")
+    assert getattr(config, "patch_size", None) is None, "build_model changed the loaded config"
     assert isinstance(model, Qwen3ForCausalLM) and model.config.patch_size == 4 and model.loss_implementation == "unfused"
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     loaded = build_model(None, str(tmp_path / "bf16"), 1, "sdpa")
@@ -212,7 +214,7 @@ def test_special_tokens_join_the_checkpoints_own(tokenizer):
         (([13], None), ([2, 13], [2])),
     ]
     for (config_eos, generation_eos), expected in members:
-        model = build_model(str(MODEL_CONFIGS / "llama-tiny.json"), None, 1, "sdpa")
+        model = build_model(load_model_config(str(MODEL_CONFIGS / "llama-tiny.json")), None, 1, "sdpa")
         model.config.eos_token_id, model.config.pad_token_id = config_eos, None
         model.generation_config = GenerationConfig(eos_token_id=generation_eos)
         record_special_tokens(model, tokenizer)

@@ -14,17 +14,10 @@ from test_run_clm import Interrupt, interrupt_at, job_args
 import run_clm
 from patch_training.cli import UsageError
 from patch_training.compat import transformers_at_least
-from patch_training.resume import (
-    MAY_CHANGE,
-    RUN_ARGS_FILE,
-    batch_identity,
-    check_same_run,
-    prepare_output_dir,
-    run_identity,
-    write_json_atomic,
-)
+from patch_training.cli import write_json_atomic
+from patch_training.identity import MAY_CHANGE, batch_identity, init_weights_identity, run_identity
+from patch_training.run_dir import RUN_ARGS_FILE, STAGE_PROGRESS_FILE, check_same_run, prepare_output_dir
 from patch_training.stages import repetition_warning
-from patch_training.trainer import STAGE_PROGRESS_FILE
 
 # ---------------------------------------------------------------------------------------------------------
 # Kind 1: --overwrite_output_dir removes this script's outputs and nothing else
@@ -212,20 +205,23 @@ def test_settings_that_may_change_resume(workdir, tmp_path, change):
     prepare_output_dir(str(folder), identity_of(parsed(workdir, tmp_path, **change)), False, True)
 
 
-def test_record_of_an_earlier_version_stays_readable(workdir, tmp_path):
-    """A run_args.json written before (a subset of the keys, enums as str(enum)) is compared on its keys."""
+def test_a_record_without_some_settings_is_another_run(workdir, tmp_path):
+    """Default-deny both ways: a recorded run that lacks settings this run has (a record written by another
+    version of this script, or edited) is another run, each absent setting named, at most five of them."""
     folder = tmp_path / "out"
     folder.mkdir()
     identity = identity_of(parsed(workdir, tmp_path))
-    old = {k: identity[k] for k in ("config_name", "block_size", "patch_size", "learning_rate", "max_steps", "seed",
-                                    "sequences_per_step", "patch_sequences_per_step")}
-    old["lr_scheduler_type"] = "SchedulerType.LINEAR"
-    write_json_atomic(folder / RUN_ARGS_FILE, old)
+    write_json_atomic(folder / RUN_ARGS_FILE, {k: v for k, v in identity.items() if k != "seed"})
+    with pytest.raises(UsageError, match=r"holds a different run \(seed: '\(absent\)' -> 7\)"):
+        check_same_run(str(folder), identity)
+    write_json_atomic(folder / RUN_ARGS_FILE, {k: identity[k] for k in ("config_name", "block_size", "learning_rate")})
+    with pytest.raises(UsageError, match=r"'\(absent\)' -> .* and \d+ more\)"):
+        check_same_run(str(folder), identity)
+    write_json_atomic(folder / RUN_ARGS_FILE, {**identity, "a_setting_this_version_lacks": 1})
+    with pytest.raises(UsageError, match=r"a_setting_this_version_lacks: 1 -> '\(absent\)'"):
+        check_same_run(str(folder), identity)
+    write_json_atomic(folder / RUN_ARGS_FILE, identity)
     check_same_run(str(folder), identity)
-    with pytest.raises(UsageError, match=r"learning_rate: 0.003 -> 0.001"):
-        check_same_run(str(folder), identity_of(parsed(workdir, tmp_path, learning_rate=1e-3)))
-    with pytest.raises(UsageError, match=r"lr_scheduler_type: 'SchedulerType.LINEAR' -> 'cosine'"):
-        check_same_run(str(folder), identity_of(parsed(workdir, tmp_path, lr_scheduler_type="cosine")))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,25 +404,25 @@ def test_the_starting_weights_are_identified_by_their_weight_files(workdir, tmp_
     AutoModelForCausalLM.from_config(config).save_pretrained(source)
     (source / "checkpoint-5").mkdir()
     (source / "checkpoint-5" / "optimizer.pt").write_text("x")
-    before = run_clm.init_weights_identity(str(source))
+    before = init_weights_identity(str(source))
     assert list(before) == ["model.safetensors"]
     (source / "continued" / "checkpoint-10").mkdir(parents=True)  # a run's output inside the model's folder
     (source / ".run_clm.lock").write_text("")
     shutil.rmtree(source / "checkpoint-5")  # disk freed
-    assert run_clm.init_weights_identity(str(source)) == before
+    assert init_weights_identity(str(source)) == before
     weights = source / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten in place
     folder = tmp_path / "out"
     prepare_output_dir(str(folder), {"init_weight_files": before}, False, True)
     (folder / "checkpoint-4").mkdir()
     with pytest.raises(UsageError, match=r"init_weight_files: model.safetensors '\d+ bytes, modified .*' -> '.*'"):
-        prepare_output_dir(str(folder), {"init_weight_files": run_clm.init_weights_identity(str(source))}, False, True)
+        prepare_output_dir(str(folder), {"init_weight_files": init_weights_identity(str(source))}, False, True)
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_config(config).save_pretrained(sharded, max_shard_size="100KB")
-    names = list(run_clm.init_weights_identity(str(sharded)))
+    names = list(init_weights_identity(str(sharded)))
     assert names[0] == "model.safetensors.index.json" and len(names) > 2
     assert set(names[1:]) == {p.name for p in sharded.glob("model-*-of-*.safetensors")}
-    assert run_clm.init_weights_identity("meta-llama/Llama-2-7b-hf") is None and run_clm.init_weights_identity(None) is None
+    assert init_weights_identity("meta-llama/Llama-2-7b-hf") is None and init_weights_identity(None) is None
 
 
 def test_deepspeed_runs_keep_their_world_size(workdir, tmp_path):

@@ -402,20 +402,10 @@ def job_identity(model_args, data_args, patch_args, training_args) -> dict:
 
 
 def path_state(path: str) -> str:
-    """What identifies the content of a local path without reading it: a file's size and modification time, a
-    folder's `readers.source_fingerprint` (hashed), or "not a local path"."""
-    import datetime
-    import hashlib
+    """What identifies the content of a local path without reading it (`readers.content_stamp`)."""
+    from patch_training.readers import content_stamp
 
-    from patch_training.readers import source_fingerprint
-
-    if os.path.isfile(path):
-        stat = os.stat(path)
-        modified = datetime.datetime.fromtimestamp(stat.st_mtime_ns / 1e9, datetime.timezone.utc)
-        return f"{stat.st_size} bytes, modified {modified.isoformat(timespec='microseconds')}"
-    if os.path.isdir(path):
-        return "folder " + hashlib.sha256(source_fingerprint(path).encode()).hexdigest()[:16]
-    return "not a local path"
+    return content_stamp(path)
 
 
 def init_weights_identity(model_name_or_path: str | None) -> dict | None:
@@ -434,14 +424,14 @@ def content_identity(model_args, config, tokenizer, train_source, eval_source) -
     (another shard under the same name, an edited model config, another tokenizer) is another run, refused on
     resume like a changed flag. Data files are identified as the token cache identifies them, without reading
     them: size and modification time (`path_state`); the starting weights by their files (`init_weights_identity`);
-    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`; a data file also by the
-    rule it is read by where it has one (`readers.reading_rule`: a run started before a bare CR ended a .txt line
-    read other documents from the same file)."""
-    from patch_training.readers import reading_rule
+    the model config by its values, the tokenizer by `token_cache.tokenizer_fingerprint`; the data files also by
+    the version of the rule they are read by (`readers.READING_RULE_VERSION`: another rule may read other documents
+    from the same files)."""
+    from patch_training.readers import READING_RULE_VERSION
     from patch_training.token_cache import tokenizer_fingerprint
 
-    def data(source):  # with the rule a file is read by, where it has one (a .txt file's line ends)
-        return None if source is None else {name: path_state(name) + reading_rule(name) for name in source.names}
+    def data(source):
+        return None if source is None else {name: path_state(name) for name in source.names}
 
     values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     return {
@@ -450,6 +440,7 @@ def content_identity(model_args, config, tokenizer, train_source, eval_source) -
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "train_data": data(train_source),
         "validation_data": data(eval_source),
+        "reading_rule_version": READING_RULE_VERSION,
     }
 
 

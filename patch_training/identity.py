@@ -13,17 +13,15 @@ computes identities and describes their differences.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import enum
-import hashlib
 import json
 import os
 
 from .cli import describe_change
 from .models import weight_files
-from .readers import expand_data_files, reading_rule, source_fingerprint
+from .readers import READING_RULE_VERSION, content_stamp, expand_data_files
 from .stages import global_batch_size, patch_sequences_per_step
-from .token_cache import tokenizer_fingerprint
+from .token_cache import TOKENIZATION_RULE_VERSION, tokenizer_fingerprint
 
 # Settings that may change between attempts of one run: they change how the run is launched, logged, saved or
 # evaluated, or how the same numbers are computed, never the numbers.
@@ -130,37 +128,26 @@ def data_files_identity(data_args) -> dict:
             "validation_files": files(data_args.validation_file, "validation_file")}
 
 
-def path_state(path: str) -> str:
-    """What identifies the content of a local path without reading it: a file's size and modification time, a
-    folder's `readers.source_fingerprint` (hashed), or "not a local path"."""
-    if os.path.isfile(path):
-        stat = os.stat(path)
-        modified = datetime.datetime.fromtimestamp(stat.st_mtime_ns / 1e9, datetime.timezone.utc)
-        return f"{stat.st_size} bytes, modified {modified.isoformat(timespec='microseconds')}"
-    if os.path.isdir(path):
-        return "folder " + hashlib.sha256(source_fingerprint(path).encode()).hexdigest()[:16]
-    return "not a local path"
-
-
 def init_weights_identity(model_name_or_path: str | None) -> dict | None:
-    """{file: `path_state`} of the files a local --model_name_or_path folder's weights load from
+    """{file: `readers.content_stamp`} of the files a local --model_name_or_path folder's weights load from
     (`models.weight_files`), None for a hub name or no checkpoint. Only those: the
     folder may also hold a run's checkpoints and logs, or this run's own output folder, which change while the
     weights do not."""
     if not (model_name_or_path and os.path.isdir(model_name_or_path)):
         return None
-    return {name: path_state(os.path.join(model_name_or_path, name)) for name in weight_files(model_name_or_path)}
+    return {name: content_stamp(os.path.join(model_name_or_path, name)) for name in weight_files(model_name_or_path)}
 
 
 def content_identity(model_name_or_path: str | None, config, tokenizer, train_source, eval_source) -> dict:
     """What the run's input paths hold: a file rewritten in place between attempts (another shard under the same
     name, an edited model config, another tokenizer) is another run, refused on resume like a changed flag.
-    Data files are identified as the token cache identifies them, without reading them (`path_state`, and the
-    rule a file is read by: `readers.reading_rule`); the starting weights by their files
-    (`init_weights_identity`); the model config by its values; the tokenizer by
+    Data files are identified as the token cache identifies them, without reading them (`readers.content_stamp`),
+    with the versions of the rules that make documents of files and tokens of documents
+    (`readers.READING_RULE_VERSION`, `token_cache.TOKENIZATION_RULE_VERSION`); the starting weights by their
+    files (`init_weights_identity`); the model config by its values; the tokenizer by
     `token_cache.tokenizer_fingerprint`."""
     def data(source):
-        return None if source is None else {name: path_state(name) + reading_rule(name) for name in source.names}
+        return None if source is None else {name: content_stamp(name) for name in source.names}
 
     values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     return {
@@ -169,6 +156,8 @@ def content_identity(model_name_or_path: str | None, config, tokenizer, train_so
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "train_data": data(train_source),
         "validation_data": data(eval_source),
+        "reading_rule_version": READING_RULE_VERSION,
+        "tokenization_rule_version": TOKENIZATION_RULE_VERSION,
     }
 
 

@@ -7,7 +7,20 @@ A tokenisation killed without a chance to clean up (kill -9, the OOM killer, a p
 temporary folder `<key>.tmp-<host>-<pid>-<hex>` (`temporary_name`) behind; its worker processes die with it
 (`_die_with_parent`). Such a folder is written only under its key's lock, so it is abandoned when that lock is
 free: `remove_stale_temporaries` removes those of the key being tokenised (under its lock) and those of other keys
-whose lock it can take at once, and names in one warning the ones it cannot show abandoned."""
+whose lock it can take at once, and names in one warning the ones it cannot show abandoned.
+
+A cache's key (`cache_key`) holds everything its tokens depend on: each source's path and `readers.content_stamp`,
+the text column, the tokenizer (`tokenizer_fingerprint`), the cache's layout (`CACHE_FORMAT_VERSION`), and the two
+rules of this project's own code: how files become documents (`readers.READING_RULE_VERSION`, see `readers.rule`)
+and how documents become tokens (`TOKENIZATION_RULE_VERSION`). The tokenisation rule is the code of the functions
+`TOKENIZATION_RULE_CODE`: the tokenizer call (`batch_encoder`: the tokenizer's own special tokens, BOS for LLaMA),
+exactly one EOS per document (`eos_rule`), empty and null texts skipped (`_text_batches`), the documents' tokens
+concatenated in order (`iter_token_batches`, `flat_tokens`). The rest (reading ahead in a thread, the parallel
+workers and the part files they write) must give the tokens of one process reading in order, which tests check
+(tests/test_token_cache.py, tests/test_readers_parts.py), so it is not part of the rule.
+`TOKENIZATION_RULE_SOURCE_HASH` is a SHA-256 of those functions' syntax trees without docstrings: any change of
+their code (not of comments, docstrings or formatting) makes tests/test_rule_versions.py fail until
+`TOKENIZATION_RULE_VERSION` is bumped and the new hash recorded; each bump makes every cache be rebuilt once."""
 
 from __future__ import annotations
 
@@ -28,15 +41,24 @@ from collections.abc import Iterator
 import numpy as np
 
 from .cli import UsageError, naming_file
-from .readers import DataSource, is_sequential, reading_rule, sequential_part_chunks
+from .readers import (
+    READING_RULE_VERSION,
+    DataSource,
+    content_stamp,
+    is_sequential,
+    sequential_part_chunks,
+    text_problem,
+)
 
 logger = logging.getLogger("run_clm")
 
 
-CACHE_FORMAT_VERSION = 1
-# The document -> tokens rule of `document_token_ids` (bump when it changes: every cache is then rebuilt).
-# 2: exactly one EOS per document (none added when the tokenizer appends its own); a tokenizer without EOS refused.
+CACHE_FORMAT_VERSION = 1  # the layout of a cache folder: tokens.bin, meta.json
+# The document -> tokens rule (see the module docstring): the version of the code of TOKENIZATION_RULE_CODE, whose
+# syntax trees hash to TOKENIZATION_RULE_SOURCE_HASH (checked by tests/test_rule_versions.py).
 TOKENIZATION_RULE_VERSION = 2
+TOKENIZATION_RULE_CODE = ("eos_rule", "batch_encoder", "iter_token_batches", "_text_batches", "flat_tokens")
+TOKENIZATION_RULE_SOURCE_HASH = "a765ce4b52794b26cfcbb4515605943c4918d358d3d46281cca87b9cfc76ba6a"
 LOCK_TIMEOUT_S = -1  # wait for another node's tokenisation as long as it takes
 
 
@@ -110,8 +132,6 @@ def _text_batches(documents, text_column: str, batch_size: int, state=None,
 
 def _check_texts(texts: list, text_column: str) -> None:
     """UsageError naming the first of a batch's `texts` that is not valid text (see `readers.text_problem`)."""
-    from .readers import text_problem
-
     for text in texts:
         problem = text_problem({text_column: text}, text_column)
         if problem:
@@ -227,16 +247,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(sources: list[str], tokenizer, text_column: str) -> str:
-    """A hash of what the token stream depends on: the data (`sources`: for files their fingerprints, path +
-    size + mtime, see `readers.source_fingerprint`; for text files also their line-end rule, `readers.reading_rule`),
-    the tokenizer (`tokenizer_fingerprint`), the text column, and our own document -> tokens rule
-    (`TOKENIZATION_RULE_VERSION`)."""
-    from .readers import source_fingerprint
-
+    """A hash (20 hex digits) of what the token stream depends on: the data (`sources`, each with its
+    `readers.content_stamp`: a file's size and modification time, a folder's files'), the text column, the
+    tokenizer (`tokenizer_fingerprint`), and this project's reading and tokenisation rules
+    (`readers.READING_RULE_VERSION`, `TOKENIZATION_RULE_VERSION`; see the module docstring)."""
     digest = hashlib.sha256()
-    digest.update(f"v{CACHE_FORMAT_VERSION}|rule{TOKENIZATION_RULE_VERSION}|{text_column}|".encode())
+    digest.update(f"v{CACHE_FORMAT_VERSION}|reading{READING_RULE_VERSION}|tokenization{TOKENIZATION_RULE_VERSION}|"
+                  f"{text_column}|".encode())
     for source in sources:
-        digest.update(f"{source_fingerprint(source)}{reading_rule(source)}|".encode())
+        digest.update(f"{source}|{content_stamp(source)}|".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:20]
 
@@ -542,7 +561,7 @@ def _tokenize_into(tmp_folder, documents, source, tokenizer, text_column, batch_
     meta = {
         "num_tokens": sum(c[0] for c in counts),
         "num_documents": sum(c[1] for c in counts),
-        "num_skipped_empty": sum(c[2] for c in counts),  # null or empty texts: no tokens (not in caches before it)
+        "num_skipped_empty": sum(c[2] for c in counts),  # null or empty texts: no tokens
         "dtype": np.dtype(token_dtype(len(tokenizer))).name,
         "tokenize_seconds": round(time.time() - start, 2),
         "num_workers": num_workers,
@@ -640,8 +659,8 @@ def _progress_bar(parts, progress: bool) -> _Progress | None:
 
 
 def skipped_note(meta: dict) -> str:
-    """' (3 null or empty texts skipped)' after the documents tokenised, when there were some; '' otherwise and
-    for a cache written before they were counted."""
+    """' (3 null or empty texts skipped)' after the documents tokenised, when there were some; '' otherwise
+    (none, or no `num_skipped_empty` in `meta`)."""
     skipped = meta.get("num_skipped_empty", 0)
     if not skipped:
         return ""

@@ -118,3 +118,12 @@ def _accelerate_dynamo_switches_restored():
         del os.environ[key]
     os.environ.update(before)
     training_args._REGIONAL_SWITCH_SET_HERE = False
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    """{name: path} of the documents `data_formats.TEXTS` written in each format and compression the readers
+    accept (`data_formats.write_all_formats`), once per test module."""
+    from data_formats import write_all_formats
+
+    return write_all_formats(tmp_path_factory.mktemp("formats"))

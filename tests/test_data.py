@@ -1,6 +1,6 @@
-"""The data pipeline (`patch_training.readers`, `.token_cache`, `.blocks`): local files read as `datasets`
-reads them, errors that name the record, parallel tokenisation byte-identical to one process, and streamed
-blocks equal to the cached ones."""
+"""The data pipeline from sources to blocks (`patch_training.readers.DataSource`, `.token_cache`, `.blocks`):
+parallel tokenisation byte-identical to one process, and streamed blocks equal to the cached ones, from any start.
+The readers' own tests follow their modules: tests/test_readers_*.py."""
 
 import json
 from pathlib import Path
@@ -11,7 +11,6 @@ from conftest import DATA_DIR, TOKENIZER_DIR
 from transformers import default_data_collator
 
 from patch_training.blocks import StreamingTokenBlocks, TokenBlocks
-from patch_training.cli import UsageError
 from patch_training.readers import DataSource, iter_local_documents
 from patch_training.token_cache import cached_token_stream, tokenize_to_cache
 from patch_training.training_args import RunTrainingArguments
@@ -40,8 +39,8 @@ def test_streaming_matches_cached_blocks(workdir, tmp_path):
 
 
 def test_streaming_data_loader_workers(tmp_path):
-    """Regression: several loader workers each read the whole stream, so every streamed block came back
-    once per worker. One background worker yields the main process's batches; two are refused."""
+    """Regression guard: several loader workers would each read the whole stream, so every streamed block would
+    come back once per worker. One background worker yields the main process's batches; two are refused."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -57,90 +56,6 @@ def test_streaming_data_loader_workers(tmp_path):
     assert batches(1) == in_process
     with pytest.raises(Exception, match="would repeat: use at most 1"):
         batches(2)
-
-
-def test_local_readers_match_datasets(tmp_path):
-    """Our lazy local reader yields the documents `datasets` reads from .jsonl, .json (a list), .txt and
-    compressed files."""
-    import datasets
-    import lzma
-
-    records = [{"text": f"document {i} " * (i + 1), "source": "x"} for i in range(5)]
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    as_list = tmp_path / "b.json"
-    as_list.write_text(json.dumps(records))
-    compressed = tmp_path / "c.jsonl.xz"
-    with lzma.open(compressed, "wt") as handle:
-        handle.write(jsonl.read_text())
-    text = tmp_path / "d.txt"
-    text.write_text("first line\n\nsecond line\n")
-    for path, fmt in [(jsonl, "json"), (as_list, "json"), (compressed, "json"), (text, "text")]:
-        ours = [d["text"] for d in iter_local_documents([str(path)], fmt, "text")]
-        theirs = [d["text"] for d in datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))]
-        assert ours == [t for t in theirs if t.strip()], path
-
-
-def test_bad_records_are_named(tmp_path):
-    bad_json = tmp_path / "bad.jsonl"
-    bad_json.write_text('{"text": "ok"}\n{"text": broken\n')
-    with pytest.raises(UsageError, match=r"bad.jsonl, line 2: not valid JSON"):
-        list(iter_local_documents([str(bad_json)], "json", "text"))
-    no_column = tmp_path / "nocol.jsonl"
-    no_column.write_text('{"content": "ok"}\n')
-    with pytest.raises(UsageError, match=r"nocol.jsonl, record 1: no 'text' field \(found \['content'\]\); set --text_column_name"):
-        list(iter_local_documents([str(no_column)], "json", "text"))
-    for line, found in (("[1, 2]", "a list"), ("7", "an int"), ('"text"', "a str"), ("null", "a NoneType")):
-        not_object = tmp_path / "not_object.jsonl"
-        not_object.write_text('{"text": "ok"}\n' + line + "\n")
-        with pytest.raises(UsageError, match=rf"^{not_object}, record 2: not a JSON object with a 'text' field \(found {found}\)$"):
-            list(iter_local_documents([str(not_object)], "json", "text"))
-
-
-SURROGATES = [("\\ud800", "\\ud800"), ("\\uDFFF", "\\udfff"), ("\\ud83d x", "\\ud83d")]  # JSON escape, as named
-
-
-@pytest.mark.parametrize("escape,named", SURROGATES)
-def test_a_lone_surrogate_is_named_wherever_it_is_read(tmp_path, escape, named):
-    """Regression: valid JSON holding a lone surrogate ("\\ud800", or a pair cut in half) is a str that is not
-    Unicode, and the tokenizer failed on it with a TypeError traceback. It is one line naming file and record,
-    read whole or in a byte range, compressed, as a JSON list, tokenised by 2 processes, or streamed; a valid
-    pair and an escaped backslash before 'u' are text."""
-    import gzip
-    import itertools
-    import re
-
-    from transformers import AutoTokenizer
-
-    from patch_training.readers import file_parts, iter_part_documents
-
-    good = ['{"text": "ok \\ud83d\\ude00 pair"}', '{"text": "C:\\\\ud800 not an escape"}', '{"text": "caf\\u00e9"}']
-    bad = f'{{"text": "bad {escape} surrogate", "id": 9}}'
-    lines = good * 17 + [bad]
-    message = re.escape(f"record 52: its 'text' holds a lone surrogate ({named} at character 5), not valid Unicode") + "$"
-    jsonl = tmp_path / "x.jsonl"
-    jsonl.write_text("\n".join(lines) + "\n")
-    as_list = tmp_path / "x.json"
-    as_list.write_text("[" + ",\n".join(lines) + "]")
-    compressed = tmp_path / "x.jsonl.gz"
-    compressed.write_bytes(gzip.compress(jsonl.read_bytes()))
-    assert [d["text"] for d in itertools.islice(iter_local_documents([str(jsonl)], "json", "text"), 3)] == ["ok 😀 pair", "C:\\ud800 not an escape", "café"]
-    for path in (jsonl, as_list, compressed):
-        with pytest.raises(UsageError, match=rf"^{path}, {message}"):
-            list(iter_local_documents([str(path)], "json", "text"))
-    last = file_parts(str(jsonl), "json", target_parts=4)[-1]  # a byte range: its line numbers counted on error
-    assert last.start > 0
-    with pytest.raises(UsageError, match=rf"^{jsonl}, {message}"):
-        list(iter_part_documents(last, "text"))
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    for workers in (1, 2):
-        with pytest.raises(UsageError, match=rf"^{jsonl}, {message}"):
-            tokenize_to_cache(None, tokenizer, "text", 5, str(tmp_path / f"cache{workers}"),
-                              source=DataSource.from_files(str(jsonl), "train_file"), num_workers=workers)
-        assert not (tmp_path / f"cache{workers}").exists()
-    streamed = StreamingTokenBlocks(DataSource.from_files(str(jsonl), "train_file"), tokenizer, "text", 0, 10**6, 64)
-    with pytest.raises(UsageError, match=rf"^{jsonl}, {message}"):
-        list(streamed)
 
 
 def test_parallel_tokenisation_gives_the_same_stream(tmp_path):
@@ -186,7 +101,7 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
 
     from patch_training import blocks, readers
 
-    monkeypatch.setattr(readers, "PART_BYTES", 20_000)
+    monkeypatch.setattr(readers.parts, "PART_BYTES", 20_000)
     monkeypatch.setattr(blocks, "MARK_TOKENS", 500)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     source = DataSource.from_files(TRAIN_FILE, "train_file")
@@ -231,7 +146,7 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
 
     # A first pass stopped inside a part (an interrupted job) leaves marks that a resume uses: the documents
     # before the last mark are read but not tokenised.
-    monkeypatch.setattr(readers, "PART_BYTES", 10**9)
+    monkeypatch.setattr(readers.parts, "PART_BYTES", 10**9)
     one_part = tmp_path / "one_part.jsonl"
     list(StreamingTokenBlocks(source, tokenizer, "text", 0, far // block, block, batch_size=4, index_file=str(one_part)))
     assert not [line for line in one_part.read_text().splitlines() if "part_tokens" in line]
@@ -239,8 +154,8 @@ def test_streamed_start_costs_the_same_wherever_it_is(tmp_path, monkeypatch):
 
 
 def test_streaming_counts_null_and_empty_texts_as_the_cache_does(tmp_path, monkeypatch):
-    """Regression: under --streaming, null and empty texts were skipped without a word (the cache counts them in
-    its "Tokenised N documents (M null or empty texts skipped)" line). The stream's index now counts them with the
+    """Regression guard: under --streaming, null and empty texts are not skipped without a word (the cache counts
+    them in its "Tokenised N documents (M null or empty texts skipped)" line). The stream's index counts them with the
     documents and tokens (`streamed_counts`, which run_clm logs and records at the end of a job): the cache's
     numbers once the data has been read whole, whether in one pass or interrupted inside a part and resumed from
     its mark (a JSON-lines file cut in byte ranges, a Parquet file whose row groups are skipped by count); and, for
@@ -253,7 +168,7 @@ def test_streaming_counts_null_and_empty_texts_as_the_cache_does(tmp_path, monke
     from patch_training.blocks import streamed_counts
 
     monkeypatch.setattr(blocks, "MARK_TOKENS", 300)
-    monkeypatch.setattr(readers, "PART_BYTES", 3_000)
+    monkeypatch.setattr(readers.parts, "PART_BYTES", 3_000)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     paragraphs = [p for line in open(TRAIN_FILE, encoding="utf-8") for p in json.loads(line)["text"].split("\n") if p.strip()]
     texts = [None if i % 7 == 3 else "" if i % 11 == 5 else p for i, p in enumerate(paragraphs[:400])]
@@ -299,7 +214,7 @@ def test_streaming_counts_null_and_empty_texts_as_the_cache_does(tmp_path, monke
 def test_a_streamed_start_inside_a_compressed_file_parses_only_from_its_mark(tmp_path, monkeypatch, suffix):
     """A compressed file is one part, read from its start. A streamed start (a resume) far inside it goes to the
     line recorded with the last mark before it: the documents before that line are decompressed, not parsed or
-    tokenised (before: every one parsed), and the blocks are the cache's, at several starts."""
+    tokenised, and the blocks are the cache's, at several starts."""
     import lzma
 
     import zstandard

@@ -217,34 +217,32 @@ def test_a_finished_run_with_rewritten_data_is_not_reported(workdir, tmp_path):
         run_clm.main(args)
 
 
-@pytest.mark.parametrize("suffix, refused", [(".txt", True), (".txt.gz", True), (".jsonl", False)])
-def test_a_run_recorded_before_a_reading_rule_changed_is_another_run(workdir, tmp_path, suffix, refused):
-    """The run identity holds, per data file, the rule it is read by where it has one (`readers.reading_rule`):
-    a run recorded before a bare CR ended a .txt line (its identity without the rule) read other documents from
-    the same file, so its resume is refused, naming the file; a JSON-lines file, whose rule did not change, keeps
-    its identity (such runs resume as before)."""
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl.gz"])
+def test_a_run_recorded_under_another_reading_rule_is_another_run(workdir, tmp_path, suffix):
+    """The run identity holds, per data file, its `readers.content_stamp`, and once the version of the rule the
+    files are read by (`readers.READING_RULE_VERSION`): a run recorded under another rule may have read other
+    documents from the same files, so its resume is refused in one line naming both versions; a run recorded
+    under this rule resumes."""
     import gzip
 
-    from patch_training.readers import reading_rule
-    from patch_training.run_dir import RUN_ARGS_FILE, check_same_run
+    from patch_training.readers import READING_RULE_VERSION, content_stamp
+    from patch_training.run_dir import check_same_run
 
-    text = "".join(json.loads(line)["text"] + "\n" for line in synthetic_corpus(tmp_path / "c.jsonl").read_text().splitlines())
+    corpus = synthetic_corpus(tmp_path / "c.jsonl").read_text()
     data = tmp_path / f"train{suffix}"
-    if suffix == ".jsonl":
-        data = tmp_path / "c.jsonl"
+    if suffix == ".txt":
+        data.write_text("".join(json.loads(line)["text"] + "\n" for line in corpus.splitlines()))
     else:
-        data.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
+        data.write_bytes(gzip.compress(corpus.encode()))
     folder = tmp_path / "out"
     run_clm.main(job_args(workdir, folder, train_file=data, max_steps=2, **SMALL))
     record = json.loads((folder / RUN_ARGS_FILE).read_text())
-    rule = reading_rule(str(data))
-    assert bool(rule) is refused and record["train_data"][str(data)].endswith(rule)
-    before = {**record, "train_data": {name: state.removesuffix(rule) for name, state in record["train_data"].items()}}
-    (folder / RUN_ARGS_FILE).write_text(json.dumps(before))  # as a run recorded before the rule wrote it
-    if refused:
-        with pytest.raises(UsageError, match=rf"holds a different run \(train_data: {re.escape(str(data))} .*\|lines:"):
-            check_same_run(str(folder), record)
-    else:
+    assert record["train_data"] == {str(data): content_stamp(str(data))}
+    assert record["reading_rule_version"] == READING_RULE_VERSION
+    check_same_run(str(folder), record)
+    (folder / RUN_ARGS_FILE).write_text(json.dumps({**record, "reading_rule_version": READING_RULE_VERSION + 1}))
+    with pytest.raises(UsageError, match=rf"holds a different run \(reading_rule_version: {READING_RULE_VERSION + 1} -> "
+                                         rf"{READING_RULE_VERSION}\)"):
         check_same_run(str(folder), record)
 
 

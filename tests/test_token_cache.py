@@ -89,7 +89,7 @@ def test_every_tokenizer_change_gives_a_new_cache_and_reloading_does_not(tmp_pat
 
 
 def test_cached_streams_of_two_post_processors_differ(tmp_path):
-    """Regression (issue 13): the second tokenizer silently read the first one's cache (BOS included)."""
+    """Regression guard: a second tokenizer never silently reads the first one's cache (BOS included)."""
     source = DataSource.from_files(write_documents(tmp_path / "docs.jsonl"), "train_file")
     args = RunTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
     with_bos, folder_a = cached_token_stream(source, llama(), args, cache_dir=str(tmp_path / "cache"))
@@ -211,7 +211,7 @@ def test_one_progress_bar_per_job(tmp_path, capsys, workers, compressed, monkeyp
 
     from patch_training import readers
 
-    monkeypatch.setattr(readers, "CHUNK_BYTES", 500)
+    monkeypatch.setattr(readers.lines, "CHUNK_BYTES", 500)
     paths = [write_documents(tmp_path / f"d{i}.jsonl", TEXTS * 5) for i in range(3)]
     if compressed:
         for index, path in enumerate(paths):
@@ -265,10 +265,10 @@ def test_prefetched_keeps_order_raises_where_the_error_is_and_stops_when_closed(
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_null_and_empty_texts_are_skipped_and_counted(tmp_path, caplog, workers, monkeypatch):
-    """Regression: null and empty texts (JSON null or "", Parquet nulls) were dropped without a word. They are
-    still skipped (no tokens), but counted in meta.json's `num_skipped_empty` and in the "Tokenised" line, read
+    """Regression guard: null and empty texts (JSON null or "", Parquet nulls) are not dropped without a word. They
+    are skipped (no tokens), but counted in meta.json's `num_skipped_empty` and in the "Tokenised" line, read
     by one process or by 2 (byte ranges, row groups, a compressed file fed in chunks); a whitespace text is
-    tokenised; a cache written before the count reports nothing."""
+    tokenised; a meta.json without the count reports nothing."""
     import gzip
     import logging
 
@@ -278,8 +278,8 @@ def test_null_and_empty_texts_are_skipped_and_counted(tmp_path, caplog, workers,
     from patch_training import readers
     from patch_training.token_cache import skipped_note
 
-    monkeypatch.setattr(readers, "CHUNK_BYTES", 200)
-    monkeypatch.setattr(readers, "PART_BYTES", 300)
+    monkeypatch.setattr(readers.lines, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(readers.parts, "PART_BYTES", 300)
     records = [{"text": t} for t in TEXTS * 3] + [{"text": None}, {"text": ""}, {"text": " "}, {"text": None, "id": 1}]
     records = records[::2] + records[1::2]  # the nulls and empties in several parts
     jsonl = tmp_path / "a.jsonl"
@@ -353,8 +353,8 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl(PR_SET_PDEATHSIG): Linux")
 def test_a_tokenisation_killed_with_sigkill_leaves_nothing_behind(tmp_path, caplog):
-    """Regression: `kill -9` of a tokenising process (preemption, the OOM killer) left its temporary folder
-    `<key>.tmp-<host>-<pid>-<hex>` in the cache folder forever (at Pile scale hundreds of GB), and its worker
+    """Regression guard: `kill -9` of a tokenising process (preemption, the OOM killer) must not leave its temporary
+    folder `<key>.tmp-<host>-<pid>-<hex>` in the cache folder forever (at Pile scale hundreds of GB), nor its worker
     processes running forever. A real tokenisation by 2 worker processes, killed with SIGKILL while the workers
     write their part files: the workers die with it, and the next run (which takes the key's lock) removes the
     folder, named with its size in one log line, then tokenises as usual; nothing else in the cache folder is

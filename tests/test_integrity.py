@@ -105,7 +105,7 @@ def test_the_readme_continued_pretraining_command_runs(workdir, finished_run, tm
     argv = shlex.split(line.replace("\\", ""))[2:]  # after "python run_clm.py"
     assert argv[:1] == ["configs/train/tiny-patch.json"] and argv[argv.index("--tokenizer_name") + 1] == ""
     argv = [str(REPO_ROOT / argv[0])] + [str(folder) if a == "path/to/checkpoint" else a for a in argv[1:]]
-    argv += ["--output_dir", str(tmp_path / "continued"), "--max_steps", "2", "--eval_strategy", "no",
+    argv += ["--output_dir", str(tmp_path / "continued"), "--max_steps", "4", "--eval_strategy", "no",
              "--train_file", str(folder.parent / "train.jsonl"), "--data_cache_dir", str(workdir / "token_cache")]
     model_args, data_args, *_ = run_clm.parse_arguments(argv)
     assert model_args.config_name is None and model_args.tokenizer_name == str(folder)
@@ -235,7 +235,7 @@ def test_a_run_recorded_under_another_reading_rule_is_another_run(workdir, tmp_p
     else:
         data.write_bytes(gzip.compress(corpus.encode()))
     folder = tmp_path / "out"
-    run_clm.main(job_args(workdir, folder, train_file=data, max_steps=2, **SMALL))
+    run_clm.main(job_args(workdir, folder, train_file=data, max_steps=2, warmup_steps=0, **SMALL))
     record = json.loads((folder / RUN_ARGS_FILE).read_text())
     assert record["train_data"] == {str(data): content_stamp(str(data))}
     assert record["reading_rule_version"] == READING_RULE_VERSION

@@ -86,23 +86,25 @@ SMALL = dict(
 # Where a family's default config cannot be shrunk by SMALL alone (its validation ties sizes together, or its
 # layer pattern is written in its own terms), by model_type (a sub-config's too).
 TINY_OVERRIDES = {
-    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),  # one (global, local) pair: 2 layers
-    "mamba2": dict(head_dim=16, n_groups=1),  # hidden_size * expand == num_heads * head_dim
-    "kolibri1_1": dict(head_dim=16, index_num_heads=1,  # NVFP4 K/V rounding: head_dim a multiple of 16
-                       kv_source_layers=None, index_layers=None, mlp_only_layers=None),  # derived from layer_types
-    "zaya": dict(num_experts_per_tok=1),  # one expert per token only
-    "dots3_note_text": dict(head_dim=16),  # sliding-window head_dim == qk_nope_head_dim + qk_rope_head_dim
-    "dots3_note_vision_encoder": dict(adapter_in_dim=32, adapter_out_dim=32),  # adapters match the hidden sizes
-    "dots3_note_audio_encoder": dict(adapter_input_size=32, adapter_out_dim=32),
-    "bamba": dict(attn_layer_indices=[1]),  # the default has no attention layer at all
-    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # likewise
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),  # an attention layer within 2 layers
-    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),  # likewise
-    "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"]),  # tied hybrids
-    "flint": dict(mlp_only_layers=[0]),  # the default's dense layers 0 and 1 leave 2 layers without a MoE
-    "dots1": dict(n_shared_experts=1),  # the default's None fails its MoE block; checkpoints set it
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one (global, local) pair: 2 layers
+    "mamba2": {"head_dim": 16, "n_groups": 1},  # hidden_size * expand == num_heads * head_dim
+    # NVFP4 K/V rounding needs head_dim a multiple of 16; the K/V sources and indexers are derived from layer_types
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 1, "kv_source_layers": None, "index_layers": None,
+                   "mlp_only_layers": None},
+    "zaya": {"num_experts_per_tok": 1},  # one expert per token only
+    "dots3_note_text": {"head_dim": 16},  # sliding-window head_dim == qk_nope_head_dim + qk_rope_head_dim
+    "dots3_note_vision_encoder": {"adapter_in_dim": 32, "adapter_out_dim": 32},  # adapters match the hidden sizes
+    "dots3_note_audio_encoder": {"adapter_input_size": 32, "adapter_out_dim": 32},
+    "bamba": {"attn_layer_indices": [1]},  # the default has no attention layer at all
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},  # likewise
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # an attention layer within 2 layers
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},  # likewise
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},  # tied hybrids
+    "flint": {"mlp_only_layers": [0]},  # the default's dense layers 0 and 1 leave 2 layers without a MoE
+    "dots1": {"n_shared_experts": 1},  # the default's None fails its MoE block; checkpoints set it
+    "dory": {"num_hidden_layers": 2, "layer_types": None},  # its config derives the layer pattern from the count
     # the config rounds the q/k and v widths up to multiples of 64, the model does not (transformers 5.25)
-    "xlstm": dict(hidden_size=128, embedding_dim=128, num_blocks=2),
+    "xlstm": {"hidden_size": 128, "embedding_dim": 128, "num_blocks": 2},
 }
 LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer")
 MIN_LAYERS = 2
@@ -587,7 +589,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def test_supported_list_file_reads_and_refuses_bad_lines():
     """The file's format (model_type [since=X.Y] [fused_loss [argument=attribute ...]], # comments) and a one-line
     error naming file and line for each kind of bad line."""
-    from modeling_llama_patch import SupportedArchitecture, parse_supported_architectures
+    from modeling_llama_patch import (
+        SupportedArchitecture,
+        parse_supported_architectures,
+    )
 
     text = "# comment\n\nllama fused_loss\ngemma2 fused_loss softcap=final_logit_softcapping  # note\nolmo3 since=5.19\n"
     assert parse_supported_architectures(text) == {
@@ -638,14 +643,14 @@ def test_docs_page_matches_the_list():
     import re
 
     page = (REPO_ROOT / "docs" / "architectures.md").read_text(encoding="utf-8")
-    listed = re.search(r"<!-- supported-list -->(.*?)<!-- /supported-list -->", page, re.S).group(1)
+    listed = re.search(r"<!-- supported-list -->(.*?)<!-- /supported-list -->", page, re.DOTALL).group(1)
     assert re.findall(r"`([^`]+)`", listed) == sorted(SUPPORTED_ARCHITECTURES)
-    fused = re.search(r"<!-- fused-loss -->(.*?)<!-- /fused-loss -->", page, re.S).group(1)
+    fused = re.search(r"<!-- fused-loss -->(.*?)<!-- /fused-loss -->", page, re.DOTALL).group(1)
     rows = {}
-    for row in re.findall(r"^\| `([^`]+)` \| (.*?) \|$", fused, re.M):
+    for row in re.findall(r"^\| `([^`]+)` \| (.*?) \|$", fused, re.MULTILINE):
         rows[row[0]] = dict(re.findall(r"`(\w+)` ← `(\w+)`", row[1]))
     assert rows == FUSED_LOSS_ARCHITECTURES
-    oldest = re.search(r"^transformers>=([0-9.]+),<", (REPO_ROOT / "requirements.txt").read_text(), re.M).group(1)
+    oldest = re.search(r"^transformers>=([0-9.]+),<", (REPO_ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
     assert f"transformers {oldest}" in page and "transformers>=" in (REPO_ROOT / ".ci" / "run").read_text()
 
 
@@ -653,7 +658,7 @@ def test_since_versions_are_newer_than_the_oldest_release():
     """A `since=` is only written where the type is newer than the oldest release requirements.txt allows."""
     import re
 
-    oldest = re.search(r"^transformers>=([0-9.]+),<", (REPO_ROOT / "requirements.txt").read_text(), re.M).group(1)
+    oldest = re.search(r"^transformers>=([0-9.]+),<", (REPO_ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
     oldest = tuple(int(part) for part in oldest.split("."))
     for model_type, architecture in SUPPORTED_ARCHITECTURES.items():
         assert architecture.since is None or architecture.since[:2] > oldest[:2], model_type

@@ -131,7 +131,7 @@ def verdict(ok: bool | None) -> str:
 
 
 def target_lines(reports: dict[str, dict]) -> list[str]:
-    """One line per target of issue 5, with the measured value and where it comes from."""
+    """One line per target (module docstring), with the measured value and where it comes from."""
     lines = []
     ratios = {variant: report["patch_token_tokens_per_s_ratio"] for variant, report in reports.items()
               if "patch_token_tokens_per_s_ratio" in report}

@@ -17,7 +17,16 @@ batches (loader, collation, host-to-device copy) / window.
 Two references make the numbers honest: `--data synthetic` feeds one batch already on the device through
 the same Trainer step (what the loader costs = 1 - real/synthetic tokens/s), and `--reference_loop` adds a
 bare PyTorch loop (autocast, fused AdamW, clipping, no Trainer) over stock `LlamaForCausalLM` for the token
-stage and our model for the patch stage: the setup of the issue's reference numbers.
+stage and our model for the patch stage: the setup of the usual published reference numbers.
+
+The training loss is the model's default (the fused LM-head + K-way loss, its chunk kernel compiled on a GPU):
+`--loss_implementation unfused` measures the stock head + chunked loss, `--fused_loss_kernel eager` the fused
+loss's eager kernel; each stage records which it trained with (`loss_path`, `fused_kernel`). `--model_config`
+and `--vocab_size` choose the model, `--stages token` measures one stage, `--sdpa_backend` and `--liger_layers`
+try other attention and layer kernels. `--head_loss_memory VOCAB...` measures only the LM head + loss (peak
+memory, and with `--head_loss_repeats` time; `--head_loss_autocast` in a --bf16 step's dtypes). Every report
+records the versions (and on a GPU the driver) it was measured with. `benchmarks/gpu_suite.sh` runs the GPU
+variants.
 
     python benchmarks/throughput.py                              # CPU: tiny model, a few steps
     python benchmarks/throughput.py --model_config configs/model/llama-370m.json --block_size 2048 \
@@ -212,7 +221,10 @@ def fused_kernel_used(model) -> str | None:
     if loss_path(model) != "fused":
         return None
     model = unwrapped(model)
-    return resolve_kernel(model.fused_loss_kernel, next(model.parameters()).device)
+    kernel = resolve_kernel(model.fused_loss_kernel, next(model.parameters()).device)
+    from patch_training import fused_loss
+
+    return "eager (the compiler failed)" if kernel == "compiled" and fused_loss._COMPILE_FAILED else kernel
 
 
 def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> dict:

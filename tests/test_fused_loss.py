@@ -1,4 +1,4 @@
-"""patch_training/fused_loss.py: the LM head fused with the K-way loss (issue 15, part 1).
+"""patch_training/fused_loss.py: the LM head fused with the K-way loss.
 
 Two independent references: the unfused path of today (`F.linear`, the same logit processing, then
 `kway_cross_entropy`) and a naive loop of the paper's Eq. 3 in float64, one (row, offset) at a time. Loss,
@@ -414,7 +414,7 @@ def test_under_a_whole_model_compile_the_loss_breaks_the_graph():
 
 
 def test_peak_memory_is_a_quarter_of_the_chunked_loss():
-    """Issue 15's memory target, small: head + loss forward and backward at 2,048 positions x 32,000 (bf16,
+    """The memory target, small: head + loss forward and backward at 2,048 positions x 32,000 (bf16,
     H = 256, K = 4), measured by StoragePeak. The fused path peaks at <= 1/4 of today's (logits + chunked
     loss) and <= 1/8 of stock transformers', yet at least the gradients of hidden states and weight it must
     return, and below the (N, V) logits alone."""

@@ -72,7 +72,7 @@ def test_storage_peak_counts_allocations_until_freed():
 
 @pytest.mark.parametrize("patch_size", [1, 4])
 def test_kway_loss_peak_memory_is_at_most_stock(patch_size):
-    """Issue 5's memory target at the same positions x vocabulary (2,048 x LLaMA-2's 32,000, bf16): the
+    """The memory target at the same positions x vocabulary (2,048 x LLaMA-2's 32,000, bf16): the
     K-way loss (forward + backward) peaks at most at stock transformers' causal-LM loss; in fact at most half
     of it (one third measured here, as on an H100 at 8,192 positions), and no lower than the logits' gradient
     it must return. (Its float32 chunk is a fixed 64 MiB, so the share is larger at fewer positions.)"""
@@ -139,7 +139,7 @@ def test_benchmark_streaming_loader(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# benchmarks/summarize.py and gpu_suite.sh: the README table and issue 5's verdicts from the JSON reports
+# benchmarks/summarize.py and gpu_suite.sh: the docs' tables and the targets' verdicts from the JSON reports
 # ---------------------------------------------------------------------------------------------------------
 
 

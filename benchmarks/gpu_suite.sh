@@ -8,7 +8,7 @@
 # Variants: `python benchmarks/suite_variants.py --help` (names, what each runs, the default list and each one's
 # estimated time on one H200). Every name is checked before anything runs; an unknown one is refused (exit 2).
 # The default list (about 490 s on one H200): regional-unfused-mb32 regional-mb32 regional-cudnn-mb32 fsdp
-# v128k-regional-token-mb16 v128k-regional-unfused-token-mb16 1.3b-regional-mb16 headloss gputests.
+# v128k-regional-token-mb16 v128k-regional-unfused-token-mb16 1.3b-regional-mb16 gputests headloss.
 #
 # Writes into OUT_DIR: environment.txt (date, nvidia-smi, the versions), one JSON per variant (throughput.py's
 # report; fsdp.json; gputests.json), fsdp-v1/ and fsdp-v2/ (the FSDP launches' configs and logs), suite.log (all

@@ -35,7 +35,7 @@ import re
 import sys
 
 DEFAULT = ("regional-unfused-mb32", "regional-mb32", "regional-cudnn-mb32", "fsdp", "v128k-regional-token-mb16",
-           "v128k-regional-unfused-token-mb16", "1.3b-regional-mb16", "headloss", "gputests")
+           "v128k-regional-unfused-token-mb16", "1.3b-regional-mb16", "gputests", "headloss")
 MODELS = {
     "": [],
     "1.3b": ["--model_config", "configs/model/llama-1.3b.json", "--steps", "10", "--warmup", "3"],

@@ -238,6 +238,8 @@ def fused_against_unfused_lines(reports: dict[str, dict]) -> list[str]:
             memory = ""
             if stage.get("peak_memory_gib") is not None and other.get("peak_memory_gib") is not None:
                 memory = f"; peak {stage['peak_memory_gib']:.1f} vs {other['peak_memory_gib']:.1f} GiB"
+            if stage.get("final_loss") is not None and other.get("final_loss") is not None:  # same data and seed
+                memory += f"; train loss {stage['final_loss']:.4f} vs {other['final_loss']:.4f}"
             lines.append(f"- fused loss {goal} than the stock head + chunked loss ({model_label(report)}, "
                          f"micro-batch {settings.get('micro_batch')}, {stage_label(stage)}): {verdict(ok)} "
                          f"({variant} {1000 * stage['step_time_s']:.1f} ms vs {partner} "

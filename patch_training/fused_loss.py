@@ -188,6 +188,7 @@ def _eager_chunk_loss_and_grad(logits, targets, valid, row_weight, target_weight
 
 _COMPILED = None  # torch.compile(chunk_loss_and_grad), made at first use
 _COMPILE_FAILED = False  # a compiler failure sends every later call to the eager kernel
+_COMPILE_WORKED = False  # the compiled kernel has run once in this process
 _FP32_ADDMM: dict[str, bool] = {}  # device type -> torch.addmm(..., out_dtype=float32) works there
 
 
@@ -195,7 +196,7 @@ def _compiled_chunk(*args):
     """`chunk_loss_and_grad` compiled, with the chunk's rows a dynamic size (one compilation serves every chunk,
     the shorter last one included, and every number of positions; V stays static); on a compiler failure, the
     eager kernel from then on."""
-    global _COMPILED, _COMPILE_FAILED
+    global _COMPILED, _COMPILE_FAILED, _COMPILE_WORKED
     if not _COMPILE_FAILED:
         import torch._dynamo
 
@@ -203,9 +204,15 @@ def _compiled_chunk(*args):
             _COMPILED = torch.compile(chunk_loss_and_grad, fullgraph=True)
         for tensor in args[:5]:  # logits, targets, valid, row_weight, target_weight: (c, ...)
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        try:
+        if _COMPILE_WORKED:  # a failure after the first success is not the compiler's absence: raised
             return _COMPILED(*args)
-        except torch._dynamo.exc.TorchDynamoException as error:  # BackendCompilerFailed, Unsupported, ...
+        try:
+            result = _COMPILED(*args)
+            _COMPILE_WORKED = True
+            return result
+        # Dynamo's own errors (BackendCompilerFailed, Unsupported) and whatever a missing or broken code generator
+        # raises at the first call (Triton's compilation errors, a missing C++ compiler): the eager kernel then.
+        except Exception as error:  # noqa: BLE001
             _COMPILE_FAILED = True
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             logger.warning("fused LM-head loss: compiling its chunk kernel failed (%s); using the eager kernel",

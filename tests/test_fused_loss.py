@@ -378,6 +378,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_kernel(monkeypatch, caplog):
     monkeypatch.setattr(fused_loss, "_COMPILED", torch.compile(fused_loss.chunk_loss_and_grad, backend=broken_backend,
                                                                fullgraph=True))
     monkeypatch.setattr(fused_loss, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(fused_loss, "_COMPILE_WORKED", False)
     (hidden, weight), targets = make_inputs(4)
     ref = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, chunk_rows=CHUNK, kernel="eager")
     with caplog.at_level("WARNING", logger="patch_training.fused_loss"):

@@ -417,9 +417,10 @@ def head_loss_memory(positions: int, vocab: int, hidden_size: int, patch_size: i
 
     `dtype`: the dtype of hidden states and weight; with `autocast`, they are float32 and the paths run under bf16
     autocast, as a `--bf16` training step (the fused loss then accumulates the weight's gradient in float32).
-    Memory on CUDA from the allocator, elsewhere from the storages the ops allocate (`StoragePeak`: code compiled
-    by Inductor allocates outside it, so the compiled kernel is measured on CUDA only). Time: the mean of `repeats`
-    forward + backward passes after two untimed ones (compilation included there); CUDA events on a GPU.
+    Memory on CUDA from the allocator after an untimed pass, elsewhere from the storages the ops allocate
+    (`StoragePeak`: code compiled by Inductor allocates outside it, so the compiled kernel is measured on CUDA only).
+    Time: the mean of `repeats` forward + backward passes after two untimed ones (compilation included there); CUDA
+    events on a GPU.
     `timings_ms` holds None for every path when `repeats` is 0."""
     import torch.nn.functional as F
     from transformers.loss.loss_utils import ForCausalLMLoss
@@ -443,8 +444,8 @@ def head_loss_memory(positions: int, vocab: int, hidden_size: int, patch_size: i
 
     def measure(fn) -> tuple[float, float | None]:
         hidden.grad = weight.grad = None
-        if device == "cuda":
-            for _ in range(2 if repeats else 0):
+        if device == "cuda":  # untimed passes first: compilation (and its autotuning buffers), cuBLAS workspaces
+            for _ in range(2 if repeats else 1):
                 step(fn)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -313,7 +313,8 @@ def summarize(paths: list[str]) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in first["versions"].items())
     header = [f"Device: {first['device']}; {versions}.", ""]
     timed = {variant: report for variant, report in reports.items() if report.get("stages")}
-    return "\n".join(header + table_rows(timed) + [""] + target_lines(reports))
+    table = table_rows(timed) + [""] if timed else []
+    return "\n".join(header + table + target_lines(reports))
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -350,6 +350,9 @@ class PatchModelMixin:
     # the stock head then `kway_cross_entropy`; "fused" = refuse an architecture it is not exact for;
     # "unfused" = always the stock head. Evaluation (`model.eval()`) and calls without labels return logits.
     loss_implementation: str = "auto"
+    # The fused loss's chunk kernel (`patch_training.fused_loss.FUSED_KERNELS`): "auto" = compiled by torch.compile
+    # on a CUDA GPU with Triton, eager elsewhere; "compiled" or "eager" to choose.
+    fused_loss_kernel: str = "auto"
     # Per-offset weights of the K-way training loss (K numbers of mean 1, `normalise_offset_weights`), or None:
     # the paper's plain mean. An attribute, not a config entry: checkpoints stay stock.
     offset_weights: tuple[float, ...] | None = None
@@ -525,14 +528,16 @@ class PatchModelMixin:
 
     def _fused_forward(self, stock_inputs: dict, labels, patch_size: int, num_items_in_batch, fused_arguments: dict):
         """The decoder (`self.base_model`) on the stock inputs, then the fused LM-head + K-way loss on its final
-        hidden states (B, n, H): no (B, n, V) logits are held (`logits` is None in the output)."""
+        hidden states (B, n, H) with the chunk kernel `fused_loss_kernel`: no (B, n, V) logits are held (`logits`
+        is None in the output)."""
         base_inputs = {name: value for name, value in stock_inputs.items() if name != "labels"}
         outputs = self.base_model(**base_inputs)
         head = self._output_head()
         targets = next_patch_targets(labels, patch_size)  # (B, n, K)
         loss, per_offset = fused_kway_linear_cross_entropy(
             outputs.last_hidden_state, head.weight, targets, head.bias, num_items_in_batch=num_items_in_batch,
-            offset_weights=self.offset_weights if patch_size > 1 else None, **fused_arguments,
+            offset_weights=self.offset_weights if patch_size > 1 else None, kernel=self.fused_loss_kernel,
+            **fused_arguments,
         )
         return PatchCausalLMOutputWithPast(
             loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions,

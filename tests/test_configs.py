@@ -298,7 +298,7 @@ def test_deepspeed_config_is_accepted_by_deepspeed(name, bf16_gpu, monkeypatch):
 # configs/accelerate
 # ---------------------------------------------------------------------------------------------------------
 
-ACCELERATE_CONFIGS = ["ddp_8gpu", "deepspeed_zero2", "fsdp_8gpu", "multinode_template", "cpu_ddp_2proc"]
+ACCELERATE_CONFIGS = ["ddp_8gpu", "deepspeed_zero2", "fsdp_8gpu", "fsdp2_8gpu", "multinode_template", "cpu_ddp_2proc"]
 
 
 def accelerate_launch_args(name):

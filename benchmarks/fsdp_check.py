@@ -15,12 +15,11 @@ patch stage) and ended; its patch-stage model and final model equal the referenc
 "exact", or the largest difference); the final checkpoint loads with stock `AutoModelForCausalLM` and
 `pipeline("text-generation")` in a fresh process that cannot import this project, and generates; and the
 backend each stage actually trained with (`fsdp_job.py`'s record: FSDP version, wrapped class, sharded
-parameters, process-group backend, device, precision, loss): FSDP of that version on a GPU. accelerate runs an
-FSDP config as FSDP only on GPUs (its FSDP is a kind of multi-GPU run); on the CPU the same launch trains with
-DistributedDataParallel, which --cpu checks instead, so that everything else (launch, kill, resume, comparison,
-loading) runs in CI. The launcher config is the shipped file with one
-process (and, with --cpu, `use_cpu` and FSDP1's sync_module_states and cpu_ram_efficient_loading off, which need
-a GPU); what changed is recorded. The reference and the killed run go side by side, and the versions too, unless
+parameters, process-group backend, device, precision, loss, and all_results.json's `distributed`): FSDP of that
+version. accelerate runs an FSDP config as FSDP only on GPUs (on a CPU it would train unsharded DDP), so run_clm.py
+refuses FSDP without a GPU before writing anything: --cpu checks that refusal instead, in one launch. The launcher
+config is the shipped file with one process (and, with --cpu, `use_cpu` and FSDP1's sync_module_states and
+cpu_ram_efficient_loading off, which need a GPU); what changed is recorded. The reference and the killed run go side by side, and the versions too, unless
 --sequential.
 
 Writes OUT_DIR/fsdp.json (every check and record) and OUT_DIR/fsdp-v<N>/ (launcher configs, logs, backend
@@ -152,6 +151,15 @@ def check_version(version: int, out: Path, work: Path, cpu: bool, parallel: bool
     def run(name: str, output: Path, kill: str | None = None) -> dict:
         return launch(config, output, cache, cpu, folder / f"{name}.log", folder / f"{name}.backend.jsonl", kill)
 
+    if cpu:  # FSDP is refused without a GPU (accelerate would run it as unsharded DDP): check the refusal
+        refused = run("refused", runs["reference"])
+        log = Path(refused["log"]).read_text(encoding="utf-8", errors="replace")
+        checks = {"refused_without_a_gpu": refused["exit_code"] != 0 and "run_clm.py: error: FSDP needs CUDA GPUs" in log
+                  and log.count("run_clm.py: error:") == 1, "nothing_written": not runs["reference"].exists()}
+        return {"version": version, "config": str(CONFIGS[version].relative_to(REPO_ROOT)), "config_changes": changes,
+                "launches": {"refused": refused}, "checks": checks, "passed": all(checks.values()), "weights": {},
+                "loading": {}, "backend": [], "results": {}}
+
     with ThreadPoolExecutor(max_workers=2 if parallel else 1) as pool:
         reference = pool.submit(run, "reference", runs["reference"])
         killed = pool.submit(run, "killed", runs["resumed"], KILL_AT)
@@ -189,14 +197,12 @@ def check_version(version: int, out: Path, work: Path, cpu: bool, parallel: bool
         checks.update(exact_resume=False, same_train_loss=False, loads_with_stock_transformers=False)
     records = read_records(folder / "reference.backend.jsonl")
     checks["backend_recorded_for_both_stages"] = [r["stage_patch_size"] for r in records] == [4, 1]
-    if cpu:  # accelerate makes FSDP a kind of multi-GPU run: on the CPU it trains the same job with DDP
-        checks["trained_with_ddp_on_the_cpu"] = bool(records) and all(
-            not r["is_fsdp_enabled"] and r["wrapped_class"].endswith("DistributedDataParallel") for r in records)
-    else:
-        sharded = "fsdp1_modules" if version == 1 else "dtensor_parameters"
-        checks[f"trained_with_fsdp{version}"] = bool(records) and all(
-            r["is_fsdp_enabled"] and r["fsdp_version"] == version and r[sharded] > 0 and r["world_size"] == 1
-            for r in records)
+    sharded = "fsdp1_modules" if version == 1 else "dtensor_parameters"
+    checks[f"trained_with_fsdp{version}"] = bool(records) and all(
+        r["is_fsdp_enabled"] and r["fsdp_version"] == version and r[sharded] > 0 and r["world_size"] == 1
+        for r in records)
+    distributed = (resumed.get("token_stage") or {}).get("distributed") or {}
+    checks["results_record_fsdp"] = distributed.get("backend") == "FSDP" and distributed.get("fsdp_version") == version
     return {"version": version, "config": str(CONFIGS[version].relative_to(REPO_ROOT)), "config_changes": changes,
             "launches": launches, "checks": checks, "passed": all(checks.values()), "weights": comparisons,
             "loading": loading, "backend": records,

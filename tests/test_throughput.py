@@ -527,19 +527,12 @@ def test_fsdp_check_launcher_configs(version, cpu, tmp_path, monkeypatch):
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
 
 
-def test_fsdp_check_runs_on_the_cpu(tmp_path):
-    """The whole check with the FSDP2 config on the CPU: the two-stage job, a SIGKILL in the token stage, the
-    resume from its checkpoint (the patch stage not run again), bitwise-equal weights to the uninterrupted run,
-    and loading by stock transformers. On the CPU accelerate trains an FSDP config with DDP: the check records
-    that backend (on a GPU it requires FSDP of the config's version)."""
+def test_fsdp_check_on_the_cpu_checks_the_refusal(tmp_path):
+    """On the CPU the check launches the FSDP2 config once and finds it refused in one line, with nothing written
+    (accelerate would have trained it as unsharded DDP); on a GPU it runs the whole check."""
     report = fsdp_check.main([str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"), "--cpu",
                               "--versions", "2", "--sequential"])
     (version,) = report["fsdp"]
     assert report["passed"] and version["passed"], json.dumps(version["checks"])
-    assert set(version["checks"]) >= {"killed_by_sigkill", "resumed_the_token_stage", "patch_stage_not_rerun",
-                                      "exact_resume", "loads_with_stock_transformers", "trained_with_ddp_on_the_cpu"}
-    assert version["weights"]["final_model"]["bitwise_equal"] and version["loading"]["class"] == "LlamaForCausalLM"
-    assert [r["stage_patch_size"] for r in version["backend"]] == [4, 1]
-    assert all(r["process_group_backend"] == "gloo" and r["loss_path"] == "fused (eager)" for r in version["backend"])
+    assert set(version["checks"]) == {"refused_without_a_gpu", "nothing_written"}
     assert json.loads((tmp_path / "out" / "fsdp.json").read_text())["passed"] is True
-    assert not list((tmp_path / "out").glob("**/*.safetensors")), "the runs go to --work_dir"

@@ -179,8 +179,8 @@ def parse_recipes(text: str, step_fraction: float) -> list[Recipe] | None:
 
 
 def parse_counts(text: str, minimum: int) -> list[int] | None:
-    """Distinct integers >= `minimum`, comma-separated; a budget may end in K or M (thousands, millions) and be a
-    decimal or exponent as long as the count is whole (1.31M is not: 1310720 is). None if not."""
+    """Distinct integers >= `minimum`, comma-separated; each may end in K or M (thousands, millions) and be a
+    decimal or exponent as long as the count is whole (1.31M and 1e5 are, 1.5 is not). None if not."""
     counts = []
     for item in text.split(","):
         match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmM]?)\s*", item)
@@ -369,6 +369,26 @@ def stop_workers(pool) -> None:
         return
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         process.terminate()
+
+
+def init_worker(start_method: str) -> None:
+    """A worker process's start: its own processes (the Trainer's data loader workers) start by `start_method`, the
+    calling process's (fork on Linux), as in a run_clm.py process of its own. A process started by spawn has spawn
+    as its default, which started every data loader's workers by importing torch, transformers and this script
+    anew: seconds per loader on a free CPU, 28 s per evaluation on a loaded one."""
+    import multiprocessing
+
+    multiprocessing.set_start_method(start_method, force=True)
+
+
+def make_pool(jobs: int):
+    """`jobs` worker processes for the runs: spawned, not forked (this process holds a CUDA context once the
+    environment is read), each started by `init_worker`."""
+    import concurrent.futures
+    import multiprocessing
+
+    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=init_worker, initargs=(multiprocessing.get_start_method(),))
 
 
 def warm_up() -> None:
@@ -814,10 +834,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the runs' data loaders fork after tokenising
     start, pool, report = time.time(), None, None
     if jobs > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        pool = make_pool(jobs)
         for _ in range(jobs):
             pool.submit(warm_up)
     try:

@@ -8,7 +8,7 @@
 #   here, once:      python scripts/compare.py --preset gpu --prepare    (copies the corpus into .gpu_data/)
 #   on the GPU:      bash scripts/compare_gpu.sh
 #
-# compare.py runs under a time limit of $COMPARE_TIME_LIMIT seconds (default 500), sent as Ctrl-C: the runs
+# compare.py runs under a time limit of $COMPARE_TIME_LIMIT seconds (default 480), sent as Ctrl-C: the runs
 # finished by then are reported, so the whole command stays inside a 9-minute slot. Runs (models, token cache,
 # each run's log) go to $COMPARE_RUNS (default /tmp/compare-gpu). The report goes to $OUT/compare-gpu if $OUT is
 # set, otherwise runs/compare-gpu, as at most 8 files: compare.md, compare.json, compare.png, switch.png,
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 RUNS=${COMPARE_RUNS:-/tmp/compare-gpu}
-LIMIT=${COMPARE_TIME_LIMIT:-500}
+LIMIT=${COMPARE_TIME_LIMIT:-480}
 REPORT=${OUT:-runs}/compare-gpu
 LOCAL="$RUNS/report"
 if ! ls .gpu_data/corpus/train-*.jsonl.xz >/dev/null 2>&1; then

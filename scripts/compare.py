@@ -838,7 +838,12 @@ def main(argv=None) -> dict:
         for _ in range(jobs):
             pool.submit(warm_up)
     try:
-        dataset_tokens, tokenise_s = tokenise(settings, args.validation_file, cache_dir)
+        try:
+            dataset_tokens, tokenise_s = tokenise(settings, args.validation_file, cache_dir)
+        except UsageError as error:  # unreadable or empty data: run_clm.py's words
+            parser.error(usage_message(error))
+        if dataset_tokens == 0:
+            parser.error(f"--train_file {settings['train_file']} holds no text")
         largest = max(plans, key=lambda p: p.tokens)
         margin = 2 * max(r.patch_size for r in recipes) * int(settings["block_size"])  # whole blocks left at each stage's end
         if largest.tokens + margin > dataset_tokens:

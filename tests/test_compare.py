@@ -445,3 +445,13 @@ def test_worker_processes_start_their_data_loaders_as_this_process_does():
         assert pool.submit(start_method).result() == multiprocessing.get_start_method()
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("text, message", [('{"text": ""}\n', "holds no text"),
+                                           ("not json\n", "line 1: not valid JSON")])
+def test_unreadable_training_data_is_one_line(tmp_path, capsys, no_run, text, message):
+    (tmp_path / "train.jsonl").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--preset", "cpu", "--output_root", str(tmp_path / "r"), "--train_file", str(tmp_path / "train.jsonl")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.strip().splitlines()[-1].startswith("compare.py: error: ")

@@ -118,8 +118,9 @@ class PatchTrainer(Trainer):
         self.add_callback(PreemptionCallback())
         # Training blocks are not padded: the shuffled order is a permutation of the stage's blocks, the same on
         # any number of ranks, so that a run resumed with another split of the same global batch reads the same
-        # data (padding made it a permutation of a world-size-dependent length: resumed on another number of ranks,
-        # blocks were trained twice and others never). Accelerate fills a last partial step by repeating blocks.
+        # data (padding would make it a permutation of a world-size-dependent length: resumed on another number of
+        # ranks, blocks would be trained twice and others never). Accelerate fills a last partial step by
+        # repeating blocks.
         self._exact_eval: dict[int, tuple] = {}  # id(dataset) -> (its IgnoredPadding, the loss scale)
         self._eval_loss_scale: float | None = None
         self.patch_eval_dataset = patch_eval_dataset

@@ -41,6 +41,7 @@ SHELL_SCRIPT_ARGUMENTS = {
     "scripts/launch_deepspeed.sh": "run_clm.py",
     "scripts/launch_torchrun.sh": "run_clm.py",
     "scripts/sweep_gpu.sh": "scripts/sweep.py",
+    "scripts/compare_gpu.sh": None,
     "scripts/eval_lm_harness.sh": None,
     "benchmarks/gpu_suite.sh": None,
     "benchmarks/prepare_gpu_wheels.sh": None,
@@ -48,7 +49,7 @@ SHELL_SCRIPT_ARGUMENTS = {
 # Scripts that pass what follows a bare `--` to every run_clm.py run they start.
 FORWARD_AFTER_SEPARATOR = {"scripts/replicate.py", "scripts/sweep.py", "scripts/sweep_gpu.sh"}
 # Repository paths a block may name before something makes them (prepare_pile.py's downloads and caches).
-GENERATED = ("data/pile/",)
+GENERATED = ("data/pile/", "benchmarks/results/compare-h200")
 REPO_PATH = re.compile(
     r"(?<![\w/.$-])((?:configs|scripts|benchmarks|data|docs|tests)/[\w./*{},-]*[\w*}]"
     r"|run_clm\.py|modeling_llama_patch\.py|requirements[\w-]*\.txt)"
@@ -217,7 +218,10 @@ SKIP_LINKS = {".git", ".venv", "runs", "outputs", ".pytest_cache", ".cache", "__
 @pytest.fixture(scope="session")
 def docs_root(tmp_path_factory):
     """A scratch repository: every top-level entry linked, but runs/, outputs/ and the token cache its own."""
-    root = tmp_path_factory.mktemp("docs_root")
+    root = tmp_path_factory.mktemp("docs_root") / REPO_ROOT.name
+    root.mkdir()
+    # the data the pages name as ../shared/data, beside the repository as in a checkout
+    (root.parent / "shared").symlink_to(REPO_ROOT.parent / "shared")
     for entry in REPO_ROOT.iterdir():
         if entry.name not in SKIP_LINKS:
             (root / entry.name).symlink_to(entry)

@@ -76,8 +76,11 @@ def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, pat
 
 
 def report(results: dict, results_file) -> None:
-    """Print the job's one-line summary: perplexity, relative cost (nominal and measured), and `results_file`,
-    where the results are."""
+    """Print the table of the job's stages (`console.stage_table`), then its one-line summary: perplexity,
+    relative cost (nominal and measured), and `results_file`, where the results are."""
+    from .console import stage_table
+
+    print(stage_table(results), flush=True)
     line = f"perplexity {results['perplexity']:.3f}" if results.get("perplexity") is not None else "no validation set"
     print(
         f"[run_clm] done: {line}; relative cost nominal {results['relative_cost_nominal']:.3f} "

@@ -1,12 +1,10 @@
 """What a run prints besides transformers' own logs and progress bars (docs/console.md): a line for the job's plan
 (`job_line`: the token budget, what set it, the λ split and each stage's optimizer steps), a start and an end line
-for each stage (`stage_start_line`, `stage_end_line`), and a closing table of the stages (`stage_table`: the
-figures of all_results.json). The lines are logged by the main process only, the table printed beside the
-one-line summary."""
+for each stage (`stage_start_line`, `stage_end_line`); the closing table of the stages is all_results.json's
+(`results.stage_table`). The lines are logged by the main process only."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 from .results import tokens_seen
@@ -127,46 +125,12 @@ def eval_summary(record: dict, patch_size: int) -> str:
 
 def stage_end_line(plan, plans, record: dict, folder: str) -> str:
     """The stage's end line from its all_results.json `record`: steps, tokens and positions, wall time (all its
-    attempts), tokens and positions per second, its training loss and evaluation, and where its model is."""
+    attempts, evaluations and checkpoints included: `train_runtime_s`), tokens and positions per second of that
+    time, its training loss and evaluation, and where its model is."""
     seconds = record["train_runtime_s"]
-    rate = (f"{count(record['tokens'] / seconds)} tokens/s, {count(record['positions'] / seconds)} positions/s"
-            if seconds else "no time measured")
+    rate = (f"{count(record['tokens'] / seconds)} tokens/s, {count(record['positions'] / seconds)} positions/s, "
+            "evaluations and checkpoints included" if seconds else "no time measured")
     loss = "patch loss" if plan.patch_size > 1 else "loss"
     return (f"{stage_label(plan, plans)} done: {count(record['steps'])} optimizer steps, {count(record['tokens'])} "
             f"tokens ({count(record['positions'])} positions) in {seconds:,.1f} s ({rate}); train {loss} "
             f"{record['train_loss']:.4f}; {eval_summary(record, plan.patch_size)}; model in {folder}")
-
-
-def number(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
-
-
-def stage_table(results: dict) -> str:
-    """The job's stages as a table, from its all_results.json `results`: per stage K, optimizer steps, tokens,
-    positions, wall time, tokens/s, training loss, evaluation loss and perplexity; a line for the whole job (the
-    final model's evaluation) and the relative cost."""
-    header = ("stage", "K", "steps", "tokens", "positions", "time (s)", "tokens/s", "train loss", "eval loss", "perplexity")
-    rows = []
-    for name in ("patch", "token"):
-        record = results.get(f"{name}_stage")
-        if not record:
-            continue
-        seconds = record.get("train_runtime_s") or 0
-        rows.append((name, str(record["patch_size"]), number(record["steps"]), number(record["tokens"]),
-                     number(record["positions"]), number(float(seconds), 1),
-                     number(round(record["tokens"] / seconds)) if seconds else "-", number(record.get("train_loss")),
-                     number(record.get("eval_loss")), number(record.get("eval_perplexity"), 1)))
-    stages = [results[f"{name}_stage"] for name in ("patch", "token") if results.get(f"{name}_stage")]
-    seconds = sum(s.get("train_runtime_s") or 0 for s in stages)
-    rows.append(("job", "", number(sum(s["steps"] for s in stages)), number(results["tokens"]),
-                 number(results["positions"]), number(float(seconds), 1),
-                 number(round(results["tokens"] / seconds)) if seconds else "-", "", number(results.get("eval_loss")),
-                 number(results.get("perplexity"), 1)))
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in (header, *rows)]
-    lines.append(f"relative cost {results['relative_cost_nominal']:.3f} nominal (λ/K + 1 - λ), "
-                 f"{results['relative_cost_measured']:.3f} measured (positions / tokens)")
-    return "\n".join(lines)

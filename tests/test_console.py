@@ -243,3 +243,25 @@ def test_the_throughput_meter_measures_host_time_between_logs():
     no_peak = ThroughputMeter(plan, 2, 6e6, None, 1)
     time.sleep(0.01)
     assert set(no_peak.fields(1)) == {"tokens_per_second", "positions_per_second"}
+
+
+def test_push_to_hub_sends_the_job_s_card(tmp_path):
+    """Trainer.push_to_hub writes its card with `create_model_card` before it uploads the folder: PatchTrainer writes
+    the job's card (`model_card`) there; without one, transformers' own."""
+    import torch
+    from huggingface_hub import ModelCard
+    from transformers import LlamaConfig, default_data_collator
+
+    from modeling_llama_patch import PatchLlamaForCausalLM
+    from patch_training.trainer import PatchTrainer
+    from patch_training.training_args import RunTrainingArguments
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    args = RunTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = PatchTrainer(model=PatchLlamaForCausalLM(config), args=args, data_collator=default_data_collator,
+                           train_dataset=[{"input_ids": torch.arange(8), "labels": torch.arange(8)}])
+    trainer.create_model_card(model_name="stock")
+    assert "generated_from_trainer" in (tmp_path / "README.md").read_text(), "transformers' own card without ours"
+    trainer.model_card = ModelCard("---\nlibrary_name: transformers\n---\n\n# ours\n")
+    trainer.create_model_card(model_name="ours")
+    assert ModelCard.load(tmp_path / "README.md").text.strip() == "# ours"

@@ -107,3 +107,11 @@ def test_parses_as_transformers_parser_does(argv):
     for mine, reference in zip(ours, theirs):
         values = [{f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.init} for a in (mine, reference)]
         assert values[0] == values[1]
+
+
+def test_the_docs_explain_every_changed_flag():
+    """docs/console.md's table of transformers' flags whose meaning changes here names each of them."""
+    page = (REPO_ROOT / "docs" / "console.md").read_text()
+    table = page.split("## transformers' flags whose meaning changes here", 1)[1]
+    for name in CHANGED_HERE:
+        assert f"`--{name}`" in table, name

@@ -60,17 +60,18 @@ def job_line(args, plans, results: dict, tokenizer) -> str:
     lam, k = results["patch_data_fraction"], results["patch_size"]
     steps = [(plan.name, planned_stage_steps(args, plan)) for plan in plans]
     skipped = f", after skipping the first {args.data.skip_data_fraction:g} of it" if args.data.skip_data_fraction else ""
-    if results["patch_split_by"] == "patch_step_fraction":
-        split = f"r = {results['patch_step_fraction']:.4g} of the optimizer steps at patch level (λ = {lam:.4g} of the tokens)"
-    elif lam > 0:
-        split = f"λ = {lam:.4g} of the tokens at patch level"
-    else:
+    if lam == 0:
         split = "λ = 0: token level only (the baseline)"
+    elif results["patch_split_by"] == "patch_step_fraction":
+        split = (f"r = {results['patch_step_fraction']:.4g} of the optimizer steps at patch level (λ = {lam:.4g} of the "
+                 f"tokens), K = {k}")
+    else:
+        split = f"λ = {lam:.4g} of the tokens at patch level, K = {k}"
     stages = ", then ".join(f"{name} stage {count(n)} optimizer steps" for name, n in steps)
     total = f" ({count(sum(n for _, n in steps))} in all)" if len(steps) > 1 else ""
     cost = lam / k + 1 - lam if lam > 0 else 1.0
     return (f"Job: a budget of {count(results['budget_tokens'])} training tokens ({budget_origin(args, results['dataset_tokens'])})"
-            f"{skipped}; {split}, K = {k}: {stages}{total}; relative cost λ/K + 1 - λ = {cost:.3f}; "
+            f"{skipped}; {split}: {stages}{total}; relative cost λ/K + 1 - λ = {cost:.3f}; "
             f"{padding_note(tokenizer)}")
 
 

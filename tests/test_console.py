@@ -213,6 +213,11 @@ def test_one_stage_jobs_print_and_card_their_models(tmp_path, job, fraction, sta
     for name in stages:
         assert len(lines_with(log, f"{name} stage (1 of 1")) == 2, name  # starts, done
     assert set(table_rows(log)) >= {*stages, "job"}
+    (plan,) = lines_with(log, "Job: a budget of")
+    if fraction == 0.0:
+        assert "λ = 0: token level only (the baseline): token stage 4 optimizer steps;" in plan and "K =" not in plan
+    else:
+        assert "λ = 1 of the tokens at patch level, K = 4: patch stage 4 optimizer steps;" in plan
     folders = [out] + ([out / "patch_stage"] if fraction == 1.0 else [])
     for folder in folders:
         text = card_of(folder).text
@@ -265,3 +270,46 @@ def test_push_to_hub_sends_the_job_s_card(tmp_path):
     trainer.model_card = ModelCard("---\nlibrary_name: transformers\n---\n\n# ours\n")
     trainer.create_model_card(model_name="ours")
     assert ModelCard.load(tmp_path / "README.md").text.strip() == "# ours"
+
+
+def test_start_lines_say_what_each_stage_starts_from(tmp_path, job):
+    """The recipe beyond the paper: r sets the split (the plan line says r and λ), and the token stage carries the patch
+    stage's AdamW state and one schedule over both stages (its start line says so, and the schedule's length)."""
+    out = tmp_path / "continued"
+    done = run_job(out, job[3], "--patch_data_fraction", "0", "--patch_step_fraction", "0.5", "--patch_switch",
+                   "continue", "--max_steps", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    results = json.loads((out / "all_results.json").read_text())
+    steps = results["patch_stage"]["steps"] + results["token_stage"]["steps"]
+    (plan,) = lines_with(log, "Job: a budget of")
+    assert f"r = 0.5 of the optimizer steps at patch level (λ = {results['patch_data_fraction']:.4g} of the tokens), K = 4" in plan
+    (start,) = lines_with(log, "token stage (2 of 2, K = 1) starts:")
+    assert f"over both stages' {steps} steps" in start
+    assert f"from the patch stage's weights, AdamW state and schedule: {out / 'patch_stage'}" in start
+
+
+def test_a_resumed_stage_says_where_it_resumes(workdir, tmp_path, monkeypatch, caplog):
+    """A job interrupted in its token stage, run again: the patch stage is not started again, and the token stage's
+    start line names the checkpoint it resumes from; its logs after the resume carry their throughput."""
+    import logging
+
+    from test_run_clm import Interrupt, interrupt_at, job_args
+
+    import run_clm
+
+    out = tmp_path / "resumed"
+    interrupt_at(monkeypatch, 1, step=5)
+    with pytest.raises(Interrupt):
+        run_clm.main(job_args(workdir, out))
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="run_clm"):
+        run_clm.main(job_args(workdir, out))
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "patch stage (1 of 2, K = 4) starts" in m]
+    (start,) = [m for m in messages if "token stage (2 of 2, K = 1) starts" in m]
+    assert start.endswith(f"resuming from {out / 'checkpoint-4'}")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    resumed = [e for e in history if "grad_norm" in e and e["step"] > 4]
+    assert resumed and all(e["tokens_per_second"] > 0 for e in resumed)

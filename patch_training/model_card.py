@@ -79,7 +79,7 @@ def fmt(value, digits: int = 4) -> str:
     return f"{value:,.{digits}g}" if abs(value) < 1e4 else f"{value:,.1f}"
 
 
-def stage_rows(stages: dict[str, dict], args) -> list[str]:
+def stage_rows(stages: dict[str, dict]) -> list[str]:
     """The Markdown table of the stages' records (all_results.json's `patch_stage`, `token_stage`)."""
     names = [name for name in ("patch", "token") if stages.get(name)]
     records = [stages[name] for name in names]
@@ -223,8 +223,9 @@ def model_card(job, model, stages: dict[str, dict], evaluation: dict, location: 
     else:
         name, repo = args.training.hub_model_id or Path(location).name, args.training.hub_model_id or location
     if lam > 0:
-        method = (f"with **patch-level training** ([Shao, Meng, Zhou, ICLR 2025]({PAPER})): the first λ = {lam:.4g} of "
-                  f"the training tokens were read in patches of K = {k} tokens (a patch's embedding is the mean of its "
+        share = "all the training tokens were" if lam >= 1 else f"the first λ = {lam:.4g} of the training tokens were"
+        method = (f"with **patch-level training** ([Shao, Meng, Zhou, ICLR 2025]({PAPER})): {share} read in patches "
+                  f"of K = {k} tokens (a patch's embedding is the mean of its "
                   f"tokens' embeddings, and the model predicts all K tokens of the next patch), "
                   + ("then token-level training continued on the rest, " if lam < 1 else "")
                   + f"at a nominal λ/K + 1 - λ = {nominal:.3f} of the compute of token-level training on the same tokens")
@@ -257,7 +258,7 @@ A {config.model_type} causal language model ({parameter_count(model):,} paramete
 {chr(10).join(data_lines(args, header))}
 {chr(10).join(recipe_lines(args, header))}
 
-{chr(10).join(stage_rows(stages, args))}{cost}
+{chr(10).join(stage_rows(stages))}{cost}
 
 ## Evaluation
 

@@ -26,12 +26,14 @@ def launched_processes() -> int:
     return int(value) if value.isdigit() else 1
 
 
-def launched_on_cpu() -> bool:
+def launched_on_cpu(deepspeed: bool = False) -> bool:
     """Whether the launcher asked for the CPU (ACCELERATE_USE_CPU), or started several processes on a machine
-    without an accelerator: the processes then form one job on the CPU, as `--use_cpu true` makes them."""
+    without an accelerator: the processes then form one job on the CPU, as `--use_cpu true` makes them. A DeepSpeed
+    run (`deepspeed`) is left to DeepSpeed, which joins its processes itself (on a CPU, through its CPU accelerator:
+    `use_cpu` would take the run off DeepSpeed's process group, and ZeRO-3's partitioned init would see one rank)."""
     if env_flag(USE_CPU_ENV):
         return True
-    if launched_processes() > 1:
+    if launched_processes() > 1 and not deepspeed:
         import torch
 
         return not torch.accelerator.is_available()

@@ -146,7 +146,7 @@ class RunTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         refuse_non_finite(self)  # before transformers' own checks, which fail on some (int(inf) for --save_steps)
-        self.use_cpu = self.use_cpu or launched_on_cpu()  # a launch config's CPU processes form one job (launch.py)
+        self.use_cpu = self.use_cpu or launched_on_cpu(deepspeed=bool(self.deepspeed))  # a launch config is enough
         if isinstance(self.liger_kernel_config, str):
             try:
                 self.liger_kernel_config = loads_json_object(self.liger_kernel_config, "--liger_kernel_config")

@@ -31,6 +31,14 @@ def test_several_processes_without_an_accelerator_are_a_cpu_job(monkeypatch, wor
     assert launch.launched_on_cpu() is (not torch.accelerator.is_available())
 
 
+def test_a_deepspeed_run_is_left_to_deepspeed(monkeypatch):
+    """DeepSpeed joins its processes itself (its CPU accelerator on a CPU machine): use_cpu would take the run off
+    DeepSpeed's process group (ZeRO-3's partitioned init then saw one rank: tests/test_multiprocess.py)."""
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch.launched_on_cpu(deepspeed=True) is False
+
+
 @pytest.mark.parametrize("world_size", ["1", "x", None])
 def test_one_process_keeps_its_setting(monkeypatch, world_size):
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)

@@ -70,6 +70,9 @@ __all__ = [
     "normalise_offset_weights",
     "fused_loss_arguments",
     "FUSED_LOSS_ARCHITECTURES",
+    "SUPPORTED_ARCHITECTURES",
+    "SupportedArchitecture",
+    "is_encoder_family",
 ]
 
 
@@ -191,21 +194,102 @@ def _check_stock_class(stock_class: type) -> inspect.Signature:
     return signature
 
 
-# transformers 5.2x keeps `is_decoder` only on the configs of encoder families that can also act as decoders.
-_IS_DECODER_IS_GENERIC = hasattr(transformers.PretrainedConfig(), "is_decoder")
+# ---------------------------------------------------------------------------------------------------------
+# Which architectures: the rule for decoder-only models, and the supported list (patch_training/architectures.txt)
+# ---------------------------------------------------------------------------------------------------------
+
+SUPPORTED_ARCHITECTURES_FILE = "architectures.txt"  # in the `patch_training` package (package data)
+_FUSED_LOSS_FLAG = "fused_loss"
 
 
-def _check_config(stock_class: type, config) -> None:
+@dataclass(frozen=True)
+class SupportedArchitecture:
+    """One line of the supported list: a transformers `model_type` whose patch model is tested against the stock
+    model (tests/test_architectures.py) on the oldest and newest transformers that requirements.txt allows.
+
+    `since`: the first transformers release that maps the type to a causal LM, where that is newer than the oldest
+    release allowed (None: every release allowed has it). `fused_loss`: {argument of
+    `fused_kway_linear_cross_entropy`: config attribute} where the fused LM-head loss is exact for the type (the
+    post-head processing, e.g. {"softcap": "final_logit_softcapping"}), None where it is not."""
+
+    model_type: str
+    since: tuple[int, ...] | None = None
+    fused_loss: dict[str, str] | None = None
+
+
+def parse_supported_architectures(text: str, source: str = SUPPORTED_ARCHITECTURES_FILE) -> dict[str, SupportedArchitecture]:
+    """The supported list from its text: one model_type a line, then optional words `since=5.24` and `fused_loss`,
+    and after `fused_loss` any `argument=config_attribute` pairs; `#` starts a comment. Raises ValueError naming
+    `source` and the line for anything else (an unknown word, a type listed twice, arguments without fused_loss)."""
+    architectures: dict[str, SupportedArchitecture] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        model_type, since, fused_loss = words[0], None, None
+        where = f"{source}:{number}"
+        if model_type in architectures:
+            raise ValueError(f"{where}: model_type {model_type!r} is listed twice")
+        for word in words[1:]:
+            name, equals, value = word.partition("=")
+            if word == _FUSED_LOSS_FLAG and fused_loss is None:
+                fused_loss = {}
+            elif name == "since" and value and since is None:
+                try:
+                    since = tuple(int(part) for part in value.split("."))
+                except ValueError:
+                    raise ValueError(f"{where}: since={value} is not a release number like 5.24") from None
+            elif equals and name and value and fused_loss is not None and name not in fused_loss:
+                fused_loss[name] = value
+            else:
+                raise ValueError(
+                    f"{where}: cannot read {word!r} (a line is: model_type [since=5.24] [fused_loss [argument=attribute ...]])"
+                )
+        architectures[model_type] = SupportedArchitecture(model_type, since, fused_loss)
+    return architectures
+
+
+def _read_supported_architectures() -> dict[str, SupportedArchitecture]:
+    from importlib.resources import files
+
+    resource = files("patch_training").joinpath(SUPPORTED_ARCHITECTURES_FILE)
+    return parse_supported_architectures(resource.read_text(encoding="utf-8"), f"patch_training/{SUPPORTED_ARCHITECTURES_FILE}")
+
+
+# model_type -> SupportedArchitecture: the one list `check_supported` (so run_clm.py) and the fused loss read.
+SUPPORTED_ARCHITECTURES = _read_supported_architectures()
+
+# The fused LM-head + K-way loss (`patch_training.fused_loss`) needs the decoder's final hidden states and the
+# head's weight, so it replaces the stock forward's `logits = lm_head(hidden)` and whatever follows. It is exact
+# only for architectures whose causal-LM forward is the plain template (base model -> last hidden state -> one
+# linear head -> elementwise processing given as arguments here -> loss, no extra loss term); the supported list
+# marks them `fused_loss`, and tests/test_architectures.py checks each against the unfused path:
+# model_type -> {fused argument: config attribute}.
+FUSED_LOSS_ARCHITECTURES = {
+    model_type: dict(architecture.fused_loss)
+    for model_type, architecture in SUPPORTED_ARCHITECTURES.items()
+    if architecture.fused_loss is not None
+}
+LOSS_IMPLEMENTATIONS = ("auto", "fused", "unfused")
+
+
+def is_encoder_family(model_type: str) -> bool:
+    """Whether transformers also maps `model_type` as a masked LM (BERT, RoBERTa, XLM-R, ...): such a family is an
+    encoder that attends bidirectionally, and its causal-LM head is causal only with `config.is_decoder=True`.
+
+    The decision rests on what the family is in transformers' own task mappings, which stay put from release to
+    release, not on which attributes its config class happens to declare (transformers 5.x declares `is_decoder`
+    on GPT-NeoX's config too, a decoder-only model)."""
+    return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _check_config(stock_class: type, config, warn_unlisted: bool = True) -> None:
     """Raise UnsupportedModelError unless `config` describes a decoder-only causal LM whose config leaves
-    `patch_size` to us."""
+    `patch_size` to us; log once (a warning) where its model_type is not in the supported list and `warn_unlisted`."""
     name = f"{stock_class.__name__} (model_type {config.model_type!r})"
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name} is an encoder-decoder model: patch-level training needs a decoder-only causal LM")
-    # BERT-like families map a causal-LM head too, but attend bidirectionally unless config.is_decoder is set.
-    encoder_family = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or (
-        not _IS_DECODER_IS_GENERIC and hasattr(config, "is_decoder")
-    )
-    if encoder_family and not getattr(config, "is_decoder", False):
+    if is_encoder_family(config.model_type) and not getattr(config, "is_decoder", False):
         raise UnsupportedModelError(
             f"{name} is an encoder with bidirectional attention unless config.is_decoder=True: patch-level "
             "training needs a decoder-only causal LM"
@@ -215,20 +299,13 @@ def _check_config(stock_class: type, config) -> None:
         raise UnsupportedModelError(
             f"{name}: its config already has a `patch_size` (an image patch size), which K would overwrite"
         )
+    if warn_unlisted and config.model_type not in SUPPORTED_ARCHITECTURES:
+        _log_once(f"model_type {config.model_type!r} is not in the supported list ({_supported_list_where()}): its "
+                  "patch-level training has not been checked against the stock model")
 
 
-# The fused LM-head + K-way loss (`patch_training.fused_loss`) needs the decoder's final hidden states and the
-# head's weight, so it replaces the stock forward's `logits = lm_head(hidden)` and whatever follows. It is exact
-# only for architectures whose causal-LM forward is the plain template (base model -> last hidden state -> one
-# linear head -> elementwise processing listed here -> loss, no extra loss term), each checked against the
-# unfused path in tests/test_architectures.py: model_type -> {fused argument: config attribute}.
-FUSED_LOSS_ARCHITECTURES = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "olmo": {}, "olmo2": {}, "phi3": {},
-    "starcoder2": {}, "helium": {}, "glm": {}, "smollm3": {}, "ministral": {},
-    "gemma2": {"softcap": "final_logit_softcapping"}, "gemma3_text": {"softcap": "final_logit_softcapping"},
-    "cohere": {"logit_scale": "logit_scale"}, "cohere2": {"logit_scale": "logit_scale"},
-}
-LOSS_IMPLEMENTATIONS = ("auto", "fused", "unfused")
+def _supported_list_where() -> str:
+    return f"patch_training/{SUPPORTED_ARCHITECTURES_FILE}, docs/architectures.md"
 
 
 def fused_loss_arguments(config) -> dict | None:
@@ -273,6 +350,9 @@ class PatchModelMixin:
     # the stock head then `kway_cross_entropy`; "fused" = refuse an architecture it is not exact for;
     # "unfused" = always the stock head. Evaluation (`model.eval()`) and calls without labels return logits.
     loss_implementation: str = "auto"
+    # The fused loss's chunk kernel (`patch_training.fused_loss.FUSED_KERNELS`): "auto" = compiled by torch.compile
+    # on a CUDA GPU with Triton, eager elsewhere; "compiled" or "eager" to choose.
+    fused_loss_kernel: str = "auto"
     # Per-offset weights of the K-way training loss (K numbers of mean 1, `normalise_offset_weights`), or None:
     # the paper's plain mean. An attribute, not a config entry: checkpoints stay stock.
     offset_weights: tuple[float, ...] | None = None
@@ -448,14 +528,16 @@ class PatchModelMixin:
 
     def _fused_forward(self, stock_inputs: dict, labels, patch_size: int, num_items_in_batch, fused_arguments: dict):
         """The decoder (`self.base_model`) on the stock inputs, then the fused LM-head + K-way loss on its final
-        hidden states (B, n, H): no (B, n, V) logits are held (`logits` is None in the output)."""
+        hidden states (B, n, H) with the chunk kernel `fused_loss_kernel`: no (B, n, V) logits are held (`logits`
+        is None in the output)."""
         base_inputs = {name: value for name, value in stock_inputs.items() if name != "labels"}
         outputs = self.base_model(**base_inputs)
         head = self._output_head()
         targets = next_patch_targets(labels, patch_size)  # (B, n, K)
         loss, per_offset = fused_kway_linear_cross_entropy(
             outputs.last_hidden_state, head.weight, targets, head.bias, num_items_in_batch=num_items_in_batch,
-            offset_weights=self.offset_weights if patch_size > 1 else None, **fused_arguments,
+            offset_weights=self.offset_weights if patch_size > 1 else None, kernel=self.fused_loss_kernel,
+            **fused_arguments,
         )
         return PatchCausalLMOutputWithPast(
             loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
@@ -553,13 +635,21 @@ def patch_model_class(stock_class: type) -> type:
 
 def check_supported(config) -> type:
     """The patch class for `config` (its stock causal-LM class wrapped), or UnsupportedModelError (one line) when
-    patch-level training cannot wrap it: no causal LM for its model_type, an encoder or encoder-decoder, a
-    forward without `inputs_embeds`, a config that already has an image `patch_size`."""
+    patch-level training cannot wrap it (no causal LM for its model_type, an encoder or encoder-decoder, a forward
+    without `inputs_embeds`, a config that already has an image `patch_size`) or its model_type is not in the
+    supported list (`SUPPORTED_ARCHITECTURES`: the types tested against stock transformers). run_clm.py trains
+    supported types only; `AutoPatchModelForCausalLM` wraps others too, with a warning."""
     stock_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if stock_class is None:
         raise UnsupportedModelError(f"model_type {config.model_type!r} has no causal LM in transformers")
     patch_class = patch_model_class(stock_class)
-    _check_config(stock_class, config)
+    _check_config(stock_class, config, warn_unlisted=False)
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"model_type {config.model_type!r} is not in the supported list ({_supported_list_where()}): only the "
+            "types whose patch model is tested against the stock model are trained; docs/architectures.md says how "
+            "to test and add one"
+        )
     return patch_class
 
 

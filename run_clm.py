@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from patch_training.cli import UsageError, blank_as_unset, parse_arguments as parse_command_line, refuse_below, run_cli
+from patch_training.guards import preemption_signals
 from patch_training.job import load_inputs, plan_job
 from patch_training.run_dir import RunDir
 from patch_training.stages import PATCH_BATCH_MODES, PATCH_SWITCHES
@@ -368,7 +369,9 @@ def main(argv: list[str] | None = None) -> dict:
     run = RunDir.open(args, inputs)
     if run.finished:
         return run.report_finished()
-    with run.locked():  # from here on a second run into the folder is refused
+    # From here on a second run into the folder is refused, and SIGTERM or SIGUSR1 stops the run with its state
+    # saved and exit code 75 (guards.py): re-running the same command resumes it.
+    with run.locked(), preemption_signals():
         # 4. Tokenise once (the on-disk cache, or a stream) and split the token budget between the stages (λ).
         job = plan_job(args, inputs, run.stream_index_file)
         # 5. Every input has been read: claim the folder (an overwritten run's outputs are deleted only now).

@@ -1,32 +1,27 @@
 #!/usr/bin/env bash
-# Issue 15's throughput targets on one GPU, through run_clm.py's own path (its loader, PatchTrainer step and model):
-# the paper's 370M Llama, T=2048, K=4, bf16, torch.compile, the fused LM-head loss, SDPA.
+# The GPU measurements of docs/throughput.md in one command, on one GPU, through run_clm.py's own path (its
+# loader, the PatchTrainer step and the patch model): the paper's 370M Llama at T=2048, K=4, bf16, SDPA, and the
+# variants below; the FSDP check; the fused loss's GPU tests.
 #
 #   bash benchmarks/gpu_suite.sh OUT_DIR [VARIANT...]
 #
-# Writes one JSON per variant and OUT_DIR/summary.md (the README table; each target met / NOT met / not
-# measured; the GPU-sized train configs for 80 GB and 141 GB cards), so a second run with other variants can
-# write beside it in another folder. Variants (default: regional-unfused-mb16 regional-unfused-mb32 regional-mb32
-# memory regional-mb64):
-#   memory         the head + loss peak memory (fused, chunked, stock) at 8,192 positions x 32,000 and 128,256
-#   regional-mbN   torch.compile by regions (one compilation of the decoder layer serves all 24; accelerate's
-#                  use_regional_compilation), micro-batch N sequences of 2,048 tokens, the real loader over the
-#                  token cache, the default loss (the fused LM-head loss, eager: outside the compiled layers)
-#   regional-unfused-mbN  the same with --loss_implementation unfused (the stock head + chunked K-way loss): on
-#                  one H200, 2026-11-30, about 5% faster than the fused loss at 32,000 vocab, 15 GiB more at N=32
-#   compile-mbN    regional-mbN with the whole model compiled, the fused loss inside the graph (on one H200,
-#                  2026-11-30, micro-batch 16: 36.5% MFU against 42.7% by regions, and 133 s + 158 s compiling)
-#   unfused-mbN    compile-mbN with --loss_implementation unfused
-#   eager-mbN      eager PyTorch
-#   reference      torch.compile, one batch already on the GPU (the loader's cost), plus a bare PyTorch loop
-#   cudnn          torch.compile with SDPA restricted to cuDNN attention
-#   liger          eager + Liger-Kernel
-# The suite ends within SUITE_SECONDS (default 450 s) plus the summary, so within 8 minutes: a variant gets the
-# time left (`timeout`), and one cut short keeps the stages it finished (throughput.py writes its JSON after each
-# stage; the table names it "cut short"); variants with less than 20 s left are skipped. One that fails (out of
-# memory at a large micro-batch, say) is reported and the suite goes on. Progress goes to OUT_DIR/suite.log too.
+# Variants: `python benchmarks/suite_variants.py --help` (names, what each runs, the default list and each one's
+# estimated time on one H200). Every name is checked before anything runs; an unknown one is refused (exit 2).
+# The default list (about 490 s on one H200): regional-unfused-mb32 regional-mb32 regional-cudnn-mb32 fsdp
+# v128k-regional-token-mb16 v128k-regional-unfused-token-mb16 1.3b-regional-mb16 gputests headloss.
+#
+# Writes into OUT_DIR: environment.txt (date, nvidia-smi, the versions), one JSON per variant (throughput.py's
+# report; fsdp.json; gputests.json), fsdp-v1/ and fsdp-v2/ (the FSDP launches' configs and logs), suite.log (all
+# output) and summary.md (the table, each target met / NOT met / not measured, and the GPU-sized train configs
+# of the best 370M variant per card, written beside it). The suite ends within SUITE_SECONDS (default 490 s) plus
+# the summary: a variant gets the time left (`timeout`), and one cut short keeps the stages it finished
+# (throughput.py writes its JSON after each stage; the table names it "cut short"); variants with less than 20 s
+# left are skipped. One that fails (out of memory at a large micro-batch, say) is reported and the suite goes on.
+# STEPS (default 20) timed steps a stage after 5 warm-up steps (the 1.3b and v128k variants set their own).
 # Wheels that the machine lacks (no internet) are installed from .whl/ (benchmarks/prepare_gpu_wheels.sh).
-# Extra flags for throughput.py go in $BENCH_FLAGS (e.g. BENCH_FLAGS="--data_cache_dir /tmp/tc").
+# Extra flags for throughput.py go in $BENCH_FLAGS (e.g. BENCH_FLAGS="--data_cache_dir /tmp/tc"), and for
+# fsdp_check.py in $FSDP_FLAGS; the FSDP runs themselves (checkpoints) go to $FSDP_WORK_DIR (default: a temporary
+# folder, removed at the end), not into OUT_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [[ $1 == -* ]]; then
@@ -35,20 +30,10 @@ if [ $# -lt 1 ] || [[ $1 == -* ]]; then
 fi
 OUT_DIR=$1
 shift
-variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(regional-unfused-mb16 regional-unfused-mb32 regional-mb32 memory regional-mb64)
-for variant in "${variants[@]}"; do  # all of them known before anything runs
-  case $variant in
-    memory | regional-mb[0-9]* | regional-unfused-mb[0-9]* | compile-mb[0-9]* | unfused-mb[0-9]* | eager-mb[0-9]* \
-      | reference | cudnn | liger) ;;
-    *) echo "gpu_suite.sh: unknown variant '$variant' (memory, regional-mbN, regional-unfused-mbN, compile-mbN," \
-            "unfused-mbN, eager-mbN, reference, cudnn, liger)" >&2
-       exit 2 ;;
-  esac
-done
-STEPS=${STEPS:-30}
-SUITE_SECONDS=${SUITE_SECONDS:-450}
 PYTHON=${PYTHON:-python}
+plan=$("$PYTHON" benchmarks/suite_variants.py "$@") || exit 2  # every variant known before anything runs
+STEPS=${STEPS:-20}
+SUITE_SECONDS=${SUITE_SECONDS:-490}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
 exec > >(tee -a "$OUT_DIR/suite.log") 2>&1
@@ -74,52 +59,66 @@ if (( ${#wheels[@]} )); then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+{
+  date -u +"%Y-%m-%d %H:%M:%S UTC"
+  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+  "$PYTHON" -c "import json, sys; sys.path.insert(0, 'benchmarks'); from throughput import versions; print(json.dumps(versions(), indent=2))" 2>&1
+} > "$OUT_DIR/environment.txt" || true
 read -r -a extra <<< "${BENCH_FLAGS:-}"
+read -r -a fsdp_extra <<< "${FSDP_FLAGS:-}"
 common=(--model_config configs/model/llama-370m.json --block_size 2048 --patch_size 4 --bf16 --steps "$STEPS"
         --warmup 5)
 reports=()
 start=$SECONDS
-bench() {  # bench NAME FLAGS...: one throughput.py run in the time left; a failure is reported, not fatal
-  local name=$1 left=$(( SUITE_SECONDS - (SECONDS - start) )) status=0
-  shift
+fsdp_work=${FSDP_WORK_DIR:-$(mktemp -d)}
+cleanup() { [ -n "${FSDP_WORK_DIR:-}" ] || rm -rf "$fsdp_work"; }
+trap cleanup EXIT
+while read -r -a line <&3; do  # fd 3: the commands below must not read the plan from stdin
+  name=${line[0]} kind=${line[2]}
+  args=("${line[@]:3}")
+  left=$(( SUITE_SECONDS - (SECONDS - start) ))
   if (( left < 20 )); then
     echo "$name: skipped (${left} s left of SUITE_SECONDS=$SUITE_SECONDS)"
-    return
+    continue
   fi
-  echo "== $name ($(( SECONDS - start )) s; ${left} s left)"
-  timeout -s INT -k 30 "$left" "$PYTHON" benchmarks/throughput.py "${common[@]}" "$@" "${extra[@]}" \
-    --output_json "$OUT_DIR/$name.json" || status=$?
-  if [ -f "$OUT_DIR/$name.json" ]; then  # whole, or cut short after a stage
-    reports+=("$OUT_DIR/$name.json")
+  echo "== $name ($(( SECONDS - start )) s; ${left} s left; about ${line[1]} s on one H200)"
+  status=0
+  case $kind in
+    bench)
+      if [[ " ${args[*]} " == *" --liger"* ]] && ! "$PYTHON" -c "import liger_kernel, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+        echo "$name: needs a CUDA GPU and liger-kernel (pip install -r requirements-gpu.txt); skipped"
+        continue
+      fi
+      timeout -s INT -k 30 "$left" "$PYTHON" benchmarks/throughput.py "${common[@]}" "${args[@]}" "${extra[@]}" \
+        --output_json "$OUT_DIR/$name.json" || status=$?
+      report=$OUT_DIR/$name.json ;;
+    fsdp)
+      timeout -s INT -k 30 "$left" "$PYTHON" benchmarks/fsdp_check.py "$OUT_DIR" --work_dir "$fsdp_work" \
+        "${fsdp_extra[@]}" || status=$?
+      report=$OUT_DIR/fsdp.json ;;
+    pytest)
+      timeout -s INT -k 30 "$left" "$PYTHON" -m pytest "${args[@]}" > "$OUT_DIR/$name.log" 2>&1 || status=$?
+      cat "$OUT_DIR/$name.log"
+      "$PYTHON" - "$OUT_DIR/$name.log" "$OUT_DIR/$name.json" "$status" <<'PY'
+import json
+import sys
+
+log, out, status = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lines = [line for line in open(log, encoding="utf-8", errors="replace").read().splitlines() if line.strip()]
+json.dump({"gputests": {"exit_code": status, "summary": lines[-1] if lines else ""}}, open(out, "w"), indent=2)
+PY
+      report=$OUT_DIR/$name.json ;;
+  esac
+  if [ -f "$report" ]; then  # whole, or cut short after a stage
+    reports+=("$report")
   fi
   if (( status == 124 || status == 130 )); then
     echo "$name: cut short at the suite's time limit"
   elif (( status != 0 )); then
-    echo "$name: failed (exit $status; out of memory at this micro-batch?)"
+    echo "$name: failed (exit $status)"
   fi
-}
-for variant in "${variants[@]}"; do
-  case $variant in
-    memory) bench memory --micro_batch 4 --loss_hidden_size 1024 --head_loss_memory 32000 128256 ;;
-    regional-mb[0-9]*) bench "$variant" --micro_batch "${variant#regional-mb}" --torch_compile --compile_regions \
-                         --skip_loss_memory ;;
-    regional-unfused-mb[0-9]*) bench "$variant" --micro_batch "${variant#regional-unfused-mb}" --torch_compile \
-                                 --compile_regions --skip_loss_memory --loss_implementation unfused ;;
-    compile-mb[0-9]*) bench "$variant" --micro_batch "${variant#compile-mb}" --torch_compile --skip_loss_memory ;;
-    unfused-mb[0-9]*) bench "$variant" --micro_batch "${variant#unfused-mb}" --torch_compile --skip_loss_memory \
-                        --loss_implementation unfused ;;
-    eager-mb[0-9]*) bench "$variant" --micro_batch "${variant#eager-mb}" ;;
-    reference) bench reference --micro_batch 16 --torch_compile --skip_loss_memory --data synthetic --reference_loop ;;
-    cudnn) bench cudnn --micro_batch 16 --torch_compile --skip_loss_memory --sdpa_backend cudnn ;;
-    liger)
-      if "$PYTHON" -c "import liger_kernel, torch; assert torch.cuda.is_available()" 2>/dev/null; then
-        bench liger --micro_batch 16 --liger --skip_loss_memory
-      else
-        echo "liger: needs a CUDA GPU and liger-kernel (pip install -r requirements-gpu.txt); skipped"
-      fi ;;
-  esac
-done
-# The README table, issue 15's targets (met / NOT met), and the GPU-sized train configs of the best variant per card.
+done 3<<< "$plan"
+# The table, the targets (met / NOT met), and the GPU-sized train configs of the best 370M variant per card.
 if [ ${#reports[@]} -gt 0 ]; then
   "$PYTHON" benchmarks/summarize.py "${reports[@]}" --configs_dir "$OUT_DIR" | tee "$OUT_DIR/summary.md"
 fi

@@ -17,7 +17,16 @@ batches (loader, collation, host-to-device copy) / window.
 Two references make the numbers honest: `--data synthetic` feeds one batch already on the device through
 the same Trainer step (what the loader costs = 1 - real/synthetic tokens/s), and `--reference_loop` adds a
 bare PyTorch loop (autocast, fused AdamW, clipping, no Trainer) over stock `LlamaForCausalLM` for the token
-stage and our model for the patch stage: the setup of the issue's reference numbers.
+stage and our model for the patch stage: the setup of the usual published reference numbers.
+
+The training loss is the model's default (the fused LM-head + K-way loss, its chunk kernel compiled on a GPU):
+`--loss_implementation unfused` measures the stock head + chunked loss, `--fused_loss_kernel eager` the fused
+loss's eager kernel; each stage records which it trained with (`loss_path`, `fused_kernel`). `--model_config`
+and `--vocab_size` choose the model, `--stages token` measures one stage, `--sdpa_backend` and `--liger_layers`
+try other attention and layer kernels. `--head_loss_memory VOCAB...` measures only the LM head + loss (peak
+memory, and with `--head_loss_repeats` time; `--head_loss_autocast` in a --bf16 step's dtypes). Every report
+records the versions (and on a GPU the driver) it was measured with. `benchmarks/gpu_suite.sh` runs the GPU
+variants.
 
     python benchmarks/throughput.py                              # CPU: tiny model, a few steps
     python benchmarks/throughput.py --model_config configs/model/llama-370m.json --block_size 2048 \
@@ -47,7 +56,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCa
 from patch_training.blocks import StreamingTokenBlocks, TokenBlocks  # noqa: E402
 from patch_training.cli import UsageError, run_cli  # noqa: E402
 from patch_training.flops import peak_flops, training_flops_per_position  # noqa: E402  (one formula with run_clm's MFU)
-from patch_training.liger import check_liger_environment, liger_config_for_stage  # noqa: E402
+from patch_training.fused_loss import FUSED_KERNELS, resolve_kernel  # noqa: E402
+from patch_training.liger import LIGER_LOSS_SWITCHES, check_liger_environment, liger_config_for_stage  # noqa: E402
 from patch_training.models import resolve_attn_implementation  # noqa: E402
 from patch_training.readers import DataSource  # noqa: E402
 from patch_training.token_cache import cached_token_stream  # noqa: E402
@@ -115,10 +125,14 @@ def stage_model(config, patch_size: int, args, stock: bool = False):
     model = LlamaForCausalLM(model_config) if stock else PatchLlamaForCausalLM(model_config)
     if not stock:
         model.loss_implementation = args.loss_implementation  # run_clm.py's --loss_implementation
-    if args.liger:  # what `run_clm.py --use_liger_kernel` applies (Liger's loss kernels only at K = 1)
+        model.fused_loss_kernel = args.fused_loss_kernel
+    if args.liger or args.liger_layers:
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(model, liger_config_for_stage(None, 1 if stock else patch_size))
+        if args.liger:  # what `run_clm.py --use_liger_kernel` applies (Liger's loss kernels only at K = 1)
+            apply_liger_kernel(model, liger_config_for_stage(None, 1 if stock else patch_size))
+        else:  # RoPE, RMSNorm and SwiGLU only: the loss stays the model's own
+            apply_liger_kernel(model, {switch: False for switch in LIGER_LOSS_SWITCHES})
     return model
 
 
@@ -160,10 +174,7 @@ def loss_path(model) -> str:
     """Which training loss `model` (as the Trainer wrapped it: torch.compile, accelerate's regional compilation)
     computes: "fused" (the fused LM-head + K-way loss) or "unfused" (the stock head, then the chunked K-way loss),
     by the model's own decision (`_fused_loss_arguments`, what its training forward asks)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    model = model._orig_mod if isinstance(model, OptimizedModule) else model
-    model = getattr(model, "module", model)  # DDP
+    model = unwrapped(model)
     if not hasattr(model, "_fused_loss_arguments"):
         return "unfused"
     labels = torch.zeros(1, 2, dtype=torch.long)
@@ -172,6 +183,26 @@ def loss_path(model) -> str:
         return "unfused" if model._fused_loss_arguments(labels, {}) is None else "fused"
     finally:
         model.training = training
+
+
+def unwrapped(model):
+    """`model` without the Trainer's wrappers (torch.compile's OptimizedModule, DDP's `module`)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    model = model._orig_mod if isinstance(model, OptimizedModule) else model
+    return getattr(model, "module", model)
+
+
+def fused_kernel_used(model) -> str | None:
+    """The fused loss's chunk kernel a stage trained with ("compiled" or "eager", as `resolve_kernel` decided it
+    on the model's device, after any compiler failure), or None where the loss was not the fused one."""
+    if loss_path(model) != "fused":
+        return None
+    model = unwrapped(model)
+    kernel = resolve_kernel(model.fused_loss_kernel, next(model.parameters()).device)
+    from patch_training import fused_loss
+
+    return "eager (the compiler failed)" if kernel == "compiled" and fused_loss._COMPILE_FAILED else kernel
 
 
 def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> dict:
@@ -220,6 +251,7 @@ def run_stage(name, patch_size, args, config, stream, tokenizer, output_dir) -> 
     result = stage_result(name, patch_size, args, model.config, trainer.window_time / args.steps, trainer.data_time,
                           trainer.state.log_history[-1].get("train_loss"), trainer.warmup_time)
     result["loss_path"] = loss_path(trainer.model_wrapped)
+    result["fused_kernel"] = fused_kernel_used(trainer.model_wrapped)
     del trainer, model
     if use_cuda:
         torch.cuda.empty_cache()
@@ -256,6 +288,7 @@ def reference_loop(name, patch_size, args, config, stream, tokenizer) -> dict:
     step_time = (time.perf_counter() - start) / args.steps
     result = stage_result(name, patch_size, args, model.config, step_time, None, loss.item(), start - loop_start)
     result["loss_path"] = loss_path(forward)
+    result["fused_kernel"] = fused_kernel_used(forward)
     result["data"] = "synthetic"
     del model, forward, optimizer
     if device == "cuda":
@@ -350,53 +383,129 @@ def loss_memory(positions: int, vocab: int, patch_size: int, device: str, dtype)
             "stock_causal_lm_loss_gib": stock, "kway_loss_k1_gib": ours_k1, f"kway_loss_k{patch_size}_gib": ours_k}
 
 
-def head_loss_memory(positions: int, vocab: int, hidden_size: int, patch_size: int, device: str, dtype) -> dict:
-    """Peak memory (GiB) of forward + backward of the LM head *and* the loss, from hidden states (N, H) and the
-    head's weight (V, H) that exist before (not counted) to their gradients (counted: every path returns
-    them). Three paths: stock transformers (`lm_head` then its causal-LM loss, K = 1), today's (`lm_head` then
-    the chunked `kway_cross_entropy`, K targets) and the fused head + loss (`fused_kway_linear_cross_entropy`,
-    K targets), which never holds the (N, V) logits. Measured like `loss_memory` (CUDA allocator or
-    `StoragePeak`)."""
+def head_loss_memory(positions: int, vocab: int, hidden_size: int, patch_size: int, device: str, dtype,
+                     autocast: bool = False, repeats: int = 0) -> dict:
+    """Peak memory (GiB) and time (ms) of forward + backward of the LM head *and* the loss, from hidden states (N, H)
+    and the head's weight (V, H) that exist before (not counted) to their gradients (counted: every path returns
+    them). The paths: stock transformers (`lm_head` then its causal-LM loss, K = 1), the stock head then the chunked
+    `kway_cross_entropy` (K targets), and the fused head + loss (`fused_kway_linear_cross_entropy`, K targets, which
+    never holds the (N, V) logits) with each chunk kernel: "auto" (the default, the `fused_*` keys), "eager" and,
+    on CUDA with Triton, "compiled". On CUDA, where installed, two single-target fused kernels for reference (K = 1,
+    so not the same loss at K > 1): Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy.
+
+    `dtype`: the dtype of hidden states and weight; with `autocast`, they are float32 and the paths run under bf16
+    autocast, as a `--bf16` training step (the fused loss then accumulates the weight's gradient in float32).
+    Memory on CUDA from the allocator after an untimed pass, elsewhere from the storages the ops allocate
+    (`StoragePeak`: code compiled by Inductor allocates outside it, so the compiled kernel is measured on CUDA only).
+    Time: the mean of `repeats` forward + backward passes after two untimed ones (compilation included there); CUDA
+    events on a GPU.
+    `timings_ms` holds None for every path when `repeats` is 0."""
     import torch.nn.functional as F
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from patch_training.fused_loss import default_chunk_rows, fused_kway_linear_cross_entropy
+    from patch_training.fused_loss import _fp32_addmm_works, default_chunk_rows, fused_kway_linear_cross_entropy
 
     generator = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.float32 if autocast else dtype
     hidden = torch.randn(positions, hidden_size, device=device, dtype=dtype, generator=generator).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) / hidden_size**0.5).requires_grad_()
     labels = torch.randint(0, vocab, (1, positions), device=device, generator=generator)
     targets = torch.randint(0, vocab, (positions, patch_size), device=device, generator=generator)
+    autocast_context = torch.autocast(device, dtype=torch.bfloat16, enabled=autocast)
 
-    def measure(fn):
+    def step(fn):
         hidden.grad = weight.grad = None
-        if device == "cuda":
+        with autocast_context:
+            loss = fn()
+        loss.backward()
+        hidden.grad = weight.grad = None
+
+    def measure(fn) -> tuple[float, float | None]:
+        hidden.grad = weight.grad = None
+        if device == "cuda":  # untimed passes first: compilation (and its autotuning buffers), cuBLAS workspaces
+            for _ in range(2 if repeats else 1):
+                step(fn)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            fn().backward()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(max(repeats, 1)):
+                with autocast_context:
+                    loss = fn()
+                loss.backward()
+                hidden.grad = weight.grad = None
+            end.record()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        else:
-            with StoragePeak() as tracker:
-                fn().backward()
-            peak = tracker.peak_bytes / 2**30
-        hidden.grad = weight.grad = None
-        return peak
+            return peak, start.elapsed_time(end) / max(repeats, 1) if repeats else None
+        with StoragePeak() as tracker:
+            with autocast_context:
+                loss = fn()
+            loss.backward()
+        peak = tracker.peak_bytes / 2**30
+        if not repeats:
+            return peak, None
+        for _ in range(2):
+            step(fn)
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            step(fn)
+        return peak, 1000 * (time.perf_counter() - begin) / repeats
 
-    stock = measure(lambda: ForCausalLMLoss(F.linear(hidden, weight).unsqueeze(0), labels, vocab))
-    chunked = measure(lambda: kway_cross_entropy(F.linear(hidden, weight), targets)[0])
-    fused = measure(lambda: fused_kway_linear_cross_entropy(hidden, weight, targets)[0])
-    element = torch.finfo(dtype).bits / 8
+    def fused(kernel):
+        return lambda: fused_kway_linear_cross_entropy(hidden, weight, targets, kernel=kernel)[0]
+
+    paths = {
+        "stock": lambda: ForCausalLMLoss(F.linear(hidden, weight).unsqueeze(0), labels, vocab),
+        f"chunked_k{patch_size}": lambda: kway_cross_entropy(F.linear(hidden, weight), targets)[0],
+        f"fused_k{patch_size}": fused("auto"),
+        f"fused_eager_k{patch_size}": fused("eager"),
+    }
+    if device == "cuda" and resolve_kernel("auto", device) == "compiled":
+        paths[f"fused_compiled_k{patch_size}"] = fused("compiled")
+    paths.update(single_target_references(hidden, weight, labels, device))
+    measured = {name: measure(fn) for name, fn in paths.items()}
+    peaks = {name: peak for name, (peak, _) in measured.items()}
+    stock, chunked, fused_peak = peaks["stock"], peaks[f"chunked_k{patch_size}"], peaks[f"fused_k{patch_size}"]
+    element = torch.finfo(weight.dtype).bits / 8
     grads = (vocab + positions) * hidden_size * element / 2**30  # d/d weight (V, H) and d/d hidden (N, H)
     return {"positions": positions, "vocab": vocab, "hidden_size": hidden_size, "patch_size": patch_size,
-            "dtype": str(dtype), "logits_gib": positions * vocab * element / 2**30, "head_grads_gib": grads,
-            "fused_chunk_rows": default_chunk_rows(vocab), "stock_head_loss_gib": stock,
-            f"chunked_head_loss_k{patch_size}_gib": chunked, f"fused_head_loss_k{patch_size}_gib": fused,
-            "fused_over_chunked": fused / chunked, "fused_over_stock": fused / stock,
+            "dtype": str(weight.dtype), "autocast": autocast,
+            "logits_gib": positions * vocab * (2 if autocast else element) / 2**30, "head_grads_gib": grads,
+            "fused_chunk_rows": default_chunk_rows(vocab, positions), "fused_kernel": resolve_kernel("auto", device),
+            "fp32_weight_grad_in_matmul": autocast and _fp32_addmm_works(torch.device(device)),
+            "stock_head_loss_gib": stock, f"chunked_head_loss_k{patch_size}_gib": chunked,
+            f"fused_head_loss_k{patch_size}_gib": fused_peak,
+            "fused_over_chunked": fused_peak / chunked, "fused_over_stock": fused_peak / stock,
             # the same ratios for the memory beyond the head's gradients, which every path returns
-            "fused_over_chunked_beyond_grads": (fused - grads) / (chunked - grads),
-            "fused_over_stock_beyond_grads": (fused - grads) / (stock - grads)}
+            "fused_over_chunked_beyond_grads": (fused_peak - grads) / (chunked - grads),
+            "fused_over_stock_beyond_grads": (fused_peak - grads) / (stock - grads),
+            "peaks_gib": peaks, "timings_ms": {name: ms for name, (_, ms) in measured.items()}, "repeats": repeats}
+
+
+def single_target_references(hidden, weight, labels, device: str) -> dict:
+    """Single-target (K = 1) fused linear cross-entropy kernels that are installed, on CUDA: name -> a loss of
+    hidden (N, H) and weight (V, H) in bf16 (cast as autocast would; these kernels take no autocast)."""
+    if device != "cuda":
+        return {}
+    targets = labels.reshape(-1)
+    references = {}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        references["liger_k1"] = lambda: liger(weight.to(torch.bfloat16), hidden.to(torch.bfloat16), targets)
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        references["cut_cross_entropy_k1"] = lambda: linear_cross_entropy(
+            hidden.to(torch.bfloat16), weight.to(torch.bfloat16), targets)
+    except ImportError:
+        pass
+    return references
 
 
 def print_head_loss_memory(rows: list[dict]) -> None:
@@ -409,9 +518,14 @@ def print_head_loss_memory(rows: list[dict]) -> None:
               f"{m['head_grads_gib']:>7.3f} {m['stock_head_loss_gib']:>7.3f} {m[f'chunked_head_loss_k{k}_gib']:>8.3f} "
               f"{m[f'fused_head_loss_k{k}_gib']:>7.3f} {m['fused_over_chunked']:>5.3f} ({m['fused_over_chunked_beyond_grads']:.3f}) "
               f"{m['fused_over_stock']:>5.3f} ({m['fused_over_stock_beyond_grads']:.3f})")
+    for m in rows:
+        if m.get("repeats"):
+            times = ", ".join(f"{name} {ms:.2f} ms ({m['peaks_gib'][name]:.2f} GiB)" for name, ms in m["timings_ms"].items())
+            print(f"forward + backward at {m['positions']:,} x {m['vocab']:,} (mean of {m['repeats']}): {times}")
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (`main`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_config", default="configs/model/llama-tiny.json", help="LlamaConfig JSON")
     parser.add_argument("--train_file", default="data/sample_train.jsonl", help="text to tokenise into the cache")
@@ -431,6 +545,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)")
     parser.add_argument("--liger", action="store_true", help="Liger-Kernel RMSNorm/SwiGLU/RoPE + fused linear CE (K=1)")
+    parser.add_argument("--liger_layers", action="store_true",
+                        help="Liger-Kernel's RoPE, RMSNorm and SwiGLU kernels only; the loss stays the model's own")
     parser.add_argument("--attn_implementation", default="auto", help="auto, eager, sdpa or flash_attention_2")
     parser.add_argument("--dataloader_num_workers", type=int, default=0,
                         help="loader processes (0: in the main process, fastest for the memory-mapped cache)")
@@ -443,22 +559,46 @@ def main(argv=None) -> dict:
                         help="restrict SDPA to one CUDA backend")
     parser.add_argument("--loss_implementation", choices=["auto", "fused", "unfused"], default="auto",
                         help="the training loss, as run_clm.py's --loss_implementation (auto: the fused LM-head loss)")
+    parser.add_argument("--fused_loss_kernel", choices=list(FUSED_KERNELS), default="auto",
+                        help="the fused loss's chunk kernel (auto: compiled on a CUDA GPU with Triton, else eager)")
+    parser.add_argument("--stages", nargs="+", choices=["token", "patch"], default=["token", "patch"],
+                        help="the stages to measure (both: the patch/token ratio too)")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="the model's vocabulary instead of the config's (e.g. 128256, Llama-3's); the data's "
+                        "token ids are LLaMA-2's, below 32,000")
     parser.add_argument("--skip_loss_memory", action="store_true")
     parser.add_argument("--head_loss_memory", type=int, nargs="+", metavar="VOCAB", default=None,
                         help="only measure the peak memory of LM head + loss (stock, chunked, fused) at these "
                         "vocabularies, micro_batch x block_size positions, K = patch_size, H = --loss_hidden_size, "
                         "and exit")
     parser.add_argument("--loss_hidden_size", type=int, default=4096, help="H for --head_loss_memory")
+    parser.add_argument("--head_loss_autocast", action="store_true",
+                        help="--head_loss_memory with float32 hidden states and weight under bf16 autocast (a --bf16 "
+                        "training step's dtypes) instead of bf16 (--bf16) or float32 tensors")
+    parser.add_argument("--head_loss_repeats", type=int, default=0,
+                        help="also time --head_loss_memory's paths: the mean of this many passes (0: memory only)")
     parser.add_argument("--output_json", default=None)
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error(f"--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up step), got "
                      f"--warmup {args.warmup} --steps {args.steps}")
-    if args.liger:
+    if args.liger and args.liger_layers:
+        parser.error("--liger and --liger_layers: choose one (--liger_layers keeps the model's loss)")
+    if args.liger or args.liger_layers:
+        flag = "--liger" if args.liger else "--liger_layers"
         try:
             check_liger_environment(use_cpu=False)
         except UsageError as error:
-            parser.error(str(error).replace("--use_liger_kernel", "--liger"))
+            parser.error(str(error).replace("--use_liger_kernel", flag))
+    if args.vocab_size is not None and args.vocab_size < 32000:
+        parser.error(f"--vocab_size must hold the data's LLaMA-2 token ids (>= 32000), got {args.vocab_size}")
+    if args.head_loss_repeats < 0:
+        parser.error(f"--head_loss_repeats must be >= 0, got {args.head_loss_repeats}")
     if args.compile_regions and not args.torch_compile:
         parser.error("--compile_regions needs --torch_compile")
     if args.data == "streaming" and args.dataloader_num_workers > 1:
@@ -471,10 +611,12 @@ def main(argv=None) -> dict:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         rows = [head_loss_memory(args.micro_batch * args.block_size, vocab, args.loss_hidden_size, args.patch_size,
-                                 device_name, dtype) for vocab in args.head_loss_memory]
+                                 device_name, dtype, autocast=args.head_loss_autocast, repeats=args.head_loss_repeats)
+                for vocab in args.head_loss_memory]
         print_head_loss_memory(rows)
         report = {"device": torch.cuda.get_device_name() if device_name == "cuda" else "cpu (StoragePeak)",
-                  "versions": {"torch": torch.__version__}, "head_loss_memory": rows}
+                  "versions": versions(), "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
+                  "head_loss_memory": rows}
         if args.output_json:
             with open(args.output_json, "w", encoding="utf-8") as handle:
                 json.dump(report, handle, indent=2)
@@ -483,6 +625,8 @@ def main(argv=None) -> dict:
     choose_sdpa_backend(args.sdpa_backend)
 
     config = LlamaConfig.from_pretrained(args.model_config)
+    if args.vocab_size is not None:
+        config.vocab_size = args.vocab_size
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     with tempfile.TemporaryDirectory() as output_dir:
         stream = None
@@ -495,13 +639,16 @@ def main(argv=None) -> dict:
         report = {
             "device": device,
             "device_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+            "versions": versions(),
             "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
             "stages": [],
             "complete": False,  # until every stage is measured: a report cut short keeps the stages it finished
         }
-        runs = [lambda: run_stage("token", 1, args, config, stream, tokenizer, output_dir),
-                lambda: run_stage("patch", args.patch_size, args, config, stream, tokenizer, output_dir)]
+        runs = []
+        if "token" in args.stages:
+            runs.append(lambda: run_stage("token", 1, args, config, stream, tokenizer, output_dir))
+        if "patch" in args.stages:
+            runs.append(lambda: run_stage("patch", args.patch_size, args, config, stream, tokenizer, output_dir))
         if args.reference_loop:
             runs += [lambda: reference_loop("token-loop", 1, args, config, stream, tokenizer),
                      lambda: reference_loop("patch-loop", args.patch_size, args, config, stream, tokenizer)]
@@ -513,8 +660,9 @@ def main(argv=None) -> dict:
                   f"compilation included), then {1000 * stage['step_time_s']:.1f} ms a step, "
                   f"{stage['tokens_per_s']:,.0f} tokens/s", flush=True)
     stages = report["stages"]
-    token, patch = stages[:2]
-    report["patch_token_tokens_per_s_ratio"] = patch["tokens_per_s"] / token["tokens_per_s"]
+    by_name = {stage["stage"]: stage for stage in stages}
+    if "token" in by_name and "patch" in by_name:
+        report["patch_token_tokens_per_s_ratio"] = by_name["patch"]["tokens_per_s"] / by_name["token"]["tokens_per_s"]
     report["complete"] = True
     if not args.skip_loss_memory:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -522,8 +670,10 @@ def main(argv=None) -> dict:
         report["loss_memory"] = loss_memory(args.micro_batch * args.block_size, config.vocab_size, args.patch_size, device_name, dtype)
 
     print(f"\ndevice: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"model {args.model_config}, T={args.block_size}, micro-batch {args.micro_batch}, K={args.patch_size}, "
-          f"bf16={args.bf16}, compile={args.torch_compile}, liger={args.liger}, attention={args.attn_implementation} "
+    print(f"model {args.model_config} (vocabulary {config.vocab_size:,}), T={args.block_size}, micro-batch "
+          f"{args.micro_batch}, K={args.patch_size}, bf16={args.bf16}, compile={args.torch_compile} (by regions: "
+          f"{args.compile_regions}), fused loss kernel={args.fused_loss_kernel}, liger={args.liger}, "
+          f"liger layers={args.liger_layers}, attention={args.attn_implementation} "
           f"(SDPA backend {args.sdpa_backend}), compile mode={args.compile_mode}, data={args.data}, loader workers={args.dataloader_num_workers}\n")
     header = (f"{'stage':<11} {'loss':>8} {'tokens/s':>12} {'positions/s':>12} {'step ms':>9} {'peak GiB':>9} "
               f"{'MFU':>6} {'data wait':>9}")
@@ -533,9 +683,12 @@ def main(argv=None) -> dict:
         peak = f"{s['peak_memory_gib']:.2f}" if s["peak_memory_gib"] is not None else "-"
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "-"
         wait = f"{100 * s['data_wait_share']:.2f}%" if s["data_wait_share"] is not None else "-"
-        print(f"{s['stage']:<11} {s['loss_path']:>8} {s['tokens_per_s']:>12,.0f} {s['positions_per_s']:>12,.0f} "
+        loss = s["loss_path"] + (f" ({s['fused_kernel']})" if s.get("fused_kernel") else "")
+        print(f"{s['stage']:<11} {loss:>8} {s['tokens_per_s']:>12,.0f} {s['positions_per_s']:>12,.0f} "
               f"{1000 * s['step_time_s']:>9.1f} {peak:>9} {mfu:>6} {wait:>9}")
-    print(f"\npatch/token tokens-per-second ratio: {report['patch_token_tokens_per_s_ratio']:.3f} (limit K={args.patch_size})")
+    if "patch_token_tokens_per_s_ratio" in report:
+        print(f"\npatch/token tokens-per-second ratio: {report['patch_token_tokens_per_s_ratio']:.3f} "
+              f"(limit K={args.patch_size})")
     if "loss_memory" in report:
         m = report["loss_memory"]
         print(f"loss peak memory at {m['positions']} positions x {m['vocab']} vocab ({m['dtype']}; logits {m['logits_gib']:.2f} GiB): "
@@ -544,6 +697,36 @@ def main(argv=None) -> dict:
     print(json.dumps(report, indent=2))
     write_report(report, args.output_json)
     return report
+
+
+def versions() -> dict:
+    """The versions a report was measured with: Python, torch (its CUDA and cuDNN), transformers, accelerate, and
+    Triton, Liger-Kernel and Cut Cross-Entropy where installed; on a GPU the driver (from nvidia-smi)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for package in ("accelerate", "triton", "liger-kernel", "cut-cross-entropy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        found["cuda"] = torch.version.cuda
+        found["cudnn"] = torch.backends.cudnn.version()
+        found["driver"] = nvidia_driver()
+    return found
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it, or None without nvidia-smi."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
 def write_report(report: dict, path: str | None) -> None:

@@ -116,7 +116,7 @@ def first_block_seconds(source, tokenizer, index: str, block: int, batch_size: i
 def streamed(path: str, tokenizer, tokens: int, block: int, batch_size: int, compressed: str | None = None) -> dict:
     """Streamed loader tokens/s over `tokens` tokens (which also writes the stream index), and time to the first
     block at steps 10, 1000 and 1350 of a job reading one block per step, with that index (a resume) and without it
-    (what a resume cost before: every token before the start tokenised again); the same at steps 10 and 1350 for
+    (what a resume costs without it: every token before the start tokenised again); the same at steps 10 and 1350 for
     the `compressed` copy (one part: the index's line position is reached by decompressing, without parsing)."""
     from patch_training.blocks import StreamingTokenBlocks
 

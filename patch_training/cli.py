@@ -9,13 +9,50 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 
+# Exit codes of the command-line programs (`run_cli`).
+EXIT_FAILED = 1  # a stage stopped early for another reason than a signal, or an unexpected error
+EXIT_WRITE_FAILURE = 1  # a file could not be written (disk full, permissions): the environment, not the input
+EXIT_USAGE = 2  # bad input, refused before any work is lost
+EXIT_DIVERGED = 3  # training met a non-finite loss, gradient norm or weights: re-running the same command won't help
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early with its state saved; re-running the same command resumes
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as the shell reports it)
+
+
 class UsageError(ValueError):
     """Bad input from the user: reported as one clear line and exit code 2, before any work is lost."""
+
+
+class RunStopped(Exception):
+    """A run that stopped before its plan, on purpose: reported as its one-line message and `exit_code`."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class Preempted(RunStopped):
+    """Stopped early (a preemption signal, or a stage that returned before its planned steps), its state saved:
+    re-running the same command resumes it (exit code EXIT_PREEMPTED)."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class StoppedEarly(RunStopped):
+    """A stage returned before its planned steps without a preemption signal (a callback's control flag, data
+    that ran out): not marked complete, its state saved (exit code EXIT_FAILED)."""
+
+    exit_code = EXIT_FAILED
+
+
+class Diverged(RunStopped):
+    """Training met a non-finite loss, gradient norm or weights: stopped before anything non-finite was saved
+    (exit code EXIT_DIVERGED)."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def file_in_the_way(path: str | Path) -> Path | None:
@@ -212,7 +249,9 @@ def parse_arguments(classes: tuple, argv: list[str] | None = None) -> tuple:
 
 # Failures to write that the user can act on (permissions, a read-only or full filesystem, a quota): one line
 # instead of the traceback; every other OSError keeps its traceback.
-WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# How libraries in other languages report an errno in their messages: Rust's "(os error 28)" (safetensors).
+OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -233,6 +272,38 @@ def write_error_message(error: BaseException) -> str | None:
         if "inline_container.cc" in message and ("PytorchStreamWriter" in message or "unexpected pos" in message):
             return f"torch.save could not write a checkpoint file (disk full or write error?): {message}"
     return None
+
+
+def write_failure_reason(error: BaseException) -> str | None:
+    """Why writing failed, when `error` (raised by any library while writing a file) is a failure to write: an
+    OSError with one of WRITE_ERRNOS ("[Errno 28] No space left on device"), an error whose message carries such
+    an errno ("(os error 28)", safetensors), or torch.save's zip writer failing; None for any other error."""
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        return f"[Errno {error.errno}] {error.strerror or os.strerror(error.errno)}"
+    found = OS_ERROR_IN_MESSAGE.search(str(error))
+    if found and int(found.group(1)) in WRITE_ERRNOS:
+        number = int(found.group(1))
+        return f"[Errno {number}] {os.strerror(number)}"
+    if isinstance(error, RuntimeError) and "inline_container.cc" in str(error):
+        return f"torch.save's archive writer failed, as on a full disk ({first_line(error)})"
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, which=None) -> Iterator[None]:
+    """Turn a failure to write met inside (`write_failure_reason`, whatever library raised it) into a one-line
+    `WriteFailure` naming the file: an OSError's own file where it names one, else `which()` (the file being
+    written when it failed, worked out afterwards) or `path`."""
+    try:
+        yield
+    except (UsageError, RunStopped, WriteFailure):
+        raise
+    except Exception as error:
+        reason = write_failure_reason(error)
+        if reason is None:
+            raise
+        named = error.filename if isinstance(error, OSError) and error.filename else (which() if which else None) or path
+        raise WriteFailure(f"cannot write {named}: {reason}") from error
 
 
 @contextlib.contextmanager
@@ -289,29 +360,35 @@ def write_failures_as_messages() -> Iterator[None]:
 
 
 def run_cli(entry_point, program: str, on_interrupt: str = "interrupted") -> None:
-    """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code 2; Ctrl-C
-    (KeyboardInterrupt) the line `on_interrupt` and exit code 130 (128 + SIGINT, the shell's), no traceback.
-    A failure to write (`write_error_message`: permission denied, read-only or full filesystem) is one line and
-    exit code 1: not bad input, the environment. A multi-process run that finished ends its process group
-    (`end_process_group`)."""
+    """Run `entry_point()`; a UsageError becomes one line on stderr naming `program`, and exit code EXIT_USAGE;
+    a run stopped on purpose (`RunStopped`: preempted, diverged) its one line and its exit code; Ctrl-C
+    (KeyboardInterrupt) the line `on_interrupt` and EXIT_INTERRUPTED, no traceback. A failure to write
+    (`write_error_message`: permission denied, read-only or full filesystem) is one line and EXIT_WRITE_FAILURE:
+    not bad input, the environment. Under a multi-process launch only rank 0 prints the line (every rank meets
+    the same error); a multi-process run that finished ends its process group (`end_process_group`)."""
     try:
         entry_point()
         end_process_group()
     except UsageError as error:
-        print(f"{program}: error: {usage_message(error)}", file=sys.stderr)
-        sys.exit(2)
+        stop(program, f"error: {usage_message(error)}", EXIT_USAGE)
     except WriteFailure as error:
-        print(f"{program}: error: {usage_message(error)}", file=sys.stderr)
-        sys.exit(1)
+        stop(program, f"error: {usage_message(error)}", EXIT_WRITE_FAILURE)
+    except RunStopped as error:
+        stop(program, str(error), error.exit_code)
     except KeyboardInterrupt:
-        print(f"{program}: {on_interrupt}", file=sys.stderr)
-        sys.exit(130)
+        stop(program, on_interrupt, EXIT_INTERRUPTED)
     except (OSError, RuntimeError) as error:
         message = write_error_message(error)
         if message is None:
             raise
-        print(f"{program}: error: {message}", file=sys.stderr)
-        sys.exit(1)
+        stop(program, f"error: {message}", EXIT_WRITE_FAILURE)
+
+
+def stop(program: str, line: str, exit_code: int) -> None:
+    """Print `program: line` on stderr (on rank 0 of a multi-process launch only) and exit with `exit_code`."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{program}: {line}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
 
 
 def end_process_group() -> None:

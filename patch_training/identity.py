@@ -63,7 +63,7 @@ MAY_CHANGE = {
     "trackio_static_space_id": "where logs go",
     # Saving and pushing.
     "save_strategy": "saving cadence", "save_steps": "saving cadence", "save_total_limit": "checkpoints kept",
-    "save_on_each_node": "saving", "save_only_model": "what a checkpoint holds", "enable_jit_checkpoint": "saving",
+    "save_on_each_node": "saving", "save_only_model": "what a checkpoint holds (a model-only checkpoint is refused on resume)",
     "push_to_hub": "publishing", "hub_token": "a secret: never recorded", "hub_private_repo": "publishing",
     "hub_model_id": "publishing", "hub_strategy": "publishing", "hub_always_push": "publishing",
     "hub_revision": "publishing",

@@ -28,7 +28,9 @@ from .stages import (
     stage_steps,
     stage_training_args,
 )
-from .training_args import check_patch_stage_settings, check_trainer_settings, torch_compile_caveat
+from .training_args import (
+    check_backend_available, check_patch_stage_settings, check_trainer_settings, torch_compile_caveat,
+)
 
 logger = logging.getLogger("run_clm")
 
@@ -103,6 +105,7 @@ def check_run_settings(args) -> None:
         )
     check_report_to(training_args.report_to)
     check_trainer_settings(training_args)
+    check_backend_available(training_args)
     check_world_size(training_args)
     if patch_args.patch_switch == "continue" and (training_args.deepspeed or training_args.fsdp):
         raise UsageError(
@@ -208,7 +211,9 @@ def plan_job(args, inputs: JobInputs, stream_index_file: str) -> JobPlan:
 
     # --patch_switch continue: one schedule over both stages' optimizer steps, the optimizer state carried on.
     continued = patch_args.patch_switch == "continue" and len(plans) == 2
-    schedule_steps = sum(stage_steps(p, stage_arguments(args, p, training_args.output_dir)) for p in plans) if continued else None
+    steps = {p.name: stage_steps(p, stage_arguments(args, p, training_args.output_dir)) for p in plans}
+    schedule_steps = sum(steps.values()) if continued else None
+    check_warmup(args, plans, steps, schedule_steps)
     train_dataset = functools.partial(training_blocks, stream=stream, source=inputs.train_source,
                                       tokenizer=inputs.tokenizer, batch_size=data_args.tokenize_batch_size,
                                       write_index=training_args.should_save, index_file=stream_index_file)
@@ -223,6 +228,29 @@ def plan_job(args, inputs: JobInputs, stream_index_file: str) -> JobPlan:
                **recipe_results(patch_args, step_fraction, schedule_steps)}
     logger.info(job_line(args, plans, results, inputs.tokenizer))
     return JobPlan(plans, args, inputs, train_dataset, eval_datasets, continued, schedule_steps, results)
+
+
+def check_warmup(args, plans: list[StagePlan], steps: dict[str, int], schedule_steps: int | None) -> None:
+    """A learning-rate schedule that does not outlast its warmup: with n optimizer steps and w warmup steps, the
+    Trainer's steps use learning rates 0, 1/w, ..., (n-1)/w of the peak. UsageError where n = 1 (its one step
+    learns nothing: λ = 0.97 left a token stage of one step at learning rate 0, whose final model was the patch
+    model, reported as a two-stage job); one warning where n <= w (it peaks at (n-1)/w of --learning_rate).
+    `steps`: each stage's optimizer steps by name; `schedule_steps`: those of one schedule over both stages."""
+    schedules = [("the job", schedule_steps, stage_arguments(args, plans[0], args.training.output_dir))] if schedule_steps \
+        else [(f"the {p.name} stage", steps[p.name], stage_arguments(args, p, args.training.output_dir)) for p in plans]
+    for what, count, stage_args in schedules:
+        warmup = stage_args.get_warmup_steps(count)
+        if count > warmup or warmup == 0:
+            continue
+        flag = "--patch_warmup_steps" if what == "the patch stage" and args.patch.patch_warmup_steps is not None \
+            else "--warmup_steps"
+        numbers = (f"{what} has {count} optimizer step{'s' if count != 1 else ''}, no more than its {warmup} warmup "
+                   f"steps ({flag} {stage_args.warmup_steps:g})")
+        if count == 1:
+            raise UsageError(f"{numbers}: its only step would use learning rate 0 and change nothing; lower {flag}, "
+                             "or give it more steps (--max_steps, --patch_data_fraction)")
+        logger.warning("%s: its learning rate peaks at %.0f%% of %s", numbers, 100 * (count - 1) / warmup,
+                       stage_args.learning_rate)
 
 
 def training_tokens(args, train_source, tokenizer, cache: dict):

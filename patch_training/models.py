@@ -53,11 +53,12 @@ def resolve_attn_implementation(requested: str, config=None) -> str:
 
 
 def load_model_config(source: str):
-    """The config of --model_name_or_path or --config_name (a folder, a JSON file or a hub name) of any
-    decoder-only causal LM that transformers maps (`AutoConfig`). Refused in one line: a missing file or a folder
-    without config.json; a JSON without a known model_type (a DeepSpeed config, say: LlamaConfig would have
-    filled it with its 7B defaults); a model_type with no causal LM, or one patch-level training cannot wrap
-    (an encoder, an encoder-decoder: `modeling_llama_patch.UnsupportedModelError`)."""
+    """The config of --model_name_or_path or --config_name (a folder, a JSON file or a hub name) of a supported
+    architecture (`modeling_llama_patch.SUPPORTED_ARCHITECTURES`, the list in patch_training/architectures.txt;
+    docs/architectures.md). Refused in one line: a missing file or a folder without config.json; a JSON without a
+    known model_type (a DeepSpeed config, say: LlamaConfig would have filled it with its 7B defaults); a model_type
+    with no causal LM, one patch-level training cannot wrap (an encoder, an encoder-decoder), or one not in the
+    supported list (`modeling_llama_patch.check_supported`'s UnsupportedModelError)."""
     if not os.path.exists(source) and os.path.sep in source:
         raise UsageError(f"model config {source} does not exist")
     try:

@@ -131,6 +131,7 @@ def job_results(results: dict, stages: list[dict], final: dict, stream_index_fil
     (`stream_index_file` given), what the stream read of the data (`blocks.streamed_counts`, null texts included),
     logged when `log` (the main process)."""
     add_job_totals(results, stages, results["patch_data_fraction"], results["patch_size"], final)
+    results["distributed"] = stages[-1].get("distributed")  # the backend the last stage trained with
     if stream_index_file is not None:
         from .blocks import streamed_counts
         from .token_cache import skipped_note

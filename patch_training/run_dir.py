@@ -404,50 +404,160 @@ def output_dir_lock(output_dir: str, is_main: bool):
 # ---------------------------------------------------------------------------------------------------------
 
 
+# A checkpoint is resumable when everything a resume loads is there and readable: the Trainer's state, this
+# project's stage progress, the weights, the optimizer and scheduler states (and the RNG states, whose absence
+# marks a checkpoint saved with --save_only_model). transformers writes a checkpoint in place, its
+# trainer_state.json last, so a job killed while saving, a full disk or a lost file leaves one that is not.
+
+
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` (a checkpoint-N) cannot be resumed from, or None. transformers writes a checkpoint in
-    place and its trainer_state.json last, so a job killed while saving leaves one without it, or with
-    half-written files; the header of each safetensors file and the state are read to tell."""
+    """Why `folder` (a checkpoint-N) cannot be resumed from exactly, or None. Reads only headers: each
+    safetensors file's, each torch archive's central directory (written last: a file cut short has none), the two
+    JSON records whole."""
+    for record in ("trainer_state.json", STAGE_PROGRESS_FILE):
+        if not (folder / record).is_file():
+            return f"no {record}"
+        try:
+            json.loads((folder / record).read_text(encoding="utf-8"))
+        except ValueError:
+            return f"{record} is not valid JSON"
+    return weights_problem(folder) or optimizer_problem(folder)
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why the model weights of the checkpoint `folder` cannot be loaded, or None: the safetensors file, or every
+    shard its index names, with a readable header; or PyTorch's archive; or a DeepSpeed or FSDP sharded layout."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            return f"{index.name} is not a valid index"
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    elif (folder / "pytorch_model.bin").is_file():
+        return archive_problem(folder / "pytorch_model.bin")
+    elif deepspeed_tag(folder) is not None or any(folder.glob("pytorch_model_fsdp*")):
+        return None  # the weights live in DeepSpeed's global_step*/ or FSDP's shards, checked with the optimizer
+    else:
+        return "no model weights (model.safetensors)"
+    for shard in shards:
+        problem = safetensors_problem(folder / shard)
+        if problem:
+            return problem
+    return None
+
+
+def optimizer_problem(folder: Path) -> str | None:
+    """Why the optimizer and scheduler states of the checkpoint `folder` cannot be loaded, or None: DeepSpeed's
+    tagged folder (`latest` names it) with every archive readable, FSDP's optimizer file or shards, or
+    optimizer.pt; and scheduler.pt (DeepSpeed keeps a scheduler of its own config in its folder instead)."""
+    tag = deepspeed_tag(folder)
+    if tag is not None:
+        states = folder / tag
+        if not states.is_dir():
+            return f"no {tag}/ (named by DeepSpeed's `latest`)"
+        for archive in sorted(states.glob("*.pt")):
+            problem = archive_problem(archive)
+            if problem:
+                return problem
+        return archive_problem(folder / "scheduler.pt") if (folder / "scheduler.pt").exists() else None
+    sharded = sorted(p for p in folder.glob("optimizer_*") if p.is_dir())
+    if sharded:
+        problem = None if all((p / ".metadata").is_file() for p in sharded) else f"{sharded[0].name}/ has no .metadata"
+    elif (folder / "optimizer.bin").is_file():
+        problem = archive_problem(folder / "optimizer.bin")
+    else:
+        problem = archive_problem(folder / "optimizer.pt")
+    return problem or archive_problem(folder / "scheduler.pt")
+
+
+def deepspeed_tag(folder: Path) -> str | None:
+    """The folder of DeepSpeed's states in a checkpoint (`global_stepN`, named by its `latest` file), or None
+    where the checkpoint was not saved by DeepSpeed."""
+    latest = folder / "latest"
+    return latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+
+
+def archive_problem(path: Path) -> str | None:
+    """Why the torch.save archive `path` cannot be loaded, or None: missing, or cut short (a zip archive's central
+    directory is written last)."""
+    import zipfile
+
+    if not path.is_file():
+        return f"no {path.name}"
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{path.name} is unreadable ({first_line(error)})"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file `path` cannot be loaded, or None: missing, or its header unreadable."""
     from safetensors import safe_open
 
-    state = folder / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json"
+    if not path.is_file():
+        return f"no {path.name}"
     try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except ValueError:
-        return "trainer_state.json is not valid JSON"
-    for weights in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(weights), "pt") as handle:
-                handle.keys()
-        except Exception as error:  # safetensors raises its own error type for a damaged file
-            return f"{weights.name} is unreadable ({first_line(error)})"
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        return f"{path.name} is unreadable ({first_line(error)})"
     return None
 
 
 def check_resumable(folder: Path) -> None:
-    """UsageError for a complete checkpoint that holds only the model: saved with --save_only_model true, it
-    lacks the optimizer, scheduler and RNG states (transformers' `_save_checkpoint` writes the RNG state, as
-    rng_state.pth or rng_state_<rank>.pth, exactly when it saves them), so training cannot continue exactly
-    from it; transformers would go on with a fresh optimizer without a word."""
-    if not any(folder.glob("rng_state*.pth")):
+    """UsageError for a checkpoint that holds only the model: saved with --save_only_model true, it lacks the
+    optimizer, scheduler and RNG states (transformers' `_save_checkpoint` writes the RNG state, as rng_state.pth
+    or rng_state_<rank>.pth, exactly when it saves them), so training cannot continue exactly from it;
+    transformers would go on with a fresh optimizer without a word."""
+    saved_whole = (folder / "trainer_state.json").is_file() and weights_problem(folder) is None  # state: written last
+    training_state = ("rng_state*.pth", "optimizer*", "scheduler.pt", "latest")
+    if saved_whole and not any(any(folder.glob(pattern)) for pattern in training_state):
         raise UsageError(
             f"{folder} holds only the model (saved with --save_only_model true: no optimizer, scheduler or RNG "
             "state), so the run cannot resume from it exactly: pass --overwrite_output_dir to start over"
         )
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N of `output_dir` that a resume can load; newer damaged ones are skipped with a
-    warning (and left in place). None if there is none."""
+def numbered_checkpoints(output_dir: str) -> list[Path]:
+    """The checkpoint-N folders of `output_dir`, newest (highest N) first."""
     if not os.path.isdir(output_dir):
-        return None
+        return []
     numbered = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    for candidate in sorted(numbered, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True):
+    return sorted(numbered, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
+def checkpoints_to_delete(output_dir: str, limit: int | None, protected: str | None = None) -> list[Path]:
+    """The checkpoints of `output_dir` that --save_total_limit `limit` lets go: all but the newest `limit`
+    complete ones (and `protected`, transformers' best checkpoint), incomplete ones included. The newest complete
+    checkpoint is never among them, whatever newer incomplete ones a killed attempt left. [] without a limit."""
+    if limit is None or limit <= 0:
+        return []
+    kept, delete = 0, []
+    for checkpoint in numbered_checkpoints(output_dir):
+        complete = checkpoint_problem(checkpoint) is None
+        if complete and kept < limit:
+            kept += 1
+        elif protected is None or Path(protected).resolve() != checkpoint.resolve():
+            delete.append(checkpoint)
+    return delete
+
+
+def last_complete_checkpoint(output_dir: str, quiet: bool = False) -> str | None:
+    """The newest checkpoint-N of `output_dir` that a resume can load exactly (`checkpoint_problem`); each newer
+    incomplete one is skipped with a warning naming what it lacks (unless `quiet`) and left in place. None if there
+    is none. UsageError for a checkpoint saved with --save_only_model (`check_resumable`)."""
+    checkpoints = numbered_checkpoints(output_dir)
+    for candidate in checkpoints:
+        check_resumable(candidate)
         problem = checkpoint_problem(candidate)
         if problem is None:
-            check_resumable(candidate)
             return str(candidate)
-        logger.warning("Not resuming from %s: %s (a save that did not finish?)", candidate, problem)
+        if not quiet:
+            logger.warning("Not resuming from %s: %s (a save that did not finish, or a file lost since); trying the "
+                           "next older checkpoint", candidate, problem)
+    if checkpoints and not quiet:
+        logger.warning("No complete checkpoint in %s: the stage starts from its beginning", output_dir)
     return None

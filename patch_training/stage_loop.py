@@ -15,7 +15,9 @@ from transformers import Trainer, TrainerCallback, default_data_collator, set_se
 
 from modeling_llama_patch import update_saved_config
 
+from .cli import Preempted, StoppedEarly
 from .console import stage_end_line, stage_start_line
+from .guards import check_preempted, deferred_preemption, preempted_message, preemption_signal
 from .job import JobPlan
 from .model_card import model_card, write_model_card
 from .models import build_model
@@ -25,6 +27,7 @@ from .stages import StagePlan, stage_steps
 from .throughput import ThroughputMeter
 from .tracking import JobAxis
 from .trainer import PatchTrainer, StageProgress, fresh_compilation
+from .training_args import backend_in_use
 
 logger = logging.getLogger("run_clm")
 
@@ -40,22 +43,25 @@ def train_stages(job: JobPlan, run: RunDir) -> dict:
     set_seed(job.args.training.seed)  # the first stage's random weights, as transformers' run_clm seeds them
     logger.info("Attention: %s", job.inputs.attn_implementation)
     results, init_from, trainer = dict(job.results), job.args.model.model_name_or_path, None
-    for plan in job.plans:
-        point = run.resume_point(plan)
-        if point.complete is not None:
-            results[f"{plan.name}_stage"], init_from = point.complete, run.stage_dir(plan)
-            continue
-        trainer, record = train_one_stage(job, run, plan, init_from, point.checkpoint, results.get("patch_stage"))
-        results[f"{plan.name}_stage"] = record
-        if plan.name == "patch":
-            if job.continued:  # the token stage carries them on (before the marker: a complete stage has them)
-                trainer.save_optimizer_state(run.stage_dir(plan))
-            run.mark_stage_complete(plan, record)  # written last: the model is complete
-            trainer.accelerator.wait_for_everyone()
-            init_from = run.stage_dir(plan)
-    final_eval = {}
-    if not job.args.patch.has_token_stage:
-        trainer, final_eval = save_patch_model_as_final(job, run, trainer, init_from, results)
+    # A preemption signal is acted on at safe points only: a training step's end, and between stages.
+    with deferred_preemption():
+        for plan in job.plans:
+            check_preempted(f"the stages before the {plan.name} stage are complete")
+            point = run.resume_point(plan)
+            if point.complete is not None:
+                results[f"{plan.name}_stage"], init_from = point.complete, run.stage_dir(plan)
+                continue
+            trainer, record = train_one_stage(job, run, plan, init_from, point.checkpoint, results.get("patch_stage"))
+            results[f"{plan.name}_stage"] = record
+            if plan.name == "patch":
+                if job.continued:  # the token stage carries them on (before the marker: a complete stage has them)
+                    trainer.save_optimizer_state(run.stage_dir(plan))
+                run.mark_stage_complete(plan, record)  # written last: the model is complete
+                trainer.accelerator.wait_for_everyone()
+                init_from = run.stage_dir(plan)
+        final_eval = {}
+        if not job.args.patch.has_token_stage:
+            trainer, final_eval = save_patch_model_as_final(job, run, trainer, init_from, results)
     stages = [results[f"{plan.name}_stage"] for plan in job.plans]
     final = stages[-1] if job.args.patch.has_token_stage else final_eval
     index = run.stream_index_file if job.args.data.streaming else None
@@ -83,6 +89,7 @@ def train_one_stage(job: JobPlan, run: RunDir, plan: StagePlan, init_from: str |
     model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
     record = stage_results(plan, args, metrics)
     logger.info(stage_end_line(plan, job.plans, record, folder))
+    trainer.check_finite(weights=True)  # nothing non-finite becomes a stage's model
     save_stage_model(trainer, folder, stage_model_card(job, trainer.model, plan, folder, record, previous))
     trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
     return trainer, record
@@ -124,6 +131,7 @@ def save_patch_model_as_final(job: JobPlan, run: RunDir, trainer, init_from: str
                                data_collator=default_data_collator)
         JobAxis.for_stage(run.output_dir, job.args.training.run_name, plan, trainer.args, results["patch_stage"]).attach(trainer)
     trainer.model.config.patch_size = 1
+    trainer.check_finite(weights=True)
     final_eval = {}
     if job.eval_datasets[0] is not None:  # (the model in memory: the same before and after it is saved)
         results["final_eval"] = final_eval = trainer.evaluate()
@@ -155,7 +163,10 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
         data_collator=default_data_collator,
         schedule_steps=schedule_steps,
         carry_state_from=carry_state_from,
+        stage_name=plan.name,
     )
+    backend = backend_in_use(trainer)
+    logger.info("The %s stage trains with %s", plan.name, ", ".join(f"{k} {v}" for k, v in backend.items()))
     if job_axis is not None:
         job_axis.attach(trainer)
     ThroughputMeter.for_stage(plan, stage_args, model).attach(trainer)
@@ -164,6 +175,7 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
     trainer.resumed_progress = StageProgress.of_checkpoint(checkpoint)
     trainer.attempt_start = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
+    stop_unless_planned_steps(trainer, plan)
     # The whole stage's figures, the same whether or not it was interrupted: transformers' train_loss is the
     # loss summed over the steps of this train() call / their number; here over all the stage's steps.
     progress = trainer.stage_progress(trained=True)
@@ -172,10 +184,30 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
         "train_loss": progress.train_loss,
         "train_runtime_s": round(progress.train_seconds, 2),
         "resumed_from": checkpoint,
+        "distributed": backend,
     }
     if token_eval is not None:
         metrics.update(trainer.evaluate())
     return trainer, metrics
+
+
+def stop_unless_planned_steps(trainer: PatchTrainer, plan: StagePlan) -> None:
+    """After train(): raise `cli.Preempted` (a preemption signal arrived) or `cli.StoppedEarly` (train() returned
+    before the Trainer's planned steps for any other reason: a callback's control flag, data that ran out), with
+    a checkpoint of the step reached saved first; return when the stage reached its plan and no signal came. The
+    stage is then not marked complete: a re-run resumes it. Every rank calls this (the save is a collective)."""
+    state, signal_name = trainer.state, preemption_signal()
+    if state.global_step >= state.max_steps and signal_name is None:
+        return
+    if trainer.last_saved_step != state.global_step:
+        trainer._save_checkpoint(trainer.model, trial=None)
+    saved = os.path.join(trainer.args.output_dir, f"checkpoint-{state.global_step}")
+    if signal_name is not None:
+        raise Preempted(preempted_message(signal_name, f"the {plan.name} stage at step {state.global_step} of "
+                                                       f"{state.max_steps}, {saved}"))
+    raise StoppedEarly(f"the {plan.name} stage returned after {state.global_step} of its {state.max_steps} planned "
+                       f"optimizer steps (a callback stopped it, or its data ran out): it is not marked complete; its "
+                       f"state is saved in {saved}, and re-running the same command resumes it")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ the text column, the tokenizer (`tokenizer_fingerprint`), the cache's layout (`C
 rules of this project's own code: how files become documents (`readers.READING_RULE_VERSION`, see `readers.rule`)
 and how documents become tokens (`TOKENIZATION_RULE_VERSION`). The tokenisation rule is the code of the functions
 `TOKENIZATION_RULE_CODE`: the tokenizer call (`batch_encoder`: the tokenizer's own special tokens, BOS for LLaMA),
-exactly one EOS per document (`eos_rule`), empty and null texts skipped (`_text_batches`), the documents' tokens
-concatenated in order (`iter_token_batches`, `flat_tokens`). The rest (reading ahead in a thread, the parallel
+exactly one EOS per document (`eos_rule`), empty and null texts skipped (`_text_batches`), a document of more than
+a million characters tokenised in pieces (`encode_bounded`, `document_pieces`), the documents' tokens concatenated
+in order (`iter_token_batches`, `flat_tokens`). The rest (reading ahead in a thread, the parallel
 workers and the part files they write) must give the tokens of one process reading in order, which tests check
 (tests/test_token_cache.py, tests/test_readers_parts.py), so it is not part of the rule.
 `TOKENIZATION_RULE_SOURCE_HASH` is a SHA-256 of those functions' syntax trees without docstrings: any change of
@@ -56,9 +57,10 @@ logger = logging.getLogger("run_clm")
 CACHE_FORMAT_VERSION = 1  # the layout of a cache folder: tokens.bin, meta.json
 # The document -> tokens rule (see the module docstring): the version of the code of TOKENIZATION_RULE_CODE, whose
 # syntax trees hash to TOKENIZATION_RULE_SOURCE_HASH (checked by tests/test_rule_versions.py).
-TOKENIZATION_RULE_VERSION = 2
-TOKENIZATION_RULE_CODE = ("eos_rule", "batch_encoder", "iter_token_batches", "_text_batches", "flat_tokens")
-TOKENIZATION_RULE_SOURCE_HASH = "a765ce4b52794b26cfcbb4515605943c4918d358d3d46281cca87b9cfc76ba6a"
+TOKENIZATION_RULE_VERSION = 3
+TOKENIZATION_RULE_CODE = ("eos_rule", "batch_encoder", "iter_token_batches", "encode_bounded", "document_pieces",
+                          "_text_batches", "flat_tokens")
+TOKENIZATION_RULE_SOURCE_HASH = "5c1d62feb67dbeae179d9ef77cfeea59234e73a7c7dc70d9f4ea309ca2c13b31"
 LOCK_TIMEOUT_S = -1  # wait for another node's tokenisation as long as it takes
 
 
@@ -104,12 +106,66 @@ def iter_token_batches(documents, tokenizer, text_column: str, batch_size: int, 
         prefetch = PREFETCH_BATCHES if available_cores() > 1 else 0
     for texts, snapshot in prefetched(batches, prefetch):
         try:
-            ids = encode_batch(texts)
+            ids = encode_bounded(texts, encode_batch, batch_encoder(tokenizer, special_tokens=False), eos, appends)
         except TypeError:  # the fast tokenizer's "TextEncodeInput must be Union[...]"
             _check_texts(texts, text_column)
             raise
         ids = ids if appends else [row + [eos] for row in ids]
         yield ids if state is None else (ids, snapshot)
+
+
+# A tokenizer call holds many times its text in memory (a fast tokenizer's offsets and encodings: 4.3 GB for one
+# 50 MB document). Calls get at most `encode_chars` characters of text, and a document longer than `piece_chars`
+# is cut into pieces, each tokenised on its own, so that memory stays bounded whatever the record sizes. The two
+# sizes are the defaults of `encode_bounded`, part of the rule's hashed code (the piece size changes tokens).
+
+
+def encode_bounded(texts: list[str], encode_batch, encode_plain, eos: int, appends: bool,
+                   piece_chars: int = 1 << 20, encode_chars: int = 8 << 20) -> list[list[int]]:
+    """The token ids of each of `texts`, as `encode_batch(texts)` gives them (with the tokenizer's special tokens),
+    in calls of at most `encode_chars` characters; a text longer than `piece_chars` is cut (`document_pieces`): its
+    first piece gets the special tokens (less a trailing EOS the tokenizer `appends`), the others none
+    (`encode_plain`), and their ids are joined (with that EOS back at the end). A document of at most
+    `piece_chars` characters gets exactly its whole tokenisation; at each cut of a longer one the tokens may
+    differ from the whole's by the tokenizer's handling of a text's start (SentencePiece's dummy prefix adds a
+    "▁"; a byte-level BPE gives the same tokens)."""
+    ids: list[list[int]] = []
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        if len(text) > piece_chars:
+            ids += encode_batch(group) if group else []
+            group, size = [], 0
+            pieces = document_pieces(text, piece_chars)
+            row = encode_batch(pieces[:1])[0]
+            if appends and row and row[-1] == eos:
+                row = row[:-1]
+            for piece in pieces[1:]:
+                row += encode_plain([piece])[0]
+            ids.append(row + [eos] if appends else row)
+            continue
+        if group and size + len(text) > encode_chars:
+            ids += encode_batch(group)
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    return ids + (encode_batch(group) if group else [])
+
+
+def document_pieces(text: str, limit: int, search: int = 1 << 16) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters that join to it: each cut just before a space, newline
+    or tab, looked for in the last `search` characters of the piece (the whitespace then starts the next piece, as
+    a byte-level BPE attaches a space to the word after it), or at `limit` where there is none."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        window = text[max(start + 1, end - search):end]
+        spaces = [i for i in (window.rfind(" "), window.rfind("\n"), window.rfind("\t")) if i >= 0]
+        cut = end - len(window) + max(spaces) if spaces else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def _text_batches(documents, text_column: str, batch_size: int, state=None,
@@ -187,14 +243,15 @@ def prefetched(items, depth: int) -> Iterator:
         thread.join(timeout=1.0)
 
 
-def batch_encoder(tokenizer):
-    """texts -> token ids with the tokenizer's special tokens: `tokenizer(texts)["input_ids"]`, or, for a fast
-    tokenizer with no truncation or padding set in its backend (then the two are the same), the backend's
-    `encode_batch` directly, which skips building attention masks and a BatchEncoding per call."""
+def batch_encoder(tokenizer, special_tokens: bool = True):
+    """texts -> token ids, with the tokenizer's special tokens unless `special_tokens` is False:
+    `tokenizer(texts)["input_ids"]`, or, for a fast tokenizer with no truncation or padding set in its backend
+    (then the two are the same), the backend's `encode_batch` directly, which skips building attention masks and
+    a BatchEncoding per call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
-        return lambda texts: [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
-    return lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"]
+        return lambda texts: [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=special_tokens)]
+    return lambda texts: tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
 
 
 def iter_document_tokens(documents, tokenizer, text_column: str, batch_size: int) -> Iterator[list[int]]:

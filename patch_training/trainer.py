@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +22,12 @@ from modeling_llama_patch import get_patch_size
 
 from . import compat, lazy_deepspeed
 from .blocks import IgnoredPadding
-from .cli import UsageError, write_json_atomic
+from .cli import UsageError, write_json_atomic, writing
+from .guards import DivergenceWatch, PreemptionCallback, check_finite_weights
 from .loss import count_loss_targets, loss_target_labels
-from .run_dir import STAGE_PROGRESS_FILE
+from .run_dir import (
+    STAGE_PROGRESS_FILE, archive_problem, checkpoints_to_delete, last_complete_checkpoint, safetensors_problem,
+)
 
 logger = logging.getLogger("run_clm")
 compat.install()  # transformers 5.17: a multi-process CPU run's optimizer state loads (see compat.py)
@@ -63,12 +67,16 @@ class StageProgress:
 
 class RestoreRunningLoss(TrainerCallback):
     """At the start of a resumed train(), put back the loss sums that transformers keeps outside its checkpoint
-    (see `StageProgress`): after this the Trainer logs and sums as if it had never stopped."""
+    (see `StageProgress`): after this the Trainer logs and sums as if it had never stopped. And apply this
+    attempt's logging, evaluation and saving cadence: transformers restores the checkpoint's own from its
+    trainer_state.json (`TrainerState.load_from_json`), so a resume with another --save_steps or --logging_steps,
+    which may change (`identity.MAY_CHANGE`), would keep the old ones."""
 
     def __init__(self, trainer: PatchTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
         trainer, progress = self.trainer, self.trainer.resumed_progress
         if state.global_step == 0 or progress.global_step != state.global_step:
             return
@@ -109,12 +117,18 @@ class PatchTrainer(Trainer):
     throughput = None
     model_card = None
 
-    def __init__(self, *args, patch_eval_dataset=None, schedule_steps: int | None = None, carry_state_from=None, **kwargs):
+    def __init__(self, *args, patch_eval_dataset=None, schedule_steps: int | None = None, carry_state_from=None,
+                 stage_name: str = "training", **kwargs):
         super().__init__(*args, **kwargs)
+        self.stage_name = stage_name  # "patch" or "token", for the messages of the run's guards
+        self.divergence = DivergenceWatch()
+        self.last_saved_step: int | None = None  # the step of the checkpoint this Trainer saved last
+        self.add_callback(PreemptionCallback())
         # Training blocks are not padded: the shuffled order is a permutation of the stage's blocks, the same on
         # any number of ranks, so that a run resumed with another split of the same global batch reads the same
-        # data (padding made it a permutation of a world-size-dependent length: resumed on another number of ranks,
-        # blocks were trained twice and others never). Accelerate fills a last partial step by repeating blocks.
+        # data (padding would make it a permutation of a world-size-dependent length: resumed on another number of
+        # ranks, blocks would be trained twice and others never). Accelerate fills a last partial step by
+        # repeating blocks.
         self._exact_eval: dict[int, tuple] = {}  # id(dataset) -> (its IgnoredPadding, the loss scale)
         self._eval_loss_scale: float | None = None
         self.patch_eval_dataset = patch_eval_dataset
@@ -141,14 +155,61 @@ class PatchTrainer(Trainer):
             train_seconds=self.resumed_progress.train_seconds + time.time() - self.attempt_start,
         )
 
+    # ---- The run's guards: nothing non-finite is saved, every write failure is one line naming its file ----
+
+    def last_good_state(self) -> str | None:
+        """The newest complete checkpoint of this stage, for messages (None if there is none)."""
+        return last_complete_checkpoint(self.args.output_dir, quiet=True)
+
+    def check_finite(self, weights: bool = False) -> None:
+        """Raise `cli.Diverged` if a loss or gradient norm observed so far (or, with `weights`, a weight) is not
+        finite: a synchronisation, and under several ranks a collective (every rank calls it)."""
+        self.divergence.check(self.stage_name, self.last_good_state, self.args.world_size)
+        if weights:
+            check_finite_weights(self.model, self.stage_name, self.state.global_step, self.last_good_state,
+                                 self.args.world_size)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        self.divergence.observe(self.state.global_step, tr_loss, grad_norm)  # device-side: no synchronisation
+        if self.control.should_log or self.control.should_evaluate or self.control.should_training_stop:
+            self.check_finite()  # where transformers reads the loss anyway (a save checks in _save_checkpoint)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
     def _save_checkpoint(self, model, trial):
+        self.check_finite(weights=True)
         # Written before transformers' files, whose trainer_state.json (last) marks the checkpoint complete.
         progress = self.stage_progress()
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(folder / STAGE_PROGRESS_FILE, asdict(progress))
-        super()._save_checkpoint(model, trial)
+        # transformers' rotation keeps the newest checkpoints by time, complete or not: rotated here instead
+        # (`run_dir.checkpoints_to_delete`), never losing the newest complete one.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.last_saved_step = self.state.global_step
+        if self.args.should_save:
+            for old in checkpoints_to_delete(self.args.output_dir, limit, self.state.best_model_checkpoint):
+                logger.info("Deleting %s (--save_total_limit %d)", old, limit)
+                shutil.rmtree(old, ignore_errors=True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        folder = output_dir or self.args.output_dir
+        with writing(Path(folder) / "model.safetensors", which=lambda: weights_being_written(folder)):
+            return super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        with writing(Path(output_dir) / OPTIMIZER_NAME, which=lambda: optimizer_file_being_written(output_dir)):
+            return super()._save_optimizer_and_scheduler(output_dir)
+
+    def _save_rng_state(self, output_dir):
+        name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+        with writing(Path(output_dir) / name):
+            return super()._save_rng_state(output_dir)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._resuming = resume_from_checkpoint is not None
@@ -296,3 +357,26 @@ def fresh_compilation(args) -> None:
         import torch._dynamo
 
         torch._dynamo.reset()
+
+
+def weights_being_written(folder) -> Path:
+    """The weights file of `folder` a failed `save_pretrained` was writing: the first shard of its index that is
+    missing or unreadable, else model.safetensors."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError):
+            shards = []
+        for shard in shards:
+            if safetensors_problem(folder / shard):
+                return folder / shard
+    return folder / "model.safetensors"
+
+
+def optimizer_file_being_written(folder) -> Path:
+    """The file a failed `_save_optimizer_and_scheduler` was writing in `folder`: scheduler.pt once optimizer.pt
+    is a whole archive (it is written first), else optimizer.pt."""
+    folder = Path(folder)
+    return folder / (SCHEDULER_NAME if archive_problem(folder / OPTIMIZER_NAME) is None else OPTIMIZER_NAME)

@@ -258,28 +258,151 @@ def check_patch_stage_settings(training_args: TrainingArguments, has_patch_stage
         )
 
 
+# Every TrainingArguments setting falls in one of three groups, and tests/test_long_runs.py fails on a setting of
+# the installed transformers that is in none, so that a new upstream option cannot slip through unexamined:
+# - `identity.MAY_CHANGE`: how a run is launched, logged, saved or evaluated, never what it computes;
+# - HONOURED: what it computes, exact in both stages and across resumes, and compared on a resume;
+# - REFUSED (and REFUSED_ACCELERATOR_CONFIG): what would change which blocks a step sees, the real global batch,
+#   or what a checkpoint or a stage's model holds: any value but the allowed ones is refused in one line.
+HONOURED = {
+    "num_train_epochs": "the token budget in epochs of the data (without --max_steps), split by λ",
+    "max_steps": "the token budget: max_steps x sequences per step x block_size, split by λ",
+    "learning_rate": "each stage's peak learning rate (--patch_learning_rate for the patch stage)",
+    "lr_scheduler_type": "each stage's schedule, or one over both with --patch_switch continue",
+    "lr_scheduler_kwargs": "checked against the schedule (check_lr_scheduler_kwargs)",
+    "warmup_steps": "each stage's warmup (--patch_warmup_steps for the patch stage); a stage not longer than it is refused",
+    "optim": "the optimizer", "optim_args": "the optimizer's arguments", "optim_target_modules": "GaLore/APOLLO targets",
+    "weight_decay": "AdamW's", "adam_beta1": "AdamW's", "adam_beta2": "AdamW's", "adam_epsilon": "AdamW's",
+    "average_tokens_across_devices": "how the loss is normalised over ranks",
+    "max_grad_norm": "gradient clipping",
+    "label_smoothing_factor": "token stage only: refused with a patch stage (check_patch_stage_settings)",
+    "bf16": "precision", "fp16": "precision (refused on a CPU)", "bf16_full_eval": "precision",
+    "fp16_full_eval": "precision (refused on a CPU)", "tf32": "precision",
+    "torch_compile": "compilation, afresh in each stage", "torch_compile_backend": "compilation",
+    "torch_compile_mode": "compilation",
+    "use_liger_kernel": "Liger's kernels, its loss switches off in the patch stage", "liger_kernel_config": "idem",
+    "use_cache": "the model's cache during training (off)",
+    "neftune_noise_alpha": "noise on the token embeddings, before the patch means",
+    "logging_nan_inf_filter": "what the logged loss shows (the divergence watch reads the gradient norm too)",
+    "run_name": "the trackers' name for the job",
+    "prediction_loss_only": "evaluation", "include_for_metrics": "evaluation", "batch_eval_metrics": "evaluation",
+    "metric_for_best_model": "which checkpoint is the best (kept by rotation, not handed over)",
+    "greater_is_better": "idem",
+    "restore_callback_states_from_checkpoint": "callbacks' own state on a resume",
+    "full_determinism": "deterministic kernels", "seed": "weights and data order", "data_seed": "data order",
+    "accelerator_config": "checked field by field (REFUSED_ACCELERATOR_CONFIG)",
+    "remove_unused_columns": "the blocks hold only input_ids and labels",
+    "length_column_name": "used only by a length-grouped sampler, which is refused",
+    "ddp_broadcast_buffers": "DDP's buffers",
+    "fsdp": "the backend, checked against the launch", "fsdp_config": "idem", "deepspeed": "idem",
+    "debug": "detection only",
+}
+
+# setting: (the values that work, why others are refused)
+REFUSED = {
+    "ignore_data_skip": ((False,), "a resumed stage would start its block order again: some blocks trained twice, "
+                         "others never"),
+    "auto_find_batch_size": ((False,), "it shrinks the micro-batch after an out-of-memory error without keeping the "
+                             "global batch that the λ split and the accounting rely on"),
+    "load_best_model_at_end": ((False,), "each stage hands its last weights on (the paper's handover), not its best "
+                               "checkpoint's"),
+    "enable_jit_checkpoint": ((False,), "run_clm.py saves and stops on SIGTERM and SIGUSR1 itself, every rank at one "
+                              "step (docs/long-runs.md)"),
+    "dataloader_in_order": ((True,), "batches out of order would make the block order depend on the loader workers' "
+                            "timing: a resume would not read the same blocks"),
+    "dataloader_drop_last": ((False,), "it would drop the last validation blocks (the perplexity over fewer than "
+                             "--max_eval_blocks) and the last partial training batch, which the accounting counts "
+                             "(run_clm.py cuts whole blocks itself)"),
+    "train_sampling_strategy": (("random", "sequential"), "the blocks all have one length: grouping or rebalancing "
+                                "them by length only reorders them in a way a resume does not reproduce"),
+    "parallelism_config": ((None,), "tensor or context parallelism makes the data-parallel ranks fewer than the "
+                           "processes, which the global batch and the λ split count"),
+    "label_names": ((None, ["labels"]), "the blocks hold their targets as labels"),
+}
+REFUSED_ACCELERATOR_CONFIG = {
+    "split_batches": ((False,), "--per_device_train_batch_size would become the batch of all ranks together, not "
+                      "the per-device one the global batch is counted from"),
+    "even_batches": ((True,), "the last batches of the ranks would differ in size from what the accounting counts"),
+    "use_seedable_sampler": ((True,), "the shuffled block order would not be reproduced on a resume"),
+}
+
+
+def flag_value(value) -> str:
+    """A setting's value as it is written on the command line (booleans in lower case)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_settings_run_clm_does_not_honour(args: TrainingArguments) -> None:
     """Refuse TrainingArguments that transformers accepts but that would do nothing here, or something else than
-    asked, without a word: run_clm.py always trains (`--do_train false`) and never predicts (`--do_predict`);
-    `--dataloader_drop_last` would drop the last validation blocks (the perplexity over fewer than
-    --max_eval_blocks, none when there are fewer than one evaluation batch) and the last partial training batch
-    that the accounting counts; `--fp16` / `--fp16_full_eval` on a CPU are ignored by transformers (the run is
-    fp32; --bf16 with --use_cpu autocasts)."""
+    asked, without a word: the REFUSED settings and accelerator_config fields at any value but theirs;
+    run_clm.py always trains (`--do_train false`) and never predicts (`--do_predict`); `--fp16` /
+    `--fp16_full_eval` on a CPU are ignored by transformers (the run is fp32; --bf16 with --use_cpu autocasts)."""
     if not args.do_train:
         raise UsageError("--do_train false: run_clm.py always trains (to evaluate a model, use scripts/eval_perplexity.py)")
     if args.do_predict:
         raise UsageError("--do_predict: run_clm.py has no prediction step (it evaluates perplexity on --validation_file)")
-    if args.dataloader_drop_last:
-        raise UsageError(
-            "--dataloader_drop_last true would drop the last validation blocks (the perplexity over fewer than "
-            "--max_eval_blocks) and the last partial training batch, which the token accounting counts: drop the flag "
-            "(run_clm.py cuts whole blocks itself)"
-        )
+    for name, (allowed, why) in REFUSED.items():
+        value = getattr(args, name, allowed[0])
+        value = getattr(value, "value", value)  # an enum by its value
+        if value not in allowed:
+            raise UsageError(f"--{name} {flag_value(value)}: not supported by run_clm.py: {why}")
+    accelerator_config = args.accelerator_config
+    for name, (allowed, why) in REFUSED_ACCELERATOR_CONFIG.items():
+        value = getattr(accelerator_config, name, allowed[0]) if accelerator_config is not None else allowed[0]
+        if value not in allowed:
+            raise UsageError(f"--accelerator_config {name}={flag_value(value)}: not supported by run_clm.py: {why}")
     on_cpu = args.use_cpu or not torch.accelerator.is_available()
     for name in ("fp16", "fp16_full_eval"):
         if getattr(args, name) and on_cpu:
             raise UsageError(f"--{name} needs a GPU: on a CPU transformers runs in fp32 without a word (use --bf16 "
                              "true --use_cpu true for bf16 autocast on a CPU, or drop the flag)")
+
+
+def requested_backend(args: TrainingArguments) -> str | None:
+    """The sharding backend a launch asks for: "fsdp" (--fsdp, or an `accelerate launch` FSDP config, which sets
+    ACCELERATE_USE_FSDP), "deepspeed" (--deepspeed, or ACCELERATE_USE_DEEPSPEED), or None (DDP or one process)."""
+    from accelerate.utils import str_to_bool
+
+    def from_launcher(name: str) -> bool:
+        try:
+            return bool(str_to_bool(os.environ.get(name, "false")))
+        except ValueError:
+            return False
+
+    if args.fsdp or from_launcher("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if args.deepspeed or from_launcher("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return None
+
+
+def check_backend_available(args: TrainingArguments) -> None:
+    """UsageError, before anything is written, for a requested backend that cannot run here: FSDP without a GPU
+    (accelerate runs an FSDP config on a CPU as plain DDP without a word, or fails after the output folder is
+    claimed when the config syncs module states)."""
+    if requested_backend(args) == "fsdp" and (args.use_cpu or not torch.cuda.is_available()):
+        raise UsageError("FSDP needs CUDA GPUs: on a CPU accelerate would run the job as plain DDP, unsharded; use "
+                         "DDP (configs/accelerate/cpu_ddp_2proc.yaml) or DeepSpeed ZeRO on a CPU, or run on GPUs")
+
+
+def backend_in_use(trainer) -> dict:
+    """What a Trainer actually trains with: {"backend": "FSDP" / "DEEPSPEED" / "MULTI_GPU" / "MULTI_CPU" / "NO"
+    (accelerate's distributed type), "world_size", and for FSDP its "fsdp_version" and "sharding", for DeepSpeed
+    its "zero_stage"}. UsageError when a requested FSDP or DeepSpeed did not take (`requested_backend`)."""
+    state = trainer.accelerator.state
+    used = {"backend": str(getattr(state.distributed_type, "value", state.distributed_type)),
+            "world_size": trainer.args.world_size}
+    plugin = getattr(state, "fsdp_plugin", None)
+    if plugin is not None:
+        strategy = getattr(plugin, "sharding_strategy", None) or getattr(plugin, "reshard_after_forward", None)
+        used.update(fsdp_version=getattr(plugin, "fsdp_version", 1), sharding=str(getattr(strategy, "name", strategy)))
+    deepspeed_plugin = getattr(state, "deepspeed_plugin", None)
+    if deepspeed_plugin is not None:
+        used["zero_stage"] = deepspeed_plugin.zero_stage
+    requested = requested_backend(trainer.args)
+    if requested is not None and used["backend"].lower() != requested:
+        raise UsageError(f"{requested} was asked for, but accelerate set up {used['backend']}: check the launch config")
+    return used
 
 
 # torch.compile's modes (torch.compile's docstring); None is its default.

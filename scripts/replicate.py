@@ -84,16 +84,16 @@ def settings_given_after(settings: dict, extra: list[str]) -> dict:
     return {key: value if given[key] is None else given[key] for key, value in settings.items()}
 
 
-def run_clm_command(settings: dict, name: str, fraction: float, patch_size: int, skip: float, args, extra) -> list[str]:
+def run_clm_values(settings: dict, output_dir: str, args) -> dict:
+    """The run_clm.py flags every run of these scripts shares, as {flag name: value}: the preset's `settings`, the
+    tokenizer, the optimizer (AdamW β = (0.9, 0.95), ε = 1e-8, weight decay 0.1, clipping at 1.0), a cosine
+    schedule, evaluation on `args.validation_file`, no checkpoints, `args.seed`, `args.data_cache_dir` if set, and
+    `output_dir`. A caller sets its recipe's flags on top (a value None drops the flag: `run_clm_flags`)."""
     values = {
         **{k: v for k, v in settings.items() if k != "eval_steps"},
         "tokenizer_name": os.path.join(REPO_ROOT, "data", "llama2_tokenizer"),
         "validation_file": args.validation_file,
-        "output_dir": os.path.join(args.output_root, name),
-        "patch_size": patch_size if fraction > 0 else 1,
-        "patch_data_fraction": fraction,
-        "skip_data_fraction": skip,
-        "num_train_epochs": args.epochs,
+        "output_dir": output_dir,
         "lr_scheduler_type": "cosine",
         "weight_decay": 0.1,
         "adam_beta1": 0.9,
@@ -109,12 +109,33 @@ def run_clm_command(settings: dict, name: str, fraction: float, patch_size: int,
     }
     if args.data_cache_dir:
         values["data_cache_dir"] = args.data_cache_dir
-    command = [sys.executable, os.path.join(REPO_ROOT, "run_clm.py")]
+    return values
+
+
+def run_clm_flags(values: dict, extra) -> list[str]:
+    """`values` as run_clm.py flags (`--key value`; booleans as true/false, None left out), then `extra` (the
+    flags after `--`), which come last and so win."""
+    flags = []
     for key, value in values.items():
         if value is None:
             continue
-        command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return command + list(extra)
+        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags + list(extra)
+
+
+def run_clm_command(settings: dict, name: str, fraction: float, patch_size: int, skip: float, args, extra) -> list[str]:
+    values = run_clm_values(settings, os.path.join(args.output_root, name), args)
+    values.update(patch_size=patch_size if fraction > 0 else 1, patch_data_fraction=fraction,
+                  skip_data_fraction=skip, num_train_epochs=args.epochs)
+    return [sys.executable, os.path.join(REPO_ROOT, "run_clm.py"), *run_clm_flags(values, extra)]
+
+
+def result_row(results: dict) -> dict:
+    """What the scripts' tables take from a run's all_results.json (`results`): tokens and positions trained,
+    the stages' train_runtime (no start-up), the final WikiText-103 perplexity, the token budget."""
+    stage_time = sum(results[s]["train_runtime_s"] for s in ("patch_stage", "token_stage") if s in results)
+    return {"tokens": results["tokens"], "positions": results["positions"], "train_time_s": stage_time,
+            "perplexity": results["perplexity"], "budget_tokens": results["budget_tokens"]}
 
 
 def train(settings: dict, name: str, fraction: float, patch_size: int, skip: float, args, extra,
@@ -131,11 +152,11 @@ def train(settings: dict, name: str, fraction: float, patch_size: int, skip: flo
     wall = time.time() - start
     with open(os.path.join(args.output_root, name, "all_results.json"), encoding="utf-8") as handle:
         results = json.load(handle)
-    stage_time = sum(results[s]["train_runtime_s"] for s in ("patch_stage", "token_stage") if s in results)
+    row = result_row(results)
     return {"name": name, "patch_data_fraction": fraction, "patch_size": patch_size if fraction else 1,
-            "skip_data_fraction": skip, "tokens": results["tokens"], "positions": results["positions"],
-            "wall_time_s": wall, "train_time_s": stage_time, "perplexity": results["perplexity"],
-            "budget_tokens": results["budget_tokens"]}
+            "skip_data_fraction": skip, "tokens": row["tokens"], "positions": row["positions"],
+            "wall_time_s": wall, "train_time_s": row["train_time_s"], "perplexity": row["perplexity"],
+            "budget_tokens": row["budget_tokens"]}
 
 
 def missing_files(settings: dict, validation_file: str) -> str | None:

@@ -61,6 +61,18 @@ def workdir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def finished_job(workdir):
+    """One complete two-stage job (`test_run_clm.job_args`), shared by a module's tests that compare with it or
+    only read its outputs: (its output folder, its results)."""
+    import run_clm
+    from test_run_clm import job_args
+
+    output_dir = workdir / "finished"
+    results = run_clm.main(job_args(workdir, output_dir))
+    return output_dir, results
+
+
 @pytest.fixture(scope="session")
 def foreign_tokenizer_dir(tmp_path_factory):
     """A tokenizer other than the LLaMA-2 one, made offline: byte-level BPE with 400 tokens learnt from the bundled

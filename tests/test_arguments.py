@@ -314,7 +314,7 @@ LATE_FAILURES = {  # flags -> the start of the one line
                                 "--push_to_hub cannot reach the Hugging Face Hub as a logged-in user ("),
     "do_train_false": (["--do_train", "false"], "--do_train false: run_clm.py always trains"),
     "do_predict": (["--do_predict", "true"], "--do_predict: run_clm.py has no prediction step"),
-    "drop_last": (["--dataloader_drop_last", "true"], "--dataloader_drop_last true would drop the last validation blocks"),
+    "drop_last": (["--dataloader_drop_last", "true"], "--dataloader_drop_last true: not supported by run_clm.py: it would drop the last validation blocks"),
     "fp16_on_cpu": (["--fp16", "true", "--use_cpu", "true"], "--fp16 needs a GPU"),
     "fp16_eval_on_cpu": (["--fp16_full_eval", "true", "--use_cpu", "true"], "--fp16_full_eval needs a GPU"),
 }

@@ -2,7 +2,8 @@
 
 Without it, the token stage (sequences K times shorter than the patch stage's, another micro-batch) failed the
 patch stage's shape guards, and dynamo's automatic dynamic shapes recompiled the model with symbolic batch and
-sequence sizes for the whole token stage; both stages also shared one recompile limit.
+sequence sizes for the whole token stage; both stages also shared one recompile limit. The fused loss's compiled
+chunk kernel lives through those resets: it compiles again in each stage and stays exact.
 """
 
 import os
@@ -79,3 +80,53 @@ def test_run_clm_token_stage_does_not_recompile_the_patch_stage_graph(tmp_path):
     assert "[run_clm] done" in done.stdout + done.stderr
     reasons = [line for line in done.stderr.splitlines() if "size mismatch" in line]
     assert not [line for line in reasons if "expected 2, actual 8" in line], reasons
+
+
+def test_fused_loss_compiled_kernel_across_stages_under_regional_compilation(monkeypatch):
+    """The two stages of a job, each after `fresh_compilation` (dynamo reset), with the model compiled by regions
+    and the fused loss's compiled chunk kernel (Inductor, its own torch.compile inside the loss): each stage's loss
+    and gradients equal the uncompiled model's with the stock head and the chunked K-way loss, K = 4 then K = 1."""
+    from accelerate.utils import compile_regions
+    from conftest import tiny_llama_config
+
+    from modeling_llama_patch import PatchLlamaForCausalLM
+    from patch_training import fused_loss
+
+    torch.manual_seed(0)
+    model = PatchLlamaForCausalLM(tiny_llama_config(vocab_size=512)).train()
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, 7] = -100
+
+    def step(forward, implementation):
+        forward.loss_implementation = implementation  # on the compiled copy itself: compile_regions copies attributes
+        model.zero_grad(set_to_none=True)
+        out = forward(ids, labels=labels, num_items_in_batch=torch.tensor(40))
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.fused_loss_kernel = "compiled"
+    calls = [0]
+    original = fused_loss._compiled_chunk
+
+    def counted(*args):  # the compiled kernel's entry point, counted
+        calls[-1] += 1
+        return original(*args)
+
+    monkeypatch.setattr(fused_loss, "_compiled_chunk", counted)
+    try:
+        for patch_size in (4, 1):  # the patch stage, then the token stage
+            model.config.patch_size = patch_size
+            calls.append(0)
+            ref_loss, ref_grads = step(model, "unfused")
+            fresh_compilation(SimpleNamespace(torch_compile=True))
+            compiled = compile_regions(model, backend="eager")  # the layers traced; the loss kernel by Inductor
+            assert compiled.fused_loss_kernel == "compiled"
+            loss, grads = step(compiled, "fused")
+            assert calls.pop() > 0, "the compiled chunk kernel did not run"
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+            assert grads.keys() == ref_grads.keys()
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        torch._dynamo.reset()

@@ -26,6 +26,9 @@ import config_args  # noqa: E402
 import prepare_pile  # noqa: E402
 
 MODEL_SIZES = {"370m": 370e6, "780m": 780e6, "1.3b": 1.3e9, "2.7b": 2.7e9}
+# Llama configs with a tied head: the equal-compute comparison's model (scripts/compare.py), tied so that most of its
+# parameters lie outside the embeddings at the LLaMA-2 vocabulary. Every other llama-* config is untied, as the paper's.
+TIED_LLAMA_CONFIGS = {"llama-42m.json"}
 # Table 1 of the paper: the token-level baseline of each size, and K = 4 with these λ.
 PAPER_RUNS = {"370m": (0.5, 2 / 3, 0.8), "780m": (2 / 3,), "1.3b": (2 / 3,), "2.7b": (2 / 3,)}
 PAPER_GPUS = 8
@@ -61,7 +64,7 @@ def parse(argv):
 @pytest.mark.parametrize("path", sorted((CONFIGS / "model").glob("*.json")), ids=lambda p: p.name)
 def test_model_config_is_a_stock_config(path):
     """Every model config is a stock transformers config of its family (named in the file name), for the bundled
-    LLaMA-2 tokenizer; the paper's (llama-*) are untied multi-head Llamas."""
+    LLaMA-2 tokenizer; the paper's (llama-*) are untied multi-head Llamas, TIED_LLAMA_CONFIGS tied ones."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = json.loads(path.read_text())
@@ -72,7 +75,7 @@ def test_model_config_is_a_stock_config(path):
     assert (config.bos_token_id, config.eos_token_id) == (1, 2)
     assert "patch_size" not in raw, "K belongs to the training config, not to the model"
     if raw["model_type"] == "llama":
-        assert config.tie_word_embeddings is False
+        assert config.tie_word_embeddings is (path.name in TIED_LLAMA_CONFIGS)
         assert config.hidden_size % config.num_attention_heads == 0
 
 
@@ -298,7 +301,7 @@ def test_deepspeed_config_is_accepted_by_deepspeed(name, bf16_gpu, monkeypatch):
 # configs/accelerate
 # ---------------------------------------------------------------------------------------------------------
 
-ACCELERATE_CONFIGS = ["ddp_8gpu", "deepspeed_zero2", "fsdp_8gpu", "multinode_template", "cpu_ddp_2proc"]
+ACCELERATE_CONFIGS = ["ddp_8gpu", "deepspeed_zero2", "fsdp_8gpu", "fsdp2_8gpu", "multinode_template", "cpu_ddp_2proc"]
 
 
 def accelerate_launch_args(name):

@@ -1,15 +1,18 @@
-"""patch_training/fused_loss.py: the LM head fused with the K-way loss (issue 15, part 1).
+"""patch_training/fused_loss.py: the LM head fused with the K-way loss.
 
 Two independent references: the unfused path of today (`F.linear`, the same logit processing, then
 `kway_cross_entropy`) and a naive loop of the paper's Eq. 3 in float64, one (row, offset) at a time. Loss,
 per-offset losses and the gradients of hidden states, weight and bias are compared in float32 (tight) and
 bfloat16 (the fused result must be about as close to the float64 truth as the unfused bf16 path is), at K = 1
 and K = 4, with -100 labels (whole rows and single offsets), num_items_in_batch, tied embeddings, a bias,
-scaling and soft-capping, autocast, frozen inputs, gradient accumulation, DDP, and the memory target.
+scaling and soft-capping, autocast, frozen inputs, gradient accumulation, DDP, and the memory target. Both chunk
+kernels are checked: "eager" and "compiled" (torch.compile's Inductor, here its C++ code generator on the CPU; on a
+GPU Triton, whose tests at the end run where CUDA is available and skip elsewhere).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -19,14 +22,33 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT
+
 from modeling_llama_patch import IGNORE_INDEX, kway_cross_entropy
-from patch_training.fused_loss import default_chunk_rows, fused_kway_linear_cross_entropy
+from patch_training import fused_loss
+from patch_training.fused_loss import (
+    FUSED_CHUNKS,
+    default_chunk_rows,
+    fused_kway_linear_cross_entropy,
+    resolve_kernel,
+)
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import throughput  # noqa: E402
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
 ROWS, HIDDEN, VOCAB, CHUNK = 11, 16, 50, 3  # 4 chunks of 3 rows, the last partial
+KERNELS = ["eager", "compiled"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles the chunk kernel afresh: dynamo's per-function limit of compilations (8) would otherwise
+    be reached by the many configurations of this module, after which dynamo runs the function uncompiled."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def process(logits, logit_scale=None, softcap=None):
@@ -63,7 +85,7 @@ def naive(hidden, weight, targets, bias=None, logit_scale=None, softcap=None, nu
     return total / (count if num_items is None else int(num_items)), per_offset
 
 
-def make_inputs(num_offsets, dtype=torch.float32, with_bias=False, rows=ROWS, seed=0):
+def make_inputs(num_offsets, dtype=torch.float32, with_bias=False, rows=ROWS, seed=0, repeated_target=False):
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, HIDDEN, generator=generator)
     weight = torch.randn(VOCAB, HIDDEN, generator=generator) / HIDDEN**0.5
@@ -73,6 +95,8 @@ def make_inputs(num_offsets, dtype=torch.float32, with_bias=False, rows=ROWS, se
     targets[4] = IGNORE_INDEX  # a whole row ignored (the last patch's row in the model)
     targets[5, 0] = IGNORE_INDEX  # a row with some offsets ignored (for K = 1: ignored)
     targets[5, -1] = 7
+    if repeated_target:
+        targets[6] = 9  # every offset the same token (a repeated token in a patch): K one-hots on one logit
     targets[rows - 1, 0] = 3  # the last, partial chunk counts
     leaves = [t.to(dtype).requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
     return leaves, targets
@@ -109,14 +133,17 @@ def case_kwargs(case):
     return with_bias, spec
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("num_offsets", [1, 4])
-def test_float32_matches_unfused_and_naive(case, num_offsets):
-    """float32: loss, per-offset losses and every gradient equal the unfused path's and the naive loop's."""
+def test_float32_matches_unfused_and_naive(case, num_offsets, kernel):
+    """float32: loss, per-offset losses and every gradient equal the unfused path's and the naive loop's (a row
+    whose K targets are one token included)."""
     with_bias, spec = case_kwargs(case)
-    leaves, targets = make_inputs(num_offsets, with_bias=with_bias)
+    leaves, targets = make_inputs(num_offsets, with_bias=with_bias, repeated_target=True)
     num_items = spec.pop("num_items", None)
-    fused = run(fused_kway_linear_cross_entropy, leaves, targets, chunk_rows=CHUNK, num_items_in_batch=num_items, **spec)
+    fused = run(fused_kway_linear_cross_entropy, leaves, targets, chunk_rows=CHUNK, num_items_in_batch=num_items,
+                kernel=kernel, **spec)
     ref = run(unfused, leaves, targets, num_items=num_items, **spec)
     exact = run(naive, to64(leaves), targets, num_items=num_items, **spec)
     loss, per_offset, grads = fused
@@ -131,16 +158,18 @@ def test_float32_matches_unfused_and_naive(case, num_offsets):
     assert torch.equal(grads[0][4], torch.zeros(HIDDEN)), "a row with no target gets no gradient"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["plain", "items", "scale-softcap-bias"])
 @pytest.mark.parametrize("num_offsets", [1, 4])
-def test_bfloat16_as_accurate_as_unfused(case, num_offsets):
+def test_bfloat16_as_accurate_as_unfused(case, num_offsets, kernel):
     """bfloat16 inputs: against the float64 truth on the same (bf16-rounded) inputs, the fused path's error is at
     most about the unfused bf16 path's (2x + a bf16 ulp's worth), and the two agree within bf16 tolerance.
     Gradients come back in bf16."""
     with_bias, spec = case_kwargs(case)
     leaves, targets = make_inputs(num_offsets, dtype=torch.bfloat16, with_bias=with_bias, rows=40)
     num_items = spec.pop("num_items", None)
-    fused = run(fused_kway_linear_cross_entropy, leaves, targets, chunk_rows=CHUNK, num_items_in_batch=num_items, **spec)
+    fused = run(fused_kway_linear_cross_entropy, leaves, targets, chunk_rows=CHUNK, num_items_in_batch=num_items,
+                kernel=kernel, **spec)
     ref = run(unfused, leaves, targets, num_items=num_items, **spec)
     exact = run(naive, to64(leaves), targets, num_items=num_items, **spec)
     assert all(g.dtype == torch.bfloat16 for g in fused[2])
@@ -195,8 +224,9 @@ def test_tied_embeddings_accumulate_both_uses():
     assert (fused - head_only).abs().max() > 1e-3, "the embedding's share of the gradient is missing"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("num_offsets", [1, 4])
-def test_gradient_accumulation_two_micro_batches_equal_one_batch(num_offsets):
+def test_gradient_accumulation_two_micro_batches_equal_one_batch(num_offsets, kernel):
     """Two micro-batches with num_items_in_batch = the whole batch's targets: the summed losses and the
     accumulated gradients equal one call on the whole batch."""
     (hidden, weight, bias), targets = make_inputs(num_offsets, with_bias=True, rows=20)
@@ -205,24 +235,28 @@ def test_gradient_accumulation_two_micro_batches_equal_one_batch(num_offsets):
     total = 0
     for rows in (slice(0, 9), slice(9, 20)):
         loss, _ = fused_kway_linear_cross_entropy(leaves[0][rows], leaves[1], targets[rows], leaves[2],
-                                                  num_items_in_batch=items, chunk_rows=4)
+                                                  num_items_in_batch=items, chunk_rows=4, kernel=kernel)
         loss.backward()
         total = total + loss.detach()
-    whole = run(fused_kway_linear_cross_entropy, [hidden, weight, bias], targets, upstream=1.0, chunk_rows=4)
+    whole = run(fused_kway_linear_cross_entropy, [hidden, weight, bias], targets, upstream=1.0, chunk_rows=4,
+                kernel=kernel)
     torch.testing.assert_close(total, whole[0], **FP32_TOL)
     for leaf, g in zip(leaves, whole[2]):
         torch.testing.assert_close(leaf.grad, g, **FP32_TOL)
 
 
-def test_all_targets_ignored():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_all_targets_ignored(kernel):
     """No target counts: loss nan (0/0, as unfused and stock), per-offset nan, gradients exactly zero; with
     num_items_in_batch the loss is 0."""
     (hidden, weight), targets = make_inputs(4)
     targets = torch.full_like(targets, IGNORE_INDEX)
-    loss, per_offset, grads = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, chunk_rows=CHUNK)
+    loss, per_offset, grads = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, chunk_rows=CHUNK,
+                                  kernel=kernel)
     assert torch.isnan(loss) and torch.isnan(per_offset).all()
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
-    loss, _, grads = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, num_items_in_batch=5)
+    loss, _, grads = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, num_items_in_batch=5,
+                         kernel=kernel)
     assert loss.item() == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
@@ -255,12 +289,14 @@ def test_second_backward_through_the_graph_is_refused():
         loss.backward()
 
 
-def test_bf16_autocast_with_float32_weights():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_autocast_with_float32_weights(kernel):
     """CPU autocast (bf16) over float32 master weights, as `--bf16` training: the head's matmuls run in bf16 as
     nn.Linear's would, the gradients come back in float32 and agree with the unfused path under autocast."""
     (hidden, weight, bias), targets = make_inputs(4, with_bias=True, rows=40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = run(fused_kway_linear_cross_entropy, [hidden, weight, bias], targets, chunk_rows=CHUNK, softcap=3.0)
+        fused = run(fused_kway_linear_cross_entropy, [hidden, weight, bias], targets, chunk_rows=CHUNK, softcap=3.0,
+                    kernel=kernel)
         ref = run(unfused, [hidden, weight, bias], targets, softcap=3.0)
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-2, atol=1e-2)
     for g, g_ref in zip(fused[2], ref[2]):
@@ -278,6 +314,7 @@ def test_bf16_autocast_with_float32_weights():
         (dict(softcap=0.0), "softcap must be > 0"),
         (dict(weight=torch.zeros(VOCAB, HIDDEN, dtype=torch.bfloat16)), "share a dtype"),
         (dict(chunk_rows=0), "chunk_rows must be >= 1"),
+        (dict(kernel="triton"), "kernel must be one of auto, compiled, eager, got 'triton'"),
     ],
 )
 def test_bad_arguments_are_refused(change, message):
@@ -289,12 +326,96 @@ def test_bad_arguments_are_refused(change, message):
 
 
 def test_default_chunk_bounds_the_logits():
-    """The default chunk: 8M logits elements (262 rows at 32,000), at least 256 rows (at 128,256)."""
+    """The default chunk: 1/32 of the (N, V) logits, between 8M and 128M elements (262 and 4,194 rows at 32,000),
+    at least 256 rows; without N, the smallest chunk."""
     assert default_chunk_rows(32000) == 262 and default_chunk_rows(128256) == 256 and default_chunk_rows(50) > ROWS
+    assert default_chunk_rows(32000, 8192) == 262  # the memory benchmark's 8,192 positions: as small as before
+    assert default_chunk_rows(32000, 65536) == 2048  # a 370M step at micro-batch 32: 32 chunks
+    assert default_chunk_rows(32000, 10**7) == 128 * 1024 * 1024 // 32000  # bounded temporaries
+    assert default_chunk_rows(128256, 32768) == 1024 and default_chunk_rows(128256, 10**7) == 1046
+    for vocab, rows in [(32000, 65536), (128256, 32768), (32000, 8192), (50, 11)]:
+        chunk = default_chunk_rows(vocab, rows)
+        assert math.ceil(rows / chunk) <= FUSED_CHUNKS or chunk * vocab >= 128 * 1024 * 1024 - vocab
+
+
+def test_kernel_choice():
+    """"auto" is the compiled kernel on a CUDA device with Triton, else the eager one; the others as named."""
+    from torch.utils._triton import has_triton
+
+    assert resolve_kernel("auto", "cpu") == "eager"
+    assert resolve_kernel("auto", "cuda") == ("compiled" if has_triton() else "eager")
+    assert resolve_kernel("compiled", "cpu") == "compiled" and resolve_kernel("eager", "cuda") == "eager"
+
+
+def test_compiled_kernel_equals_eager_kernel_at_default_chunks():
+    """The two kernels on one problem with several default-sized chunks (300 rows, vocabulary 40,000: 256-row
+    chunks, the last of 44) and the model's dtypes (autocast over float32 weights): the same loss, and gradients
+    within bf16 rounding of each other."""
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(300, 8, generator=generator)
+    weight = torch.randn(40000, 8, generator=generator) / 3
+    targets = torch.randint(0, 40000, (300, 4), generator=generator)
+    targets[::7, 1] = IGNORE_INDEX
+    assert default_chunk_rows(40000, 300) == 256
+    results = {}
+    for kernel in KERNELS:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[kernel] = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, kernel=kernel)
+    (loss, offsets, grads), (ref_loss, ref_offsets, ref_grads) = results["compiled"], results["eager"]
+    torch.testing.assert_close(loss, ref_loss, **FP32_TOL)
+    torch.testing.assert_close(offsets, ref_offsets, **FP32_TOL)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-2, atol=1e-2 * g_ref.abs().max().item())
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_kernel(monkeypatch, caplog):
+    """A compiler that fails (here a torch.compile backend that raises) costs one log line, not the step: the
+    chunk is computed by the eager kernel, as is every later call ("auto" then resolves to "eager")."""
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no code generator here")
+
+    monkeypatch.setattr(fused_loss, "_COMPILED", torch.compile(fused_loss.chunk_loss_and_grad, backend=broken_backend,
+                                                               fullgraph=True))
+    monkeypatch.setattr(fused_loss, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(fused_loss, "_COMPILE_WORKED", False)
+    (hidden, weight), targets = make_inputs(4)
+    ref = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, chunk_rows=CHUNK, kernel="eager")
+    with caplog.at_level("WARNING", logger="patch_training.fused_loss"):
+        fused = run(fused_kway_linear_cross_entropy, [hidden, weight], targets, chunk_rows=CHUNK, kernel="compiled")
+    torch.testing.assert_close(fused[0], ref[0], **FP32_TOL)
+    for g, g_ref in zip(fused[2], ref[2]):
+        torch.testing.assert_close(g, g_ref, **FP32_TOL)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("fused LM-head loss: compiling its chunk kernel failed (")
+    assert said[0].endswith("); using the eager kernel") and "\n" not in said[0]
+    assert fused_loss._COMPILE_FAILED and resolve_kernel("auto", "cuda") == "eager"
+
+
+def test_under_a_whole_model_compile_the_loss_breaks_the_graph():
+    """torch.compile of a model that calls the fused loss: dynamo leaves the loss out of its graph (a graph break,
+    `torch.compiler.disable`), and the loss and gradients are those of the uncompiled call."""
+    (hidden, weight), targets = make_inputs(4)
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def model(h, w, t):
+        return fused_kway_linear_cross_entropy(torch.tanh(h), w, t, chunk_rows=CHUNK, kernel="eager")
+
+    ref = run(model, [hidden, weight], targets)
+    compiled = run(torch.compile(model, backend=recording_backend), [hidden, weight], targets)
+    torch.testing.assert_close(compiled[0], ref[0], **FP32_TOL)
+    for g, g_ref in zip(compiled[2], ref[2]):
+        torch.testing.assert_close(g, g_ref, **FP32_TOL)
+    traced = [node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert torch.tanh in traced and not [t for t in traced if "linear" in str(t) or "addmm" in str(t)]
 
 
 def test_peak_memory_is_a_quarter_of_the_chunked_loss():
-    """Issue 15's memory target, small: head + loss forward and backward at 2,048 positions x 32,000 (bf16,
+    """The memory target, small: head + loss forward and backward at 2,048 positions x 32,000 (bf16,
     H = 256, K = 4), measured by StoragePeak. The fused path peaks at <= 1/4 of today's (logits + chunked
     loss) and <= 1/8 of stock transformers', yet at least the gradients of hidden states and weight it must
     return, and below the (N, V) logits alone."""
@@ -313,3 +434,88 @@ def test_ddp_two_processes_equal_one_full_batch(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert result.stdout.count("ddp fused loss: gradients equal the full batch's") == 2, result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled kernel inside the patch model, for every architecture the fused loss serves
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _architecture_cases():
+    from modeling_llama_patch import FUSED_LOSS_ARCHITECTURES
+
+    cases = [(model_type, 4) for model_type in sorted(FUSED_LOSS_ARCHITECTURES)]
+    return cases + [("llama", 1), ("gemma2", 1), ("cohere", 1)]  # K = 1 with plain, soft-capped and scaled logits
+
+
+@pytest.mark.parametrize("model_type, patch_size", _architecture_cases())
+def test_compiled_kernel_equals_the_stock_head_in_the_model(model_type, patch_size):
+    """A training step of the patch model with the fused loss's compiled kernel gives the loss, per-offset losses
+    and every gradient of the stock head followed by the chunked K-way loss (as
+    test_architectures.test_fused_loss_equals_the_stock_head does for the eager kernel), with -100 labels, with
+    Gemma-2's soft-capping and Cohere's logit scale where the architecture has them."""
+    from test_architectures import assert_grads_close, build_pair, random_ids, train_step
+
+    _, patch = build_pair(model_type, patch_size)
+    patch.train()
+    ids = random_ids(2, 4 * 4)
+    labels = ids.clone()
+    labels[0, 5] = labels[1, 9] = IGNORE_INDEX
+    patch.fused_loss_kernel = "compiled"
+    loss, offsets, logits, gradients = train_step(patch, ids, labels, "fused")
+    ref_loss, ref_offsets, _, ref_gradients = train_step(patch, ids, labels, "unfused")
+    assert logits is None
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(offsets, ref_offsets, rtol=1e-5, atol=1e-5)
+    assert_grads_close(gradients, ref_gradients)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a CUDA GPU (skipped elsewhere): the Triton code of the compiled kernel, cuBLAS and the float32 accumulation
+# ---------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("num_offsets, softcap, with_bias", [(4, None, False), (1, 30.0, True), (4, 2.0, False)])
+def test_cuda_training_conditions_match_unfused(kernel, num_offsets, softcap, with_bias):
+    """bf16 autocast over float32 weights on the GPU, at a size with several default chunks (6,000 positions x
+    32,000, H 256): loss and gradients of the fused path (either kernel) agree with the unfused path under the same
+    autocast, and are at least about as close to a float64 reference."""
+    device = "cuda"
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows, vocab, hidden_size = 6000, 32000, 256
+    hidden = torch.randn(rows, hidden_size, device=device, generator=generator)
+    weight = torch.randn(vocab, hidden_size, device=device, generator=generator) / hidden_size**0.5
+    bias = torch.randn(vocab, device=device, generator=generator) if with_bias else None
+    targets = torch.randint(0, vocab, (rows, num_offsets), device=device, generator=generator)
+    targets[torch.rand(targets.shape, device=device, generator=generator) < 0.1] = IGNORE_INDEX
+    targets[7] = 11  # a repeated target
+    leaves = [hidden, weight] + ([bias] if with_bias else [])
+    spec = dict(softcap=softcap)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        fused = run(fused_kway_linear_cross_entropy, leaves, targets, kernel=kernel, **spec)
+        ref = run(unfused, leaves, targets, **spec)
+    exact = run(unfused, [leaf.double() for leaf in leaves], targets, **spec)
+
+    def error(a, b):
+        return (a.double() - b.double()).abs().max().item()
+
+    assert error(fused[0], exact[0]) <= 2 * error(ref[0], exact[0]) + 1e-4 * exact[0].abs().item()
+    torch.testing.assert_close(fused[0], ref[0], rtol=2e-3, atol=2e-3)
+    for g, g_ref, g_exact in zip(fused[2], ref[2], exact[2]):
+        assert g.dtype == torch.float32
+        scale = g_exact.abs().max().item()
+        assert error(g, g_exact) <= 2 * error(g_ref, g_exact) + 2**-8 * scale, (error(g, g_exact), error(g_ref, g_exact))
+
+
+@needs_cuda
+def test_cuda_auto_is_the_compiled_kernel_and_the_weight_gradient_accumulates_in_float32():
+    """On the GPU "auto" compiles the chunk kernel (where Triton is installed) and the float32 weight gradient is
+    accumulated inside the matmul (`torch.addmm(..., out_dtype=torch.float32)`), checked on a small case."""
+    from torch.utils._triton import has_triton
+
+    assert resolve_kernel("auto", "cuda") == ("compiled" if has_triton() else "eager")
+    assert fused_loss._fp32_addmm_works(torch.device("cuda")), "torch.addmm with out_dtype float32 failed on CUDA"

@@ -92,20 +92,22 @@ def test_an_input_that_is_the_output_folder_is_refused(workdir, finished_run, me
 
 
 def test_the_readme_continued_pretraining_command_runs(workdir, finished_run, tmp_path):
-    """Regression: the README's continued pre-training command (tiny-patch.json with --config_name "" and
-    --tokenizer_name "") was refused: "" reached the tokenizer loader as a name. A blank optional text value now
-    unsets it (`cli.blank_as_unset`), for every such field: the tokenizer is the checkpoint's, the config too."""
+    """Regression: the documented continued pre-training command (tiny-patch.json with --config_name "" and
+    --tokenizer_name "", docs/training.md) was refused: "" reached the tokenizer loader as a name. A blank optional
+    text value now unsets it (`cli.blank_as_unset`), for every such field: the tokenizer is the checkpoint's, the
+    config too."""
     import shlex
 
     from conftest import REPO_ROOT
 
     folder, _ = finished_run
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    line = next(l for l in readme.splitlines() if "--model_name_or_path path/to/checkpoint" in l)
-    argv = shlex.split(line.replace("\\", ""))[2:]  # after "python run_clm.py"
+    lines = (REPO_ROOT / "docs" / "training.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if "--model_name_or_path runs/tiny-patch" in line)
+    command = lines[start].rstrip("\\") + " " + lines[start + 1].split("#")[0]  # the command and its continuation
+    argv = shlex.split(command)[2:]  # after "python run_clm.py"
     assert argv[:1] == ["configs/train/tiny-patch.json"] and argv[argv.index("--tokenizer_name") + 1] == ""
-    argv = [str(REPO_ROOT / argv[0])] + [str(folder) if a == "path/to/checkpoint" else a for a in argv[1:]]
-    argv += ["--output_dir", str(tmp_path / "continued"), "--max_steps", "2", "--eval_strategy", "no",
+    argv = [str(REPO_ROOT / argv[0])] + [str(folder) if a == "runs/tiny-patch" else a for a in argv[1:]]
+    argv += ["--output_dir", str(tmp_path / "continued"), "--max_steps", "4", "--eval_strategy", "no",
              "--train_file", str(folder.parent / "train.jsonl"), "--data_cache_dir", str(workdir / "token_cache")]
     model_args, data_args, *_ = run_clm.parse_arguments(argv)
     assert model_args.config_name is None and model_args.tokenizer_name == str(folder)
@@ -235,7 +237,7 @@ def test_a_run_recorded_under_another_reading_rule_is_another_run(workdir, tmp_p
     else:
         data.write_bytes(gzip.compress(corpus.encode()))
     folder = tmp_path / "out"
-    run_clm.main(job_args(workdir, folder, train_file=data, max_steps=2, **SMALL))
+    run_clm.main(job_args(workdir, folder, train_file=data, max_steps=2, warmup_steps=0, **SMALL))
     record = json.loads((folder / RUN_ARGS_FILE).read_text())
     assert record["train_data"] == {str(data): content_stamp(str(data))}
     assert record["reading_rule_version"] == READING_RULE_VERSION

@@ -100,6 +100,9 @@ def test_continued_pretraining_of_an_moe_checkpoint(workdir, tmp_path):
         ({"model_type": "bert", "vocab_size": 32000}, r"bert.*needs a decoder-only causal LM|bert.*encoder"),
         ({"model_type": "t5", "vocab_size": 32000}, r"t5.*has no causal LM|encoder-decoder"),
         ({"model_type": "no_such_model"}, r"its model_type is 'no_such_model', which transformers does not know"),
+        # a decoder transformers maps that is not in the supported list (it attends both ways without is_decoder)
+        ({"model_type": "bert-generation", "vocab_size": 32000},
+         r"'bert-generation' is not in the supported list \(patch_training/architectures\.txt"),
     ],
 )
 def test_models_that_cannot_be_patched_are_refused_in_one_line(tmp_path, config, message):
@@ -108,6 +111,15 @@ def test_models_that_cannot_be_patched_are_refused_in_one_line(tmp_path, config,
     with pytest.raises(UsageError, match=message) as error:
         load_model_config(str(path))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt_neox_japanese", "llama"])
+def test_supported_configs_load_whatever_attributes_they_carry(tmp_path, model_type):
+    """--config_name of a supported type loads, its config carrying `is_decoder` or not (GPT-NeoX's declares it):
+    run_clm.py's path takes the supported list's answer. (Regression: GPT-NeoX was refused as an encoder.)"""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": model_type, "vocab_size": 32000, "is_decoder": False}))
+    assert load_model_config(str(path)).model_type == model_type
 
 
 def test_build_model_gives_the_stock_class_at_k(tmp_path):

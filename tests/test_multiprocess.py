@@ -305,8 +305,9 @@ OUR_FRAMES = re.compile(r'File "[^"]*(run_clm\.py|patch_training/|modeling_llama
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU launch config on a machine without a GPU")
 def test_the_cpu_launch_config_is_enough_by_itself(tmp_path, data_cache):
     """cpu_ddp_2proc.yaml says use_cpu: true, but accelerate passes it on only to launches it runs itself, not to the
-    torchrun it starts for 2 processes: each process trained alone (world size 1) until --use_cpu true was added.
-    Now the two processes form one job on the CPU: world size 2 in both stages, each line printed once (rank 0)."""
+    torchrun it starts for 2 processes, where each process would train alone (world size 1) unless --use_cpu true
+    were given too (patch_training/launch.py). With the config alone the two processes form one job on the CPU:
+    world size 2 in both stages, each line printed once (rank 0)."""
     out = tmp_path / "config_alone"
     done = accelerate_launch(out, data_cache)
     log = done.stdout + done.stderr
@@ -333,3 +334,57 @@ def test_a_refusal_under_the_launcher_is_one_line_from_rank_0(tmp_path, data_cac
     assert len([line for line in log.splitlines() if line.startswith(message)]) == 1, log[-4000:]
     assert not OUR_FRAMES.search(log), log[-4000:]
     assert not out.exists()
+
+
+def rank_of(pid: int) -> int | None:
+    """The RANK a launcher gave the process `pid` (from its environment in /proc), or None."""
+    try:
+        variables = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [v.split(b"=", 1)[1] for v in variables if v.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def test_a_preemption_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, data_cache):
+    """SIGTERM to rank 1 alone (a node's processes signalled before the others): both ranks stop at the same step
+    boundary, each saves its part of one complete checkpoint, rank 0 says so in one line, the stage is not marked
+    complete, and the same command run again ends with the uninterrupted run's weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    run = [*TINY_RUN, "--max_steps", "24", "--use_cpu", "true"]  # 16 patch steps, then 8 token steps
+    reference = tmp_path / "reference"
+    launch("launch_torchrun.sh", reference, data_cache, run=run)
+    out = tmp_path / "preempted"
+    values = {**os.environ, "NGPU": str(WORLD), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+              "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp_path / "first-attempt.logs")}
+    values["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{values.get('PATH', '')}"
+    command = [str(REPO_ROOT / "scripts" / "launch_torchrun.sh"), *run, "--output_dir", str(out),
+               "--data_cache_dir", str(data_cache)]
+    launcher = subprocess.Popen(command, env=values, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((out / "patch_stage").glob("checkpoint-*/trainer_state.json")):
+            assert launcher.poll() is None and time.time() < deadline, "the job ended or never saved a checkpoint"
+            time.sleep(0.1)
+        (rank_1,) = [pid for pid in processes_naming(str(out)) if rank_of(pid) == 1 and "run_clm.py" in
+                     (Path("/proc") / str(pid) / "cmdline").read_text(errors="replace")]
+        os.kill(rank_1, signal.SIGTERM)
+        log = launcher.communicate(timeout=300)[0]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0, log[-3000:]
+    assert "run_clm.py: preempted (a preemption signal to another rank): its state is saved (the patch stage at step" in log
+    assert log.count("run_clm.py: preempted") == 1, "only rank 0 prints the line"
+    assert not (out / "patch_stage" / "stage_complete.json").exists()
+    newest = max((out / "patch_stage").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert int(newest.name.split("-")[1]) < 16 and (newest / "trainer_state.json").is_file()
+    assert sorted(p.name for p in newest.glob("rng_state*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    launch("launch_torchrun.sh", out, data_cache, run=run)
+    final, expected = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert max((final[k] - expected[k]).abs().max().item() for k in expected) < 1e-5

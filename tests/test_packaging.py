@@ -28,7 +28,7 @@ def test_the_wheel_holds_the_project_and_imports_from_anywhere(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {"modeling_llama_patch.py", "run_clm.py"} | {
         path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "patch_training").rglob("*")
-        if path.is_file() and path.suffix in (".py", ".json") and "__pycache__" not in path.parts}
+        if path.is_file() and path.suffix in (".py", ".json", ".txt") and "__pycache__" not in path.parts}
     assert expected <= names, f"the wheel lacks {sorted(expected - names)}"
 
     installed = tmp_path / "installed"

@@ -111,14 +111,15 @@ def synthetic_corpus(path, documents=300):
 
 def test_issue_example_overwrite_keeps_the_training_file(workdir, tmp_path):
     """The issue's case: a folder holding notes.txt and corpus/train.jsonl, used as --output_dir with its own
-    training file and --overwrite_output_dir. Before: everything deleted, then "train.jsonl cannot be read".
-    Now refused, naming notes.txt; without notes.txt the run trains there, and a second --overwrite_output_dir
-    run replaces its outputs and keeps the training file and the token cache kept inside the folder."""
+    training file and --overwrite_output_dir (deleting everything, then failing on "train.jsonl cannot be read",
+    would cost the user's files). Refused, naming notes.txt; without notes.txt the run trains there, and a second
+    --overwrite_output_dir run replaces its outputs and keeps the training file and the token cache kept inside
+    the folder."""
     folder = tmp_path / "project"
     train = synthetic_corpus(folder / "corpus" / "train.jsonl")
     write(folder / "notes.txt", "mine")
     args = job_args(workdir, folder, train_file=train, data_cache_dir=folder / "cache", max_steps=2,
-                    save_steps=1, overwrite_output_dir="true", validation_file=None)
+                    warmup_steps=0, save_steps=1, overwrite_output_dir="true", validation_file=None)
     with pytest.raises(UsageError, match=r"holds files this script did not write \(notes.txt\)"):
         run_clm.main(args)
     assert (folder / "notes.txt").read_text() == "mine" and train.is_file()

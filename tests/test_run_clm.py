@@ -76,14 +76,6 @@ def max_abs_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b if k in a)
 
 
-@pytest.fixture(scope="module")
-def finished_job(workdir):
-    """One complete two-stage job, shared by the tests that only read its outputs."""
-    output_dir = workdir / "finished"
-    results = run_clm.main(job_args(workdir, output_dir))
-    return output_dir, results
-
-
 def test_two_stages_train_and_split_is_exact(workdir, finished_job):
     """Both stages change the weights; the λ split gives the first half of the budget to the patch stage
     (blocks of K*T) and the rest to the token stage (blocks of T), with nothing lost but partial blocks."""

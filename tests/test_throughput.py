@@ -1,7 +1,8 @@
 """Cost regression checks for CI (no GPU): a patch-level training step costs at most 1/K of the token-level
 model FLOPs per token, counted by torch.utils.flop_counter; the K-way loss's peak memory is at most stock
 transformers' causal-LM loss's, counted from the storages its ops allocate; the throughput benchmark, its GPU
-suite and its summary run end to end, and the summary reproduces the README's H100 table."""
+suite (every variant known and parsed), the FSDP check and the summary run end to end, and the summary reproduces
+the H100 and H200 tables of docs/throughput.md."""
 
 import json
 import os
@@ -16,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from modeling_llama_patch import PatchLlamaForCausalLM
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import fsdp_check  # noqa: E402
+import suite_variants  # noqa: E402
 import summarize  # noqa: E402
 import throughput  # noqa: E402
 
@@ -69,7 +72,7 @@ def test_storage_peak_counts_allocations_until_freed():
 
 @pytest.mark.parametrize("patch_size", [1, 4])
 def test_kway_loss_peak_memory_is_at_most_stock(patch_size):
-    """Issue 5's memory target at the same positions x vocabulary (2,048 x LLaMA-2's 32,000, bf16): the
+    """The memory target at the same positions x vocabulary (2,048 x LLaMA-2's 32,000, bf16): the
     K-way loss (forward + backward) peaks at most at stock transformers' causal-LM loss; in fact at most half
     of it (one third measured here, as on an H100 at 8,192 positions), and no lower than the logits' gradient
     it must return. (Its float32 chunk is a fixed 64 MiB, so the share is larger at fewer positions.)"""
@@ -91,6 +94,7 @@ def test_benchmark_runs_on_cpu(tmp_path):
     token, patch = report["stages"]
     assert token["warmup_s"] > 0 and patch["warmup_s"] > 0  # the untimed step, compilation included
     assert token["loss_path"] == patch["loss_path"] == "fused"  # the default, as the model decided it
+    assert token["fused_kernel"] == patch["fused_kernel"] == ("compiled" if torch.cuda.is_available() else "eager")
     assert token["sequence_tokens"] == 32 and patch["sequence_tokens"] == 128
     assert patch["tokens_per_s"] == pytest.approx(4 * patch["positions_per_s"])
     assert report["patch_token_tokens_per_s_ratio"] > 1.0  # same positions per step, 4x the tokens
@@ -135,25 +139,26 @@ def test_benchmark_streaming_loader(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# benchmarks/summarize.py and gpu_suite.sh: the README table and issue 5's verdicts from the JSON reports
+# benchmarks/summarize.py and gpu_suite.sh: the docs' tables and the targets' verdicts from the JSON reports
 # ---------------------------------------------------------------------------------------------------------
 
 
-def readme_table_rows() -> list[str]:
-    return [line for line in (REPO_ROOT / "README.md").read_text().splitlines() if line.startswith("| ")]
+def docs_table_rows() -> list[str]:
+    return [line for line in (REPO_ROOT / "docs" / "throughput.md").read_text().splitlines() if line.startswith("| ")]
 
 
-def test_summary_reproduces_the_readme_h100_table():
-    """The README's H100 rows are the committed JSON reports, number for number; the verdicts follow them."""
+def test_summary_reproduces_the_docs_h100_table():
+    """The H100 rows of docs/throughput.md are the committed JSON reports, number for number; the verdicts follow
+    them."""
     names = ("eager", "compile", "liger")
     reports = [str(REPO_ROOT / "benchmarks" / "results" / f"h100-370m-{name}.json") for name in names]
     text = summarize.summarize(reports)
-    readme_rows = readme_table_rows()
+    doc_rows = docs_table_rows()
     rows = [line for line in text.splitlines() if line.startswith("| h100-370m-")]
     assert len(rows) == 6
     for row in rows:
         measured = row.split("|", 2)[2]  # the stage and the numbers, without the variant's name
-        assert any(line.endswith(measured) for line in readme_rows), f"not in the README: {row}"
+        assert any(line.endswith(measured) for line in doc_rows), f"not in docs/throughput.md: {row}"
     assert "- token-stage MFU >= 45%: NOT met (best 26.6%, h100-370m-compile)" in text
     assert "- data wait < 2% of the step: NOT met (worst 4.45%, h100-370m-compile patch K=4)" in text
     assert "ratio >= 3.9: met (h100-370m-eager 3.86, h100-370m-compile 3.92, h100-370m-liger 3.59)" in text
@@ -164,18 +169,19 @@ H200_VARIANTS = ("regional-unfused-mb16", "regional-unfused-mb32", "regional-mb1
                  "compile-mb16", "memory")
 
 
-def test_summary_reproduces_the_readme_h200_table_and_configs(tmp_path):
-    """The README's H200 table is the committed reports' summary, row for row (variant names included), and the
-    committed GPU-sized configs are what the summary writes from them."""
+def test_summary_reproduces_the_docs_h200_table_and_configs(tmp_path):
+    """The H200 table of docs/throughput.md is the committed reports' summary, row for row (variant names
+    included), and the committed GPU-sized configs are what the summary writes from them."""
     folder = REPO_ROOT / "benchmarks" / "results" / "throughput-h200"
     reports = [str(folder / f"{name}.json") for name in H200_VARIANTS]
     text = summarize.main([*reports, "--configs_dir", str(tmp_path)])
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
-    assert len(rows) == 12 and all(row in readme_table_rows() for row in rows[1:])
+    assert len(rows) == 12 and all(row in docs_table_rows() for row in rows[1:])
     assert "- token-stage MFU >= 45%: met (best 46.2%, regional-unfused-mb32)" in text
+    assert "- token-stage MFU >= 50% with the fused loss (370M, vocabulary 32,000): NOT met (best 44.1%, regional-mb32)" in text
     assert "- data wait < 2% of the step: met (worst 1.56%, compile-mb16 patch K=4)" in text
     assert "- 80gb: regional-unfused-mb16 (micro-batch 16)" in text and "- 141gb: regional-unfused-mb32 (micro-batch 32)" in text
-    assert (folder / "summary.md").read_text().splitlines()[:22] == text.splitlines()[:22]
+    assert (folder / "summary.md").read_text().splitlines()[:23] == text.splitlines()[:23]
     written = sorted(tmp_path.glob("*.json"))
     assert [p.name for p in written] == ["llama-370m-patch-k4-lambda0.67-141gb.json", "llama-370m-patch-k4-lambda0.67-80gb.json",
                                          "llama-370m-token-141gb.json", "llama-370m-token-80gb.json"]
@@ -185,30 +191,45 @@ def test_summary_reproduces_the_readme_h200_table_and_configs(tmp_path):
 
 def test_gpu_suite_runs_on_cpu_with_a_tiny_model(tmp_path):
     """gpu_suite.sh with its flags overridden (BENCH_FLAGS) ends with summary.md; on CPU MFU is not
-    measured and the Liger variant is skipped with a message, not a Triton traceback."""
-    flags = f"--model_config configs/model/llama-tiny.json --block_size 32 --micro_batch 2 --warmup 1 --data_cache_dir {tmp_path / 'cache'}"
+    measured, the Liger variant is skipped with a message, not a Triton traceback, and the GPU tests skip."""
+    flags = (f"--model_config configs/model/llama-tiny.json --block_size 32 --micro_batch 2 --warmup 1 "
+             f"--loss_hidden_size 32 --head_loss_repeats 1 --data_cache_dir {tmp_path / 'cache'}")
     env = {**os.environ, "STEPS": "2", "BENCH_FLAGS": flags,
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "results"), "eager-mb2", "regional-mb2",
-                           "liger", "memory"], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "results"), "regional-mb2",
+                           "regional-unfused-mb2", "liger", "memory", "headloss", "gputests"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "liger: needs a CUDA GPU and liger-kernel" in done.stdout or torch.cuda.is_available()
-    summary = (tmp_path / "results" / "summary.md").read_text()
-    assert "| eager-mb2 | token |" in summary and "| eager-mb2 | patch K=4 |" in summary
+    results = tmp_path / "results"
+    summary = (results / "summary.md").read_text()
     # regional compilation (accelerate's compile_regions) through the same Trainer step
     assert "| regional-mb2 | token |" in summary and "| regional-mb2 | patch K=4 |" in summary
-    regional = json.loads((tmp_path / "results" / "regional-mb2.json").read_text())
+    regional = json.loads((results / "regional-mb2.json").read_text())
     assert regional["settings"]["compile_regions"] is True
     # the fused loss under regional compilation (regression: the compiled head sent it to the unfused path)
     assert [stage["loss_path"] for stage in regional["stages"]] == ["fused", "fused"]
-    assert "| regional-mb2 | token | fused |" in summary
-    assert "== regional-mb2" in (tmp_path / "results" / "suite.log").read_text()  # the progress log
+    kernel = "compiled" if torch.cuda.is_available() else "eager"
+    assert f"| regional-mb2 | token | fused ({kernel}) |" in summary and "| regional-unfused-mb2 | token | unfused |" in summary
+    # the pair that differs only in the loss is compared, stage by stage
+    assert "- fused loss no slower (<= 1% more) than the stock head + chunked loss (TINY, micro-batch 2, token): " in summary
+    assert "(regional-mb2 " in summary and " vs regional-unfused-mb2 " in summary
+    log = (results / "suite.log").read_text()
+    estimate = suite_variants.estimate_seconds("regional-mb2")
+    assert "== regional-mb2" in log and f"about {estimate} s on one H200" in log  # the progress log, its estimate
+    assert "nvidia-smi" in (results / "environment.txt").read_text() or torch.cuda.is_available()
     # at 64 positions the head's gradients dominate, so only that the verdicts are there, for the memory report
     assert "- fused head + loss <= 1/4 of the chunked path at 32,000: " in summary and "(memory: 64 x 32,000" in summary
     assert "- fused head + loss <= 1/8 of stock at 128,256: " in summary and "(memory: 64 x 128,256" in summary
+    assert "- head + loss forward + backward (headloss: 64 x 128,256, H 32, float32 weights, bf16 autocast" in summary
+    headloss = json.loads((results / "headloss.json").read_text())["head_loss_memory"]
+    assert [row["vocab"] for row in headloss] == [32000, 128256] and all(row["autocast"] for row in headloss)
+    assert all(ms > 0 for row in headloss for ms in row["timings_ms"].values())
+    tests = json.loads((results / "gputests.json").read_text())["gputests"]
+    assert tests["exit_code"] == 0 and "skipped" in tests["summary"]
     if not torch.cuda.is_available():
         assert "- token-stage MFU >= 45%: not measured (no GPU report)" in summary
-        assert "K-way loss peak memory <= stock's: met (eager-mb2:" in summary
+        assert "- GPU tests of the fused loss (gputests): not measured (7 skipped" in summary
         assert "GPU-sized train configs: none (no GPU report)" in summary
 
 
@@ -313,3 +334,205 @@ def test_benchmark_arguments_are_one_line(script, flags, line, capsys, monkeypat
     with pytest.raises(SystemExit) as refused:
         module.main(flags)
     assert refused.value.code == 2 and line in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The suite's variants (benchmarks/suite_variants.py)
+# ---------------------------------------------------------------------------------------------------------
+
+SUITE_COMMON = ["--model_config", "configs/model/llama-370m.json", "--block_size", "2048", "--patch_size", "4", "--bf16",
+                "--steps", "20", "--warmup", "5"]
+
+
+@pytest.mark.parametrize("name", [*suite_variants.DEFAULT, *suite_variants.SPECIAL, "regional-mb16", "compile-mb16",
+                                  "unfused-mb16", "eager-mb4", "regional-eagerloss-mb32", "regional-ligerlayers-mb32",
+                                  "1.3b-regional-cudnn-mb16", "v128k-compile-unfused-mb8"])
+def test_every_variant_is_known_and_its_flags_parse(name):
+    """Each variant (the default list, the special ones, and members of each part of the grammar) is known, has
+    an estimate, and gives flags that throughput.py's own parser accepts after the suite's common ones (or, for
+    the FSDP check and the GPU tests, their own commands)."""
+    kind, arguments = suite_variants.parse(name)
+    assert suite_variants.estimate_seconds(name) > 0
+    if kind == "bench":
+        args = throughput.build_parser().parse_args([*SUITE_COMMON, *arguments])
+        assert args.micro_batch >= 1
+    elif kind == "fsdp":
+        assert arguments == []
+    else:
+        assert kind == "pytest" and "tests/test_fused_loss.py" in arguments
+
+
+def test_variant_names_map_to_their_settings():
+    parse = suite_variants.parse
+    bench = throughput.build_parser()
+
+    def settings(name):
+        return bench.parse_args([*SUITE_COMMON, *parse(name)[1]])
+
+    fused, unfused = settings("regional-mb32"), settings("regional-unfused-mb32")
+    assert (fused.micro_batch, fused.torch_compile, fused.compile_regions) == (32, True, True)
+    assert (fused.loss_implementation, fused.fused_loss_kernel) == ("auto", "auto") and unfused.loss_implementation == "unfused"
+    assert settings("regional-eagerloss-mb32").fused_loss_kernel == "eager"
+    assert settings("regional-cudnn-mb32").sdpa_backend == "cudnn" and settings("regional-ligerlayers-mb8").liger_layers
+    big = settings("1.3b-regional-mb16")
+    assert big.model_config == "configs/model/llama-1.3b.json" and big.steps < 20
+    wide = settings("v128k-regional-unfused-token-mb16")
+    assert (wide.vocab_size, wide.stages, wide.loss_implementation) == (128256, ["token"], "unfused")
+    assert parse("unfused-mb16") == parse("compile-unfused-mb16")  # the older name
+    assert not settings("compile-mb16").compile_regions and not settings("eager-mb4").torch_compile
+    for bad in ["compile-16", "regional-mb0", "regional-unfused-unfused-mb8", "regional-unfused-eagerloss-mb8",
+                "2.7b-regional-mb8", "regional-flash-mb8", "mb8"]:
+        with pytest.raises(suite_variants.UnknownVariant, match=bad):
+            parse(bad)
+
+
+def test_the_default_list_fits_the_suite_time():
+    """The default variants' estimates add up to at most SUITE_SECONDS, gpu_suite.sh's own default, which with
+    the summary keeps the one prepared GPU command within 9 minutes."""
+    script = (REPO_ROOT / "benchmarks" / "gpu_suite.sh").read_text()
+    suite_seconds = int(script.split("SUITE_SECONDS=${SUITE_SECONDS:-", 1)[1].split("}", 1)[0])
+    total = sum(suite_variants.estimate_seconds(name) for name in suite_variants.DEFAULT)
+    assert total <= suite_seconds <= 9 * 60 - 45, (total, suite_seconds)
+    plan = subprocess.run([sys.executable, "benchmarks/suite_variants.py"], capture_output=True, text=True,
+                          cwd=REPO_ROOT, check=True).stdout.splitlines()
+    assert [line.split()[0] for line in plan] == list(suite_variants.DEFAULT)
+
+
+def test_benchmark_token_stage_only_at_another_vocabulary(tmp_path):
+    """--stages token measures one stage (no ratio), --vocab_size widens the model (its MFU counts the larger
+    head), --fused_loss_kernel is recorded as the stage trained with it."""
+    report = throughput.main([
+        "--block_size", "32", "--micro_batch", "2", "--steps", "1", "--warmup", "1", "--skip_loss_memory",
+        "--stages", "token", "--vocab_size", "40000", "--fused_loss_kernel", "eager",
+        "--data_cache_dir", str(tmp_path / "cache"),
+    ])
+    assert [stage["stage"] for stage in report["stages"]] == ["token"] and "patch_token_tokens_per_s_ratio" not in report
+    assert report["settings"]["vocab_size"] == 40000 and report["stages"][0]["fused_kernel"] == "eager"
+    assert report["complete"] is True and report["versions"]["torch"] == torch.__version__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# summarize.py on synthetic reports: the fused/unfused pairs, the 50% target, FSDP and GPU-test lines, configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def timed_report(step_ms, mfu, loss="auto", peak=50.0, micro_batch=32, model="configs/model/llama-370m.json",
+                 vocab=None, kernel="compiled", **settings):
+    path = "unfused" if loss == "unfused" else "fused"
+    stages = [{"stage": name, "patch_size": k, "tokens_per_s": 1e5 * k, "positions_per_s": 1e5,
+               "step_time_s": step_ms / 1000, "peak_memory_gib": peak, "mfu": mfu, "data_wait_share": 0.005,
+               "warmup_s": 10.0, "loss_path": path, "fused_kernel": kernel if path == "fused" else None}
+              for name, k in (("token", 1), ("patch", 4))]
+    return {"device": "NVIDIA H200", "device_memory_gib": 139.8, "versions": {"torch": "2.11"}, "complete": True,
+            "stages": stages, "patch_token_tokens_per_s_ratio": 4.0,
+            "settings": {"model_config": model, "vocab_size": vocab, "micro_batch": micro_batch, "torch_compile": True,
+                         "compile_regions": True, "loss_implementation": loss, "fused_loss_kernel": "auto",
+                         "sdpa_backend": "default", "liger": False, "liger_layers": False, "block_size": 2048,
+                         **settings}}
+
+
+def test_summary_compares_each_fused_variant_with_its_unfused_twin(tmp_path):
+    reports = {
+        "regional-unfused-mb32": timed_report(376.0, 0.462, loss="unfused", peak=72.0),
+        "regional-mb32": timed_report(378.0, 0.460, peak=57.0),  # within 1%: met
+        "regional-cudnn-mb32": timed_report(340.0, 0.511, sdpa_backend="cudnn"),  # no unfused twin: no line
+        "v128k-regional-unfused-token-mb16": timed_report(300.0, 0.40, loss="unfused", micro_batch=16, vocab=128256),
+        "v128k-regional-token-mb16": timed_report(301.0, 0.40, micro_batch=16, vocab=128256),  # not faster: NOT met
+    }
+    paths = []
+    for name, report in reports.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+        paths.append(str(tmp_path / f"{name}.json"))
+    text = summarize.summarize(paths)
+    assert ("- fused loss no slower (<= 1% more) than the stock head + chunked loss (370M, micro-batch 32, token): met "
+            "(regional-mb32 378.0 ms vs regional-unfused-mb32 376.0 ms a step, 1.005x; peak 57.0 vs 72.0 GiB)") in text
+    assert ("- fused loss faster than the stock head + chunked loss (370M, vocabulary 128,256, micro-batch 16, token): "
+            "NOT met (v128k-regional-token-mb16 301.0 ms vs v128k-regional-unfused-token-mb16 300.0 ms") in text
+    assert "regional-cudnn-mb32 340.0" not in text
+    assert ("- token-stage MFU >= 50% with the fused loss (370M, vocabulary 32,000): met (best 51.1%, "
+            "regional-cudnn-mb32)") in text
+    assert "| regional-mb32 | token | fused (compiled) | 100,000 |" in text
+    # the configs: the best MFU among variants a run_clm.py config expresses (not cuDNN, not 128K)
+    written = summarize.write_gpu_configs(reports, tmp_path, REPO_ROOT / "configs" / "train")
+    config = json.loads((tmp_path / "llama-370m-token-141gb.json").read_text())
+    assert len(written) == 4 and config["per_device_train_batch_size"] == 32 and "loss_implementation" in config
+    assert summarize.best_variant_for_card(reports, 139.8) == "regional-unfused-mb32"
+    reports["regional-mb32"]["stages"][0]["mfu"] = 0.47
+    assert summarize.best_variant_for_card(reports, 139.8) == "regional-mb32"
+    reports["regional-mb32"]["settings"]["fused_loss_kernel"] = "eager"  # run_clm.py has no switch for it
+    assert summarize.best_variant_for_card(reports, 139.8) == "regional-unfused-mb32"
+
+
+def test_summary_reports_fsdp_and_gpu_tests(tmp_path):
+    fsdp = {"device": "NVIDIA H200", "versions": {"torch": "2.11"}, "passed": False, "fsdp": [
+        {"version": 1, "config": "configs/accelerate/fsdp_8gpu.yaml", "passed": True, "checks": {"exact_resume": True},
+         "weights": {"final_model": {"bitwise_equal": True, "max_abs_diff": 0.0}},
+         "backend": [{"wrapped_class": "torch.distributed.fsdp.FullyShardedDataParallel", "process_group_backend": "nccl",
+                      "loss_path": "fused (compiled)"}]},
+        {"version": 2, "config": "configs/accelerate/fsdp2_8gpu.yaml", "passed": False,
+         "checks": {"exact_resume": False, "loads_with_stock_transformers": True},
+         "weights": {"final_model": {"bitwise_equal": False, "max_abs_diff": 2e-6}}, "backend": []}]}
+    tests = {"gputests": {"exit_code": 0, "summary": "===== 7 passed, 87 deselected in 31.2s ====="}}
+    (tmp_path / "fsdp.json").write_text(json.dumps(fsdp))
+    (tmp_path / "gputests.json").write_text(json.dumps(tests))
+    text = summarize.summarize([str(tmp_path / "fsdp.json"), str(tmp_path / "gputests.json")])
+    assert text.startswith("Device: NVIDIA H200; torch 2.11.")
+    assert ("- FSDP1 (configs/accelerate/fsdp_8gpu.yaml, one process on NVIDIA H200): met: trained with "
+            "torch.distributed.fsdp.FullyShardedDataParallel (nccl, loss fused (compiled)); kill and resume: final "
+            "weights bitwise equal; every check passed") in text
+    assert ("- FSDP2 (configs/accelerate/fsdp2_8gpu.yaml, one process on NVIDIA H200): NOT met: trained with ? (?, "
+            "loss ?); kill and resume: final weights differ (max difference 2e-06); failed checks: exact_resume") in text
+    assert "- GPU tests of the fused loss (gputests): met (7 passed, 87 deselected in 31.2s)" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks/fsdp_check.py: the launcher configs of both FSDP versions, and the whole check on the CPU
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("cpu", [False, True], ids=["gpu", "cpu"])
+def test_fsdp_check_launcher_configs(version, cpu, tmp_path, monkeypatch):
+    """The check's launcher config is the shipped one with one process (on the CPU also use_cpu, and FSDP1's
+    GPU-only module-state sync off), every change recorded; accelerate turns it into the FSDP plugin of that
+    version, wrapping Llama's decoder layers and saving full weights."""
+    from unittest import mock
+
+    import yaml
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    import accelerate.utils.dataclasses as plugin_module
+
+    path, changes = fsdp_check.launch_config(version, cpu, tmp_path)
+    shipped = yaml.safe_load(fsdp_check.CONFIGS[version].read_text())
+    written = yaml.safe_load(path.read_text())
+    assert written["num_processes"] == 1 and "num_processes: 8 -> 1" in changes
+    assert written["use_cpu"] is cpu and ("use_cpu: False -> True" in changes) is cpu
+    assert written["fsdp_config"]["fsdp_version"] == shipped["fsdp_config"].get("fsdp_version", 1) == version
+    if cpu:
+        assert not written["fsdp_config"].get("fsdp_sync_module_states")
+    monkeypatch.chdir(REPO_ROOT)
+    args = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "run_clm.py"]))[0]
+    assert args.use_fsdp and args.num_processes == 1
+    with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
+        env = prepare_multi_gpu_env(args)
+    probe = (mock.patch.object(plugin_module, "is_cuda_available", return_value=True)
+             if hasattr(plugin_module, "is_cuda_available") else
+             mock.patch.object(plugin_module, "get_torch_accelerator_backend", return_value=("cuda", torch.cuda)))
+    with mock.patch.dict(os.environ, env, clear=True), probe, mock.patch.object(torch.cuda, "current_device", return_value=0):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == version and plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+
+
+def test_fsdp_check_on_the_cpu_checks_the_refusal(tmp_path):
+    """On the CPU the check launches the FSDP2 config once and finds it refused in one line, with nothing written
+    (accelerate would have trained it as unsharded DDP); on a GPU it runs the whole check."""
+    report = fsdp_check.main([str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"), "--cpu",
+                              "--versions", "2", "--sequential"])
+    (version,) = report["fsdp"]
+    assert report["passed"] and version["passed"], json.dumps(version["checks"])
+    assert set(version["checks"]) == {"refused_without_a_gpu", "nothing_written"}
+    assert json.loads((tmp_path / "out" / "fsdp.json").read_text())["passed"] is True

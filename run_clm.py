@@ -53,6 +53,8 @@ class ModelArguments:
     """Which model to train: a config of any decoder-only causal LM in transformers (Llama, Qwen, Mistral, Gemma,
     OLMo, MoE models, ...) to start from scratch, or a checkpoint to continue pre-training from."""
 
+    _argument_group_name = "model"
+
     config_name: str | None = field(
         default=None,
         metadata={
@@ -113,6 +115,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     """What to train and evaluate on, and how it is cut into blocks."""
+
+    _argument_group_name = "data"
 
     train_file: str | None = field(
         default=None,
@@ -191,6 +195,8 @@ class PatchArguments:
     batch, counted in sequences of K*T tokens, is K times smaller), the same optimizer settings, and a
     learning-rate schedule restarted with its own warmup."""
 
+    _argument_group_name = "patch-level training"
+
     patch_size: int = field(default=1, metadata={"help": "K, the number of tokens per patch in the patch stage."})
     patch_data_fraction: float = field(
         default=0.0,
@@ -200,7 +206,12 @@ class PatchArguments:
         },
     )
     patch_per_device_train_batch_size: int | None = field(
-        default=None, metadata={"help": "Patch-stage micro-batch in sequences of K*T tokens (default: see above)."}
+        default=None,
+        metadata={
+            "help": "Patch-stage micro-batch per device in sequences of K*T tokens. Default: the token stage's "
+            "--per_device_train_batch_size / K (the same tokens per optimizer step), or with --patch_batch_mode "
+            "positions the token stage's."
+        },
     )
     patch_gradient_accumulation_steps: int | None = field(
         default=None, metadata={"help": "Patch-stage gradient accumulation (default: the token stage's)."}

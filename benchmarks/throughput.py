@@ -55,6 +55,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCa
 
 from patch_training.blocks import StreamingTokenBlocks, TokenBlocks  # noqa: E402
 from patch_training.cli import UsageError, run_cli  # noqa: E402
+from patch_training.flops import peak_flops, training_flops_per_position  # noqa: E402  (one formula with run_clm's MFU)
 from patch_training.fused_loss import FUSED_KERNELS, resolve_kernel  # noqa: E402
 from patch_training.liger import LIGER_LOSS_SWITCHES, check_liger_environment, liger_config_for_stage  # noqa: E402
 from patch_training.models import resolve_attn_implementation  # noqa: E402
@@ -64,29 +65,6 @@ from patch_training.trainer import PatchTrainer, fresh_compilation  # noqa: E402
 from patch_training.training_args import RunTrainingArguments  # noqa: E402
 
 from modeling_llama_patch import PatchLlamaForCausalLM, kway_cross_entropy  # noqa: E402
-
-# Dense bf16 peak of the accelerator, for MFU (FLOP/s).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def training_flops_per_position(config, context: int) -> float:
-    """Model FLOPs of one training position (forward + backward = 3x forward): 6 x (non-embedding weights,
-    LM head included) + 12 x layers x hidden x context for attention scores and values (PaLM appendix B)."""
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = hidden // heads
-    attention_weights = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
-    mlp_weights = 3 * hidden * config.intermediate_size
-    matmul_weights = layers * (attention_weights + mlp_weights) + hidden * vocab
-    return 6 * matmul_weights + 12 * layers * hidden * context
-
 
 def synchronize() -> None:
     if torch.cuda.is_available():

@@ -224,10 +224,10 @@ def parse_arguments(classes: tuple, argv: list[str] | None = None) -> tuple:
     """Parse the command line (`sys.argv[1:]` by default) into instances of the dataclasses `classes`: flags, a
     lone `*.json` config file, or a config file followed by flags that override its values
     (`run_clm.py configs/train/x.json --output_dir runs/y`). UsageError for any bad value."""
-    from transformers import HfArgumentParser
+    from .arguments_help import ArgumentParser  # HfArgumentParser, --help grouped
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(classes, allow_abbrev=False)  # `--max_step 4` is refused, not read as --max_steps
+    parser = ArgumentParser(classes, allow_abbrev=False)  # `--max_step 4` is refused, not read as --max_steps
     try:
         if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
             values = load_config_file(argv[0], classes)

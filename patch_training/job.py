@@ -197,6 +197,7 @@ def plan_job(args, inputs: JobInputs, stream_index_file: str) -> JobPlan:
     `stream_index_file`: where a --streaming job records its stream positions. UsageError for no text, or a
     stage with less than one block."""
     from .blocks import training_blocks, validation_blocks
+    from .console import job_line
     from .results import recipe_results
     from .token_cache import cached_token_stream
 
@@ -225,6 +226,7 @@ def plan_job(args, inputs: JobInputs, stream_index_file: str) -> JobPlan:
                "dataset_tokens": dataset_tokens, "budget_tokens": total_tokens,
                "attn_implementation": inputs.attn_implementation,
                **recipe_results(patch_args, step_fraction, schedule_steps)}
+    logger.info(job_line(args, plans, results, inputs.tokenizer))
     return JobPlan(plans, args, inputs, train_dataset, eval_datasets, continued, schedule_steps, results)
 
 

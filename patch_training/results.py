@@ -1,11 +1,12 @@
 """What a job reports: each stage's accounting (tokens, positions, batch), the recipe (how the split was set, the
 batch mode, the switch, the offset weights), the split both ways (λ of the tokens, r of the optimizer steps:
-asked and measured) and the job's relative cost, written to `<output_dir>/all_results.json` and printed in one
-line."""
+asked and measured) and the job's relative cost, written to `<output_dir>/all_results.json` and printed as a table
+of the stages and one line."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 from .stages import global_batch_size
 
@@ -75,9 +76,46 @@ def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, pat
     return results
 
 
+def number(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def stage_table(results: dict) -> str:
+    """The job's stages as a table, from its all_results.json `results`: per stage K, optimizer steps, tokens,
+    positions, wall time (`train_runtime_s`: evaluations and checkpoints included) and tokens per second of it,
+    training loss, evaluation loss and perplexity; a line for the whole job (the final model's evaluation) and the
+    relative cost."""
+    header = ("stage", "K", "steps", "tokens", "positions", "wall (s)", "tokens/s", "train loss", "eval loss", "perplexity")
+    rows = []
+    for name in ("patch", "token"):
+        record = results.get(f"{name}_stage")
+        if not record:
+            continue
+        seconds = record.get("train_runtime_s") or 0
+        rows.append((name, str(record["patch_size"]), number(record["steps"]), number(record["tokens"]),
+                     number(record["positions"]), number(float(seconds), 1),
+                     number(round(record["tokens"] / seconds)) if seconds else "-", number(record.get("train_loss")),
+                     number(record.get("eval_loss")), number(record.get("eval_perplexity"), 1)))
+    stages = [results[f"{name}_stage"] for name in ("patch", "token") if results.get(f"{name}_stage")]
+    seconds = sum(s.get("train_runtime_s") or 0 for s in stages)
+    rows.append(("job", "", number(sum(s["steps"] for s in stages)), number(results["tokens"]),
+                 number(results["positions"]), number(float(seconds), 1),
+                 number(round(results["tokens"] / seconds)) if seconds else "-", "", number(results.get("eval_loss")),
+                 number(results.get("perplexity"), 1)))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in (header, *rows)]
+    lines.append(f"relative cost {results['relative_cost_nominal']:.3f} nominal (λ/K + 1 - λ), "
+                 f"{results['relative_cost_measured']:.3f} measured (positions / tokens)")
+    return "\n".join(lines)
+
+
 def report(results: dict, results_file) -> None:
-    """Print the job's one-line summary: perplexity, relative cost (nominal and measured), and `results_file`,
-    where the results are."""
+    """Print the table of the job's stages (`stage_table`), then its one-line summary: perplexity, relative cost
+    (nominal and measured), and `results_file`, where the results are."""
+    print(stage_table(results), flush=True)
     line = f"perplexity {results['perplexity']:.3f}" if results.get("perplexity") is not None else "no validation set"
     print(
         f"[run_clm] done: {line}; relative cost nominal {results['relative_cost_nominal']:.3f} "

@@ -53,7 +53,7 @@ OWN_OUTPUTS = (
     "trainer_state.json", "training_args.bin", "config.json", "generation_config.json",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "chat_template.jinja", "checkpoint-*", "runs", PATCH_STAGE_DIR, STREAM_INDEX_FILE,
+    "chat_template.jinja", "checkpoint-*", "runs", PATCH_STAGE_DIR, STREAM_INDEX_FILE, "README.md",
 )
 
 # What a run leaves once it has made progress, in the output folder or its patch_stage/: a checkpoint, a

@@ -16,12 +16,15 @@ from transformers import Trainer, TrainerCallback, default_data_collator, set_se
 from modeling_llama_patch import update_saved_config
 
 from .cli import Preempted, StoppedEarly
+from .console import stage_end_line, stage_start_line
 from .guards import check_preempted, deferred_preemption, preempted_message, preemption_signal
 from .job import JobPlan
+from .model_card import model_card, write_model_card
 from .models import build_model
-from .results import job_results, stage_results
+from .results import add_job_totals, job_results, stage_results
 from .run_dir import RunDir
 from .stages import StagePlan, stage_steps
+from .throughput import ThroughputMeter
 from .tracking import JobAxis
 from .trainer import PatchTrainer, StageProgress, fresh_compilation
 from .training_args import backend_in_use
@@ -74,6 +77,7 @@ def train_one_stage(job: JobPlan, run: RunDir, plan: StagePlan, init_from: str |
     args = job.stage_arguments(plan, folder)
     model = stage_model(job, plan, init_from)
     handover = init_from if plan.name == "token" and job.args.patch.has_patch_stage else None
+    logger.info(stage_start_line(job, plan, args, init_from, checkpoint))
     trainer, metrics = run_stage(plan, args, model, job.train_dataset(plan), job.eval_datasets, job.inputs.tokenizer,
                                  checkpoint, master_weights_from=handover,
                                  job_axis=JobAxis.for_stage(run.output_dir, job.args.training.run_name, plan, args, previous),
@@ -83,10 +87,24 @@ def train_one_stage(job: JobPlan, run: RunDir, plan: StagePlan, init_from: str |
         logger.warning("the %s stage took %d optimizer steps, not the %d its schedule planned",
                        plan.name, metrics["steps"], planned)
     model.config.patch_size = 1 if plan.name == "token" else plan.patch_size
+    record = stage_results(plan, args, metrics)
+    logger.info(stage_end_line(plan, job.plans, record, folder))
     trainer.check_finite(weights=True)  # nothing non-finite becomes a stage's model
-    save_stage_model(trainer, folder)
+    save_stage_model(trainer, folder, stage_model_card(job, trainer.model, plan, folder, record, previous))
     trainer.save_state()  # <stage_dir>/trainer_state.json: the stage's whole log history
-    return trainer, stage_results(plan, args, metrics)
+    return trainer, record
+
+
+def stage_model_card(job: JobPlan, model, plan: StagePlan, folder: str, record: dict, previous: dict | None):
+    """The model card of the stage `plan`'s model (saved in `folder`), from its all_results.json `record` and the
+    previous stage's: the job's final model's (with the job's totals) for the token stage, the patch stage's
+    otherwise."""
+    stages = {"patch": previous, "token": record} if plan.name == "token" else {"patch": record}
+    totals = None
+    if plan.name == "token":
+        totals = add_job_totals({}, [s for s in stages.values() if s], job.results["patch_data_fraction"],
+                                job.results["patch_size"], record)
+    return model_card(job, model, stages, record, folder, patch_stage=plan.name == "patch", totals=totals)
 
 
 def stage_model(job: JobPlan, plan: StagePlan, init_from: str | None, patch_size: int | None = None):
@@ -114,10 +132,14 @@ def save_patch_model_as_final(job: JobPlan, run: RunDir, trainer, init_from: str
         JobAxis.for_stage(run.output_dir, job.args.training.run_name, plan, trainer.args, results["patch_stage"]).attach(trainer)
     trainer.model.config.patch_size = 1
     trainer.check_finite(weights=True)
-    save_stage_model(trainer, run.output_dir)
     final_eval = {}
-    if job.eval_datasets[0] is not None:
+    if job.eval_datasets[0] is not None:  # (the model in memory: the same before and after it is saved)
         results["final_eval"] = final_eval = trainer.evaluate()
+    stages = {"patch": results["patch_stage"]}
+    totals = add_job_totals({}, list(stages.values()), job.results["patch_data_fraction"], job.results["patch_size"],
+                            final_eval)
+    save_stage_model(trainer, run.output_dir, model_card(job, trainer.model, stages, final_eval, run.output_dir,
+                                                         patch_stage=False, totals=totals))
     return trainer, final_eval
 
 
@@ -147,6 +169,7 @@ def run_stage(plan, stage_args, model, train_dataset, eval_datasets, tokenizer, 
     logger.info("The %s stage trains with %s", plan.name, ", ".join(f"{k} {v}" for k, v in backend.items()))
     if job_axis is not None:
         job_axis.attach(trainer)
+    ThroughputMeter.for_stage(plan, stage_args, model).attach(trainer)
     if master_weights_from is not None and trainer.is_deepspeed_enabled:
         trainer.add_callback(MasterWeightsFrom(master_weights_from))
     trainer.resumed_progress = StageProgress.of_checkpoint(checkpoint)
@@ -192,8 +215,10 @@ def stop_unless_planned_steps(trainer: PatchTrainer, plan: StagePlan) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_stage_model(trainer: Trainer, folder: str) -> None:
-    """`trainer.save_model(folder)`, except after DeepSpeed training: then DeepSpeed's fp32 master weights.
+def save_stage_model(trainer: Trainer, folder: str, card=None) -> None:
+    """`trainer.save_model(folder)`, except after DeepSpeed training: then DeepSpeed's fp32 master weights; and the
+    model card `card` (`model_card.model_card`, None: none) as <folder>/README.md, which --push_to_hub uploads
+    with the model (`PatchTrainer.create_model_card`).
 
     With bf16 (or fp16), DeepSpeed trains a 16-bit copy of the weights and keeps the fp32 master weights in
     its ZeRO optimizer; `trainer.save_model` would save the 16-bit copy. Here each parameter's master is
@@ -201,6 +226,14 @@ def save_stage_model(trainer: Trainer, folder: str) -> None:
     this, parameter by parameter) and the main process saves them as float32: what DDP and FSDP save, and
     what the token stage starts from (`MasterWeightsFrom`). Where DeepSpeed has no fp32 master (no ZeRO
     optimizer, e.g. ZeRO-0 with fp16), the 16-bit save."""
+    trainer.model_card = card
+    save_weights(trainer, folder)
+    if card is not None and trainer.args.should_save:
+        write_model_card(card, folder)
+
+
+def save_weights(trainer: Trainer, folder: str) -> None:
+    """The model of `trainer` saved in `folder` (see `save_stage_model`)."""
     engine = trainer.deepspeed  # the training engine after trainer.train() under DeepSpeed, else None
     if engine is None or engine.optimizer is None:
         trainer.save_model(folder)

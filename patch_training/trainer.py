@@ -20,7 +20,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from modeling_llama_patch import get_patch_size
 
-from . import compat
+from . import compat, lazy_deepspeed
 from .blocks import IgnoredPadding
 from .cli import UsageError, write_json_atomic, writing
 from .guards import DivergenceWatch, PreemptionCallback, check_finite_weights
@@ -31,6 +31,7 @@ from .run_dir import (
 
 logger = logging.getLogger("run_clm")
 compat.install()  # transformers 5.17: a multi-process CPU run's optimizer state loads (see compat.py)
+lazy_deepspeed.install()  # accelerate imports DeepSpeed (and prints its accelerator line) only in a DeepSpeed run
 
 
 @dataclass
@@ -107,7 +108,14 @@ class PatchTrainer(Trainer):
       carry_state_from: a folder holding the previous stage's final `optimizer.pt` and `scheduler.pt`
         (`save_optimizer_state`), loaded when this stage starts (not when it resumes from its own checkpoint,
         which holds its own): AdamW's exp_avg, exp_avg_sq and step go on, and the schedule goes on from the
-        previous stage's last step."""
+        previous stage's last step.
+
+    throughput: a `throughput.ThroughputMeter` whose rates join each training log (None: none).
+    model_card: the `huggingface_hub.ModelCard` of the model this Trainer saves (`model_card.py`), written by
+    `create_model_card` in place of transformers' generic card (None: transformers' own)."""
+
+    throughput = None
+    model_card = None
 
     def __init__(self, *args, patch_eval_dataset=None, schedule_steps: int | None = None, carry_state_from=None,
                  stage_name: str = "training", **kwargs):
@@ -282,7 +290,17 @@ class PatchTrainer(Trainer):
             self._offset_loss_count += 1
         return loss, outputs
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Write `model_card` as <output_dir>/README.md (what --push_to_hub uploads with the model); without one,
+        transformers' own card."""
+        if self.model_card is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.args.should_save:
+            self.model_card.save(Path(self.args.output_dir) / "README.md")
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.throughput is not None:  # a training log: the rates since the last one
+            logs.update(self.throughput.fields(self.state.global_step))
         if "train_loss" in logs:  # train()'s closing metrics: the whole stage's figure (see `StageProgress`)
             # transformers 5.24 divides the restored loss sum by the steps of this attempt only (30.87 for a stage
             # of loss 10.29 resumed at step 4 of 6): the trackers and trainer_state.json get all_results.json's.

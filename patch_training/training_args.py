@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from .cli import UsageError, first_line, loads_json_object, refuse_below, refuse_non_finite
+from .launch import launched_on_cpu
 from .liger import check_liger_kernel_config
 
 
@@ -72,6 +73,8 @@ class RunTrainingArguments(TrainingArguments):
     line), and is checked against Liger's switches when `use_liger_kernel` is set (here against all of
     Liger's architectures; run_clm.py checks them against the model's once its config is read).
     """
+
+    _argument_group_name = "training: transformers' TrainingArguments, applied to each stage"
 
     do_train: bool = field(
         default=True, metadata={"help": "run_clm.py always trains: false is refused (transformers' default is false)."}
@@ -143,6 +146,7 @@ class RunTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         refuse_non_finite(self)  # before transformers' own checks, which fail on some (int(inf) for --save_steps)
+        self.use_cpu = self.use_cpu or launched_on_cpu(deepspeed=bool(self.deepspeed))  # a launch config is enough
         if isinstance(self.liger_kernel_config, str):
             try:
                 self.liger_kernel_config = loads_json_object(self.liger_kernel_config, "--liger_kernel_config")

@@ -99,3 +99,55 @@ def test_run_defaults_avoid_syncs_and_keep_user_choice():
     if not torch.accelerator.is_available():
         assert args.accelerator_config.non_blocking is False  # nothing to overlap without a GPU
         assert args.dataloader_pin_memory is False  # nor to pin for (torch warns on every loader otherwise)
+
+
+class AllSyncs(HostSyncRecorder):
+    """Records syncing ops over the whole of train(), logging steps included."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.active = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pass
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.active = False
+
+
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_the_throughput_meter_adds_no_sync(tmp_path, patch_size):
+    """tokens_per_second, positions_per_second (and mfu) at every step's log: the syncs of the whole of train() are
+    transformers' own reads of the logged loss and gradient norm, as many with the meter as without."""
+    import json
+
+    from patch_training.stages import StagePlan
+    from patch_training.throughput import ThroughputMeter
+
+    counts = {}
+    for metered in (False, True):
+        torch.manual_seed(0)
+        config = tiny_llama_config()
+        config.patch_size = patch_size
+        tokens = np.random.RandomState(0).randint(3, config.vocab_size, 50_000).astype(np.uint16)
+        dataset = TokenBlocks(tokens, 0, 16, 16 * patch_size)
+        args = RunTrainingArguments(output_dir=str(tmp_path / str(metered)), per_device_train_batch_size=2,
+                                    gradient_accumulation_steps=2, max_steps=4, logging_steps=1, save_strategy="no",
+                                    report_to="none", disable_tqdm=True, use_cpu=True)
+        recorder = AllSyncs()
+        model = PatchLlamaForCausalLM(config)
+        trainer = PatchTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                               callbacks=[recorder])
+        if metered:
+            plan = StagePlan("patch" if patch_size > 1 else "token", patch_size, 16 * patch_size, 0, 16 * 16 * patch_size, 16)
+            ThroughputMeter(plan, 4, 1e6, 1e12, 1).attach(trainer)  # a peak given: the mfu path runs too
+        with recorder:
+            trainer.train()
+        counts[metered] = len(recorder.syncs)
+        trainer.save_state()
+        logged = [e for e in json.loads((tmp_path / str(metered) / "trainer_state.json").read_text())["log_history"]
+                  if "grad_norm" in e]
+        assert len(logged) == 4 and all(("mfu" in e) is metered for e in logged)
+    assert counts[True] == counts[False] > 0

@@ -10,6 +10,7 @@ the patch-stage model" shows as: final weights within 1e-3 of the patch stage's,
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def check_stock_model(out: Path) -> None:
 
 
 def test_ddp_two_processes_with_accelerate(tmp_path, data_cache):
-    # cpu_ddp_2proc.yaml starts 2 processes; --use_cpu makes them one gloo group (see the yaml).
+    # cpu_ddp_2proc.yaml starts 2 processes; an explicit --use_cpu true still works (the config alone: below).
     out = tmp_path / "ddp"
     results = launch(
         "launch_accelerate.sh", out, data_cache, "--use_cpu", "true", "--max_eval_blocks", "5",
@@ -286,21 +287,52 @@ def test_a_signal_to_the_launcher_stops_the_job(tmp_path, data_cache):
             launcher.kill()
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU launch without --use_cpu")
-def test_processes_that_would_each_train_alone_are_refused(tmp_path, data_cache):
-    """Two processes launched on CPU without --use_cpu true each ran with a Trainer world size of 1: one failed
-    on the folder's lock ("in use by another run"), the other trained alone and left a checkpoint that the corrected
-    command then refused as another run. Now each refuses in one line before touching the folder."""
-    out = tmp_path / "alone"
-    values = {**os.environ, "NGPU": str(WORLD), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
-              "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG": "configs/accelerate/cpu_ddp_2proc.yaml"}
+def accelerate_launch(out: Path, cache: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/cpu_ddp_2proc.yaml run_clm.py configs/train/tiny-patch.json`
+    as a user types it (no --use_cpu), with the tiny run's overrides, then `flags`."""
+    values = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    values.pop("ACCELERATE_USE_CPU", None)
     values["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{values.get('PATH', '')}"
-    command = [str(REPO_ROOT / "scripts" / "launch_accelerate.sh"), *TINY_RUN, "--output_dir", str(out),
-               "--data_cache_dir", str(data_cache)]
-    done = subprocess.run(command, capture_output=True, text=True, env=values, cwd=REPO_ROOT, timeout=600)
+    command = ["accelerate", "launch", "--config_file", "configs/accelerate/cpu_ddp_2proc.yaml",
+               "--main_process_port", str(free_port()), "run_clm.py", *TINY_RUN, "--output_dir", str(out),
+               "--data_cache_dir", str(cache), "--disable_tqdm", "true", *flags]
+    return subprocess.run(command, capture_output=True, text=True, env=values, cwd=REPO_ROOT, timeout=600, check=False)
+
+
+OUR_FRAMES = re.compile(r'File "[^"]*(run_clm\.py|patch_training/|modeling_llama_patch\.py)"')
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU launch config on a machine without a GPU")
+def test_the_cpu_launch_config_is_enough_by_itself(tmp_path, data_cache):
+    """cpu_ddp_2proc.yaml says use_cpu: true, but accelerate passes it on only to launches it runs itself, not to the
+    torchrun it starts for 2 processes, where each process would train alone (world size 1) unless --use_cpu true
+    were given too (patch_training/launch.py). With the config alone the two processes form one job on the CPU:
+    world size 2 in both stages, each line printed once (rank 0)."""
+    out = tmp_path / "config_alone"
+    done = accelerate_launch(out, data_cache)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    results = json.loads((out / "all_results.json").read_text())
+    check_two_ranks_and_both_stages(results, out)
+    for line in ("patch stage (1 of 2, K = 4) starts:", "token stage (2 of 2, K = 1) done:", "[run_clm] done"):
+        assert log.count(line) == 1, line
+    assert not OUR_FRAMES.search(log) and "accelerator to CPU" not in log
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--learning_rate", "-1"), "run_clm.py: error: --learning_rate must be >= 0, got -1.0"),  # refused while parsing
+    (("--train_file", "missing.jsonl"), "run_clm.py: error: --train_file"),  # refused once the processes are a group
+])
+def test_a_refusal_under_the_launcher_is_one_line_from_rank_0(tmp_path, data_cache, flags, message):
+    """Bad input under `accelerate launch` with 2 processes: a non-zero exit, the one line printed once (both ranks
+    meet the error; rank 0 says it), no traceback from this project's code (the launcher's own report of a failed
+    child is torchrun's), and no output folder."""
+    out = tmp_path / "refused"
+    done = accelerate_launch(out, data_cache, *flags)
+    log = done.stdout + done.stderr
     assert done.returncode != 0
-    assert ("run_clm.py: error: launched as 2 processes (WORLD_SIZE=2), but each would train alone (the Trainer's "
-            "world size is 1): add --use_cpu true") in done.stdout + done.stderr
+    assert len([line for line in log.splitlines() if line.startswith(message)]) == 1, log[-4000:]
+    assert not OUR_FRAMES.search(log), log[-4000:]
     assert not out.exists()
 
 

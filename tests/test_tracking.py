@@ -93,6 +93,22 @@ def test_one_tensorboard_run_on_the_job_axes(tracked_job):
         assert (tokens[step], positions[step], k[step]) == (read, cost, 4 if in_patch else 1), step
 
 
+def test_the_throughput_reaches_the_tracker_on_the_job_axis(tracked_job):
+    """tokens_per_second and positions_per_second of every training log of both stages, at the job step, equal to
+    trainer_state.json's; positions are tokens / K in the patch stage."""
+    output_dir, _ = tracked_job
+    curves = scalars(output_dir / "runs" / output_dir.name)
+    logged = []
+    for folder, offset in ((output_dir / "patch_stage", 0), (output_dir, PATCH_STEPS)):
+        logged += [(offset + e["step"], e["tokens_per_second"], e["positions_per_second"]) for e in
+                   json.loads((folder / "trainer_state.json").read_text())["log_history"] if "grad_norm" in e]
+    assert [step for step, _, _ in logged] == list(range(1, PATCH_STEPS + TOKEN_STEPS + 1))
+    assert curves["train/tokens_per_second"] == [(step, pytest.approx(tokens)) for step, tokens, _ in logged]
+    assert curves["train/positions_per_second"] == [(step, pytest.approx(positions)) for step, _, positions in logged]
+    for step, tokens, positions in logged:
+        assert tokens == pytest.approx((4 if step <= PATCH_STEPS else 1) * positions, abs=4), step
+
+
 def test_plot_curves_reads_the_tracked_job(tracked_job, tmp_path):
     """scripts/plot_curves.py still works from the job's files alone (no tracker read)."""
     import sys

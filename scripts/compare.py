@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import glob
 import json
 import math
 import os
@@ -57,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import replicate
 import sweep
 
-from patch_training.cli import UsageError, folder_problem, usage_message
+from patch_training.cli import UsageError, usage_message
 
 REPO_ROOT = replicate.REPO_ROOT
 PROG = "compare.py"  # in its messages, also when main() is called from Python
@@ -737,8 +736,7 @@ def write_report(report: dict, recipes: list[Recipe], report_dir: str, figures: 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python scripts/compare.py", *argv])
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = sweep.split_at_double_dash(argv)
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--budgets", default=None, help="training positions of each budget, comma-separated, K/M "
@@ -753,25 +751,13 @@ def main(argv=None) -> dict:
                         "a fraction of the job's optimizer steps (default 0.2)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time, each in a worker process of its own "
                         "(they share the GPU); 1: in this process (the gpu preset: 2, the cpu preset: 1)")
-    parser.add_argument("--train_file", default=None, help="override the preset's training files (comma-separated)")
-    parser.add_argument("--validation_file", default=os.path.join(REPO_ROOT, "data", "wikitext-103-test.jsonl"))
-    parser.add_argument("--output_root", default=None, help="the runs; default runs/compare-<preset>")
-    parser.add_argument("--report_dir", default=None, help="compare.md/.json/.png, switch.png, runs/; default "
-                        "<output_root>/report")
-    parser.add_argument("--data_cache_dir", default=None, help="tokenised data, shared by all runs; default "
-                        "<output_root>/token-cache")
+    sweep.add_study_arguments(parser, "compare", "compare.md/.json/.png, switch.png, runs/; default "
+                              "<output_root>/report")
     parser.add_argument("--dry_run", action="store_true", help="print the plan (and for the gpu preset its "
                         "estimated time) and stop: nothing is tokenised or trained")
-    parser.add_argument("--prepare", action="store_true", help="copy --corpus's train-*.jsonl.xz into .gpu_data/corpus "
-                        "(git-ignored) for the gpu preset on a machine without ../shared, then stop")
-    parser.add_argument("--corpus", default=sweep.SHARED_CORPUS, help="where --prepare copies from")
     args = parser.parse_args(argv)
     replicate.refuse_non_finite_options(parser, args)
-    if args.prepare:
-        shards = sorted(glob.glob(os.path.join(args.corpus, "train-*.jsonl.xz")))
-        if not shards:
-            parser.error(f"--corpus: no train-*.jsonl.xz in {args.corpus}")
-        sweep.prepare(shards)
+    if sweep.prepare_if_asked(parser, args):
         return {}
     preset = PRESETS[args.preset]
     budgets = parse_counts(args.budgets or preset["budgets"], 1)
@@ -801,13 +787,7 @@ def main(argv=None) -> dict:
     problem = None if args.dry_run else replicate.missing_files(settings, args.validation_file)
     if problem:
         parser.error(problem)
-    output_root = os.path.abspath(args.output_root or os.path.join(REPO_ROOT, "runs", f"compare-{args.preset}"))
-    report_dir = os.path.abspath(args.report_dir or os.path.join(output_root, "report"))
-    cache_dir = os.path.abspath(args.data_cache_dir or os.path.join(output_root, "token-cache"))
-    for flag, folder in (("--output_root", output_root), ("--report_dir", report_dir), ("--data_cache_dir", cache_dir)):
-        problem = folder_problem(flag, folder)
-        if problem:
-            parser.error(problem)
+    output_root, report_dir, cache_dir = sweep.study_folders(parser, args, "compare", "report")
     try:
         params, non_embedding = sweep.count_parameters(settings["config_name"])
     except UsageError as error:

@@ -103,9 +103,9 @@ def cache_records(cache_dir: str) -> set[str]:
 
 def tokenisation_seconds(cache_dir: str, existing: set[str]) -> float | None:
     """Seconds run_clm.py spent tokenising during this sweep (training files and WikiText): the caches in
-    `cache_dir` that are not among `existing` (`cache_records` before the sweep); None where it made none. Before,
-    every cache in the folder counted: a shared --data_cache_dir, or a second sweep reading the first one's cache,
-    reported time that no run of the sweep had spent."""
+    `cache_dir` that are not among `existing` (`cache_records` before the sweep); None where it made none.
+    Counting every cache in the folder would report, for a shared --data_cache_dir or a second sweep reading the
+    first one's cache, time that no run of this sweep spent."""
     made = sorted(cache_records(cache_dir) - existing)
     if not made:
         return None
@@ -182,33 +182,64 @@ def prepare(shards: list[str]) -> None:
     print(f"sweep.py: copied {len(shards)} shards into {os.path.relpath(GPU_DATA, REPO_ROOT)} ({size / 2**20:.1f} MiB)")
 
 
+def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the run_clm.py flags after `--`, given to every run)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def add_study_arguments(parser: argparse.ArgumentParser, study: str, report_help: str) -> None:
+    """The arguments a study of several run_clm.py runs shares (this sweep, scripts/compare.py): its data, its
+    folders (`study`: the name in runs/<study>-<preset>) and --prepare."""
+    parser.add_argument("--train_file", default=None, help="override the preset's training files (comma-separated)")
+    parser.add_argument("--validation_file", default=os.path.join(REPO_ROOT, "data", "wikitext-103-test.jsonl"))
+    parser.add_argument("--output_root", default=None, help=f"the runs; default runs/{study}-<preset>")
+    parser.add_argument("--report_dir", default=None, help=report_help)
+    parser.add_argument("--data_cache_dir", default=None, help="tokenised data, shared by all runs; default "
+                        "<output_root>/token-cache")
+    parser.add_argument("--prepare", action="store_true", help="copy --corpus's train-*.jsonl.xz into .gpu_data/corpus "
+                        "(git-ignored) for the gpu preset on a machine without ../shared, then stop")
+    parser.add_argument("--corpus", default=SHARED_CORPUS, help="where --prepare copies from")
+
+
+def prepare_if_asked(parser: argparse.ArgumentParser, args) -> bool:
+    """With --prepare: copy the corpus shards into .gpu_data (`prepare`) and return True (the command stops)."""
+    if not args.prepare:
+        return False
+    shards = sorted(glob.glob(os.path.join(args.corpus, "train-*.jsonl.xz")))
+    if not shards:
+        parser.error(f"--corpus: no train-*.jsonl.xz in {args.corpus}")
+    prepare(shards)
+    return True
+
+
+def study_folders(parser: argparse.ArgumentParser, args, study: str, report_default: str) -> tuple[str, str, str]:
+    """(output root, report folder, token cache), absolute; a folder that cannot be one is a parser error.
+    `report_default`: the report folder's path inside the output root ("" for the root itself)."""
+    output_root = os.path.abspath(args.output_root or os.path.join(REPO_ROOT, "runs", f"{study}-{args.preset}"))
+    report_dir = os.path.abspath(args.report_dir or os.path.join(output_root, report_default))
+    cache_dir = os.path.abspath(args.data_cache_dir or os.path.join(output_root, "token-cache"))
+    for flag, folder in (("--output_root", output_root), ("--report_dir", report_dir), ("--data_cache_dir", cache_dir)):
+        problem = folder_problem(flag, folder)
+        if problem:
+            parser.error(problem)
+    return output_root, report_dir, cache_dir
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python scripts/sweep.py", *argv])
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_double_dash(argv)
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--sizes", default=None, help="data sizes in passes over the training files, comma-separated "
                         "(at least two; the gpu preset: 0.18,0.5,1.44, the cpu preset: 0.002,0.006,0.016)")
-    parser.add_argument("--train_file", default=None, help="override the preset's training files (comma-separated)")
-    parser.add_argument("--validation_file", default=os.path.join(REPO_ROOT, "data", "wikitext-103-test.jsonl"))
-    parser.add_argument("--output_root", default=None, help="the runs; default runs/sweep-<preset>")
-    parser.add_argument("--report_dir", default=None, help="sweep.json/.md/.png and each run's all_results.json; "
-                        "default --output_root")
-    parser.add_argument("--data_cache_dir", default=None, help="tokenised data, shared by all runs; default "
-                        "<output_root>/token-cache")
+    add_study_arguments(parser, "sweep", "sweep.json/.md/.png and each run's all_results.json; default --output_root")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--prepare", action="store_true", help="copy --corpus's train-*.jsonl.xz into .gpu_data/corpus "
-                        "(git-ignored) for the gpu preset on a machine without ../shared, then stop")
-    parser.add_argument("--corpus", default=SHARED_CORPUS, help="where --prepare copies from")
     args = parser.parse_args(argv)
     replicate.refuse_non_finite_options(parser, args)
-    if args.prepare:
-        shards = sorted(glob.glob(os.path.join(args.corpus, "train-*.jsonl.xz")))
-        if not shards:
-            parser.error(f"--corpus: no train-*.jsonl.xz in {args.corpus}")
-        prepare(shards)
+    if prepare_if_asked(parser, args):
         return {}
     settings = {key: value for key, value in PRESETS[args.preset].items() if key != "sizes"}
     sizes = parse_sizes(args.sizes or PRESETS[args.preset]["sizes"])
@@ -224,13 +255,7 @@ def main(argv=None) -> dict:
     problem = replicate.missing_files(settings, args.validation_file)
     if problem:
         parser.error(problem)
-    output_root = os.path.abspath(args.output_root or os.path.join(REPO_ROOT, "runs", f"sweep-{args.preset}"))
-    report_dir = os.path.abspath(args.report_dir or output_root)
-    cache_dir = os.path.abspath(args.data_cache_dir or os.path.join(output_root, "token-cache"))
-    for flag, folder in (("--output_root", output_root), ("--report_dir", report_dir), ("--data_cache_dir", cache_dir)):
-        problem = folder_problem(flag, folder)
-        if problem:
-            parser.error(problem)
+    output_root, report_dir, cache_dir = study_folders(parser, args, "sweep", "")
     try:
         params, non_embedding = count_parameters(settings["config_name"])
     except UsageError as error:

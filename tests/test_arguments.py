@@ -130,7 +130,7 @@ def test_refuse_non_finite_covers_every_float_field():
     ],
 )
 def test_bad_lr_scheduler_kwargs_are_refused_at_parse_time(flags, message):
-    """Before: a TypeError from the scheduler function once the data was tokenised."""
+    """Regression: a TypeError from the scheduler function once the data was tokenised."""
     with pytest.raises(UsageError, match=message):
         parse(*flags)
 
@@ -165,7 +165,7 @@ def test_lr_scheduler_kwargs_in_a_config_file_are_checked(tmp_path):
     ('{"train_file": "a.jsonl", "train_file": "b.jsonl"}', "train_file"),
 ])
 def test_duplicate_key_in_a_config_file_is_refused(tmp_path, text, key):
-    """Before, json kept the last value without a word (a silently different run)."""
+    """Regression: json kept the last value without a word (a silently different run)."""
     path = write_config(tmp_path, text)
     with pytest.raises(UsageError, match=rf"^config file {path} has the key '{key}' twice \(JSON would keep only the last one\)"):
         parse(config=path)
@@ -322,7 +322,7 @@ LATE_FAILURES = {  # flags -> the start of the one line
 
 @pytest.mark.parametrize("member", LATE_FAILURES)
 def test_settings_that_would_fail_late_or_do_nothing_are_refused_up_front(tmp_path, monkeypatch, member):
-    """Before: a missing optimizer package, unparsable --optim_args, an unknown compile backend and --push_to_hub
+    """Regression: a missing optimizer package, unparsable --optim_args, an unknown compile backend and --push_to_hub
     offline each gave a traceback once the Trainer was built, after the folder was claimed (and, with
     --overwrite_output_dir, the earlier outputs deleted); a re-run with the fix was then refused as another run.
     --do_train false, --do_predict, --dataloader_drop_last and --fp16 on a CPU were accepted and not honoured

@@ -504,7 +504,7 @@ def launch(script, *args, **env):
     ],
 )
 def test_a_key_given_twice_is_refused_as_run_clm_refuses_it(tmp_path, capsys, members, key):
-    """Before, config_args.py read the config with json.load, which keeps the last value of a key without a word,
+    """Regression: config_args.py read the config with json.load, which keeps the last value of a key without a word,
     so every launcher (and run_paper.sh) trained with it where `run_clm.py config.json` refuses the file."""
     from patch_training.cli import UsageError
 
@@ -608,7 +608,7 @@ def test_the_launcher_log_goes_beside_the_output_dir_the_run_uses(tmp_path, scri
     ],
 )
 def test_launch_deepspeed_uses_the_deepspeed_config_it_is_given(tmp_path, env, flags, members, expected):
-    """Before, DS_CONFIG (default zero2.json) was put after the flags, so a --deepspeed in the config or the
+    """Regression: DS_CONFIG (default zero2.json) was put after the flags, so a --deepspeed in the config or the
     flags was replaced without a word. The config the run reads is the last --deepspeed, as run_clm.py's parser
     takes it."""
     import shlex
@@ -678,7 +678,7 @@ def test_prepare_refuses_bad_input_before_writing(tmp_path, monkeypatch, capsys,
     (["--shards", "0", "--no_tokenize"], "--output_dir"),
 ])
 def test_prepare_refuses_a_folder_option_that_cannot_be_a_folder(tmp_path, monkeypatch, capsys, kind, flags, flag):
-    """Before, a file as --data_cache_dir ended in a FileExistsError traceback from os.makedirs, after tokenising
+    """Regression: a file as --data_cache_dir ended in a FileExistsError traceback from os.makedirs, after tokenising
     had started; now one line before any work (and the file is kept)."""
     monkeypatch.chdir(REPO_ROOT)
     blocker = path_in_the_way(tmp_path, kind)

@@ -61,7 +61,7 @@ def finished_run(tmp_path_factory, workdir):
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("member", BAD_DATA)
 def test_bad_data_with_overwrite_keeps_the_finished_run(workdir, finished_run, tmp_path, member, streaming):
-    """Before: --overwrite_output_dir deleted the finished model, then the data was refused; the folder was left
+    """Regression: --overwrite_output_dir deleted the finished model, then the data was refused; the folder was left
     holding run_args.json alone. Now every input is read before the folder is claimed; with --streaming, which
     reads the data while training, the start of each file is read first (`DataSource.check_starts`: its first
     documents, a table's schema), which finds these (before: the model was deleted, then the stream failed)."""
@@ -78,7 +78,7 @@ def test_bad_data_with_overwrite_keeps_the_finished_run(workdir, finished_run, t
 @pytest.mark.parametrize("member", ["model_is_the_folder", "model_is_its_patch_stage", "tokenizer_is_the_folder",
                                     "cache_is_the_folder"])
 def test_an_input_that_is_the_output_folder_is_refused(workdir, finished_run, member, overwrite):
-    """Before: continuing from the model in the output folder itself (or from its patch_stage/) with
+    """Regression: continuing from the model in the output folder itself (or from its patch_stage/) with
     --overwrite_output_dir deleted that model, then failed to load it ("Unrecognized model"). Now an input that
     is the output folder, or a folder the run writes, is refused in one line before anything is touched."""
     folder, before = finished_run
@@ -145,7 +145,7 @@ def test_a_config_beside_a_checkpoint_must_describe_it(workdir, finished_run, tm
 
 @pytest.mark.parametrize("member", ["number_as_text", "only_blank_lines"])
 def test_a_refused_first_run_does_not_claim_the_folder(workdir, tmp_path, member):
-    """Before: a first run refused for its data left run_args.json, and the corrected command was refused as
+    """Regression: a first run refused for its data left run_args.json, and the corrected command was refused as
     "a different run". Now nothing is recorded until the data has been read."""
     folder = tmp_path / "out"
     name, make = BAD_DATA[member]
@@ -196,7 +196,7 @@ def rewritable_job(workdir, tmp_path, member):
 
 @pytest.mark.parametrize("member", REWRITES)
 def test_an_input_rewritten_in_place_is_another_run(workdir, tmp_path, monkeypatch, member):
-    """Before: a data file or model config rewritten under the same path between an interruption and the re-run
+    """Regression: a data file or model config rewritten under the same path between an interruption and the re-run
     was resumed without a word (the first steps on the old data, the rest on the new). Now it is refused like a
     changed flag, naming what changed; a finished run is not reported as if it had used the new inputs."""
     config_dir, args = rewritable_job(workdir, tmp_path, member)
@@ -259,7 +259,7 @@ def test_describe_change_names_only_the_changed_entries():
 
 @pytest.mark.parametrize("stage_patch_size", [4, 1], ids=["in_patch_stage", "in_token_stage"])
 def test_a_model_only_checkpoint_is_not_resumed(workdir, tmp_path, monkeypatch, stage_patch_size):
-    """Before: a run interrupted with --save_only_model true resumed from weights alone with a fresh optimizer and
+    """Regression: a run interrupted with --save_only_model true resumed from weights alone with a fresh optimizer and
     schedule (perplexity 4907 vs 5490 uninterrupted), saying only "Resuming". Now the re-run is refused in one line,
     also when the flag is dropped for the re-run (the checkpoint still holds no optimizer state)."""
     args = job_args(workdir, tmp_path / "out", save_only_model="true", **SMALL)
@@ -275,7 +275,7 @@ def test_a_model_only_checkpoint_is_not_resumed(workdir, tmp_path, monkeypatch, 
 
 
 def test_a_folder_in_use_is_refused(workdir, tmp_path):
-    """Before: a second run started into the folder of a running one resumed from its newest checkpoint; its
+    """Regression: a second run started into the folder of a running one resumed from its newest checkpoint; its
     checkpoint rotation then deleted the folder the first was saving into (a SafetensorError traceback). Now the
     first run holds a lock (another process here) and the second is refused; once it is released, the run goes."""
     folder = tmp_path / "out"
@@ -299,7 +299,7 @@ def test_a_folder_in_use_is_refused(workdir, tmp_path):
 @pytest.mark.parametrize("member", ["train_folder", "recursive_glob", "validation_folder", "the_folder_itself",
                                     "json_list", "folder_glob", "glob_of_folders_below"])
 def test_an_output_dir_inside_a_data_folder_is_refused(workdir, tmp_path, member):
-    """Before: the first run succeeded and the identical re-run was refused as a different run (its outputs,
+    """Regression: the first run succeeded and the identical re-run was refused as a different run (its outputs,
     JSON files and checkpoints, had become training files). Now refused up front, before anything is written."""
     data = tmp_path / "data"
     synthetic_corpus(data / "a.jsonl")
@@ -358,7 +358,7 @@ def test_where_a_pattern_reads(tmp_path, monkeypatch, pattern, output, reaches):
 
 
 def test_label_smoothing_with_a_patch_stage_is_refused_before_any_work(workdir, tmp_path):
-    """Before: the patch stage crashed at its first step (transformers' label smoother replaced the K-way loss:
+    """Regression: the patch stage crashed at its first step (transformers' label smoother replaced the K-way loss:
     "Size does not match at dimension 1"), after the folder was claimed. Now refused up front; the token-level
     baseline (--patch_data_fraction 0) takes it."""
     with pytest.raises(UsageError, match="--label_smoothing_factor 0.1 does not work with the patch stage"):

@@ -97,7 +97,7 @@ INJECTIONS = {"NaN weight in the patch stage": nan_weight, "NaN gradient in the 
 
 @pytest.mark.parametrize("member", list(DIVERGENCES))
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(workdir, tmp_path, monkeypatch, capsys, member):
-    """Before: the run trained to the end, printed "done", exited 0 and wrote an all-NaN final model, and
+    """Regression: the run trained to the end, printed "done", exited 0 and wrote an all-NaN final model, and
     --save_total_limit 1 rotated the last finite checkpoint away for NaN ones."""
     overrides, injection, stage, named = DIVERGENCES[member]
     output_dir = tmp_path / "job"
@@ -187,7 +187,7 @@ def stop_training(trainer):
 @pytest.mark.parametrize("member", ["SIGTERM in the patch stage", "SIGUSR1 in the token stage",
                                     "a callback's stop in the patch stage", "a callback's stop in the token stage"])
 def test_a_stage_returned_early_is_not_complete_and_resumes_exactly(workdir, finished_job, tmp_path, monkeypatch, member):
-    """Before: with --enable_jit_checkpoint, SIGTERM wrote stage_complete.json after 7 of 100 patch steps and the
+    """Regression: with --enable_jit_checkpoint, SIGTERM wrote stage_complete.json after 7 of 100 patch steps and the
     job trained the whole token stage and exited 0; in the token stage all_results.json was written after 6 of 12
     steps and a re-run said "nothing to do"; without the flag SIGTERM lost everything since the last save."""
     stage_patch_size = 4 if "patch" in member else 1
@@ -279,7 +279,7 @@ DAMAGES = {
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_checkpoint_missing_what_a_resume_loads_is_skipped(workdir, finished_job, tmp_path, monkeypatch, caplog,
                                                              damage):
-    """Before: without optimizer.pt or scheduler.pt the resume silently started a fresh AdamW and restarted the
+    """Regression: without optimizer.pt or scheduler.pt the resume silently started a fresh AdamW and restarted the
     warmup (weights off by 8.7e-3); a cut optimizer.pt ended in a torch traceback with no fallback."""
     output_dir = tmp_path / "job"
     interrupt_at(monkeypatch, 1, step=5)  # in the token stage, with checkpoints at steps 2 and 4
@@ -301,7 +301,7 @@ def test_a_checkpoint_missing_what_a_resume_loads_is_skipped(workdir, finished_j
 
 
 def test_a_resume_takes_the_new_saving_and_logging_cadence(workdir, tmp_path, monkeypatch):
-    """Before: resumed with --save_steps 3 --logging_steps 2, the stage still saved at 8 and 12 and logged every
+    """Regression: resumed with --save_steps 3 --logging_steps 2, the stage still saved at 8 and 12 and logged every
     step (transformers restores the checkpoint's cadence from its trainer_state.json)."""
     output_dir = tmp_path / "job"
     interrupt_at(monkeypatch, 1, step=5)
@@ -351,7 +351,7 @@ WRITE_FAILURES = {
 
 @pytest.mark.parametrize("member", list(WRITE_FAILURES))
 def test_a_failure_to_write_names_the_file(workdir, finished_job, tmp_path, monkeypatch, capsys, member):
-    """Before: a full disk while writing weights escaped as a safetensors traceback naming no file; on
+    """Regression: a full disk while writing weights escaped as a safetensors traceback naming no file; on
     optimizer.pt the line named no file."""
     limit, file_name, folder = WRITE_FAILURES[member]
     output_dir = tmp_path / "job"
@@ -434,7 +434,7 @@ REFUSED_MEMBERS = {
 
 @pytest.mark.parametrize("member", list(REFUSED_MEMBERS))
 def test_options_that_break_a_guarantee_are_refused_before_anything_is_written(workdir, tmp_path, member):
-    """Before: --ignore_data_skip true was accepted and the resumed stage restarted its block order (32 of 96
+    """Regression: --ignore_data_skip true was accepted and the resumed stage restarted its block order (32 of 96
     blocks trained twice, 32 never)."""
     from patch_training.cli import UsageError
 
@@ -478,7 +478,7 @@ WARMUPS = {
 
 @pytest.mark.parametrize("member", list(WARMUPS))
 def test_a_stage_shorter_than_its_warmup_is_refused_or_named(workdir, tmp_path, caplog, member):
-    """Before: λ = 0.97 left the token stage one step at learning rate 0: the final model equalled the patch model
+    """Regression: λ = 0.97 left the token stage one step at learning rate 0: the final model equalled the patch model
     bit for bit while λ 0.97 and cost 0.272 were reported; --max_steps below the warmup peaked at a tenth of the
     learning rate without a word. A stage whose one step would learn nothing is refused; one that never reaches
     its peak is named in one warning."""
@@ -511,7 +511,7 @@ print(json.dumps({"extra_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def test_a_long_single_line_document_tokenises_in_bounded_memory(tokenizer_dir):
-    """Before: one 50 MB single-line document took 4.3 GB (the fast tokenizer holds ~75 bytes a character of its
+    """Regression: one 50 MB single-line document took 4.3 GB (the fast tokenizer holds ~75 bytes a character of its
     input); under a memory cap the tokenizer aborted with exit code 134 and no message. A 6 MB document now adds
     a few bytes a character (its tokens as Python ints), whatever its length."""
     characters = 6_000_000
@@ -563,7 +563,7 @@ FSDP_REQUESTS = {
 
 @pytest.mark.parametrize("member", list(FSDP_REQUESTS))
 def test_fsdp_without_a_gpu_is_refused_before_anything_is_written(workdir, tmp_path, monkeypatch, member):
-    """Before: configs/accelerate/fsdp_8gpu.yaml with 2 CPU processes failed with a RuntimeError traceback after
+    """Regression: configs/accelerate/fsdp_8gpu.yaml with 2 CPU processes failed with a RuntimeError traceback after
     claiming the output folder, and with fsdp_sync_module_states false both FSDP versions "completed" as plain DDP
     without a word."""
     from patch_training.cli import UsageError

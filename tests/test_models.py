@@ -157,7 +157,7 @@ def test_vocabulary_conflicts_against_a_naive_comparison():
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, tokenizer, foreign_tokenizer_dir):
-    """Before, run_clm.py and eval_perplexity.py refused only a tokenizer larger than the vocabulary: a smaller one
+    """Regression: run_clm.py and eval_perplexity.py refused only a tokenizer larger than the vocabulary: a smaller one
     of another model (the LLaMA-2 tokenizer, 32,000 tokens, beside a Qwen checkpoint of 151,936) was accepted and the
     model trained, or was evaluated, on text its embedding reads as other words. Members: a foreign tokenizer beside a
     checkpoint with the LLaMA-2 one (and the reverse); the same tokenizer from another folder, one that extends it

@@ -156,7 +156,7 @@ def wrote(capsys) -> list[str]:
 
 
 def test_an_existing_folder_or_a_name_without_extension(runs, tmp_path, capsys):
-    """Before, `--output <existing folder>` wrote <folder>.png and `--output .../9` wrote 9.png, each printing
+    """Regression: `--output <existing folder>` wrote <folder>.png and `--output .../9` wrote 9.png, each printing
     the name given. A folder (existing, or written with a trailing /) gets curves.png / offsets.png inside; a
     name without an extension gets matplotlib's default, .png; what is printed is what was written."""
     folder = tmp_path / "plots2"
@@ -181,7 +181,7 @@ def test_other_formats_by_extension(runs, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["x.csv", "x.txt", "model.safetensors", "trainer_state.json", "curves.png.bak"])
 @pytest.mark.parametrize("flag", ["--output", "--offsets_output"])
 def test_an_extension_matplotlib_cannot_write_is_one_line(runs, tmp_path, capsys, name, flag):
-    """Before: matplotlib's ValueError traceback, after the run folders were read. The formats named are
+    """Regression: matplotlib's ValueError traceback, after the run folders were read. The formats named are
     matplotlib's own list."""
     from matplotlib.figure import Figure
 
@@ -195,7 +195,7 @@ def test_an_extension_matplotlib_cannot_write_is_one_line(runs, tmp_path, capsys
 
 @pytest.mark.parametrize("offsets", ["c.png", "./c.png", "sub/../c.png", "c", "link.png", "hard.png"])
 def test_the_same_file_for_both_plots_is_refused(runs, tmp_path, capsys, monkeypatch, offsets):
-    """Before, the offsets plot replaced the curves plot without a word."""
+    """Regression: the offsets plot replaced the curves plot without a word."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sub").mkdir()
     (tmp_path / "c.png").write_bytes(b"old")
@@ -229,7 +229,7 @@ def test_an_output_that_is_an_input_is_refused(runs, tmp_path, capsys, target, f
     ],
 )
 def test_two_runs_with_one_label_are_refused(runs, tmp_path, capsys, specs, label):
-    """Before, the legend showed two identical labels."""
+    """Regression: the legend showed two identical labels."""
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "run").symlink_to(runs["patch"])

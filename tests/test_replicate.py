@@ -55,7 +55,7 @@ def test_bad_input_is_refused_before_any_run(tmp_path, capsys, flags, message):
 
 
 def test_a_failed_run_ends_with_one_line_not_a_traceback(tmp_path):
-    """Before, a failing run_clm.py call ended replicate.py with subprocess's CalledProcessError traceback."""
+    """Regression: a failing run_clm.py call ended replicate.py with subprocess's CalledProcessError traceback."""
     done = subprocess.run(
         [sys.executable, SCRIPT, "--preset", "cpu", "--output_root", str(tmp_path / "r"), "--", "--learning_rate", "-1"],
         capture_output=True, text=True, cwd=REPO_ROOT,
@@ -76,7 +76,7 @@ def no_run(monkeypatch):
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "Infinity", "NaN"])
 def test_a_non_finite_epochs_is_refused_before_any_run(tmp_path, capsys, no_run, value):
-    """Before, `--epochs inf` (not nan: `nan > 0` is false) started the first run, which then failed. The rule
+    """Regression: `--epochs inf` (not nan: `nan > 0` is false) started the first run, which then failed. The rule
     and words of patch_training.cli.refuse_non_finite, for every float option."""
     with pytest.raises(SystemExit) as exit_info:
         replicate.main(["--preset", "cpu", "--output_root", str(tmp_path / "r"), f"--epochs={value}"])
@@ -105,7 +105,7 @@ def test_every_float_option_is_checked(capsys):
 @pytest.mark.parametrize("below", [False, True])
 @pytest.mark.parametrize("kind", IN_THE_WAY)
 def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below, kind):
-    """Before, --output_root naming a file (or a path under one) ended in a FileExistsError traceback."""
+    """Regression: --output_root naming a file (or a path under one) ended in a FileExistsError traceback."""
     blocker = path_in_the_way(tmp_path, kind)
     folder = blocker / "sub" if below else blocker
     argv = ["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)]

@@ -57,7 +57,7 @@ INPUTS_INSIDE = {
 
 @pytest.mark.parametrize("member", INPUTS_INSIDE)
 def test_overwrite_removes_only_own_outputs_and_keeps_inputs(tmp_path, member):
-    """Before, --overwrite_output_dir deleted everything in the folder, the run's own inputs included."""
+    """Regression: --overwrite_output_dir deleted everything in the folder, the run's own inputs included."""
     folder = run_folder(tmp_path)
     inputs = [folder / p for p in INPUTS_INSIDE[member]]
     for path in inputs:
@@ -184,7 +184,7 @@ CHANGES = {  # the issue's case, then other settings that change what is compute
 
 @pytest.mark.parametrize("setting", CHANGES)
 def test_changed_setting_is_refused_naming_it(workdir, tmp_path, setting):
-    """Before, only a hand-picked list was compared: another --lr_scheduler_kwargs (or optimizer, seed of the
+    """Regression: only a hand-picked list was compared: another --lr_scheduler_kwargs (or optimizer, seed of the
     data order, ...) resumed silently. Now refused, naming the setting with its old and new value."""
     before, after = CHANGES[setting]
     folder = tmp_path / "out"
@@ -249,7 +249,7 @@ def reference_job(workdir):
 
 @pytest.mark.parametrize("stage_patch_size", [4, 1], ids=["in_patch_stage", "in_token_stage"])
 def test_results_after_resume_equal_uninterrupted(workdir, reference_job, tmp_path, monkeypatch, stage_patch_size):
-    """Before, train_loss after a kill-and-resume covered only the steps after the resume (8.8878 vs 9.4559).
+    """Regression: train_loss after a kill-and-resume covered only the steps after the resume (8.8878 vs 9.4559).
     Now every stage figure is the whole stage's. A re-run with other settings is refused before resuming."""
     output_dir = tmp_path / "job"
     interrupt_at(monkeypatch, stage_patch_size, step=5)
@@ -287,7 +287,7 @@ def test_results_after_resume_equal_uninterrupted(workdir, reference_job, tmp_pa
 
 
 def test_pad_token_is_recorded_silently(reference_job, tokenizer):
-    """Before, every run printed "The tokenizer has new PAD/BOS/EOS tokens ... {'pad_token_id': 0}" (transformers'
+    """Regression: every run printed "The tokenizer has new PAD/BOS/EOS tokens ... {'pad_token_id': 0}" (transformers'
     Trainer aligning the config). Now the tokenizer's ids are recorded on purpose before training."""
     output_dir, _, warnings = reference_job
     assert not [w for w in warnings if "PAD/BOS/EOS" in w], warnings
@@ -332,7 +332,7 @@ def test_small_train_file_under_a_large_budget_warns_once(workdir, tmp_path, cap
 
 
 def test_ctrl_c_is_one_line_and_exit_code_130(workdir, tmp_path):
-    """Before, Ctrl-C printed a full KeyboardInterrupt traceback. Now one line saying the same command resumes,
+    """Regression: Ctrl-C printed a full KeyboardInterrupt traceback. Now one line saying the same command resumes,
     and exit code 130 (128 + SIGINT). SIGINT is sent once the job has saved its first checkpoint."""
     import signal
     import subprocess

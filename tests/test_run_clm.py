@@ -181,7 +181,7 @@ def test_resume_after_interruption(workdir, finished_job, tmp_path, monkeypatch,
 @pytest.mark.parametrize("damage", ["state_missing", "weights_truncated"])
 def test_resume_skips_a_checkpoint_whose_save_did_not_finish(workdir, finished_job, tmp_path, monkeypatch, damage):
     """A job killed while saving leaves its newest checkpoint without trainer_state.json (transformers writes it
-    last) or with a half-written file. Before, the re-run picked it and died in a traceback; now it resumes
+    last) or with a half-written file. Regression: a re-run picked it and died in a traceback. It resumes
     from the newest complete one and ends where the uninterrupted job ends."""
     output_dir = tmp_path / "job"
     interrupt_at(monkeypatch, 1, step=5)  # in the token stage, with checkpoints at steps 2 and 4
@@ -203,7 +203,7 @@ def test_resume_skips_a_checkpoint_whose_save_did_not_finish(workdir, finished_j
 
 
 def test_changed_rerun_of_a_finished_job_is_refused(workdir, finished_job):
-    """Before, a finished job's folder re-run with other settings printed the old results as if they were the
+    """Regression: a finished job's folder re-run with other settings printed the old results as if they were the
     new ones. Settings that a resume would silently ignore or mix (the batch, the schedule) count too."""
     output_dir, _ = finished_job
     with pytest.raises(UsageError, match=r"holds a different run \(max_steps: 12 -> 16\)"):

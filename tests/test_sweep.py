@@ -138,7 +138,7 @@ def test_every_float_option_of_the_sweep_is_checked(monkeypatch):
 @pytest.mark.parametrize("below", [False, True])
 @pytest.mark.parametrize("kind", IN_THE_WAY)
 def test_a_folder_option_that_is_a_file_is_one_line(tmp_path, capsys, no_run, flag, below, kind):
-    """Before, --output_root or --report_dir naming a file ended in a FileExistsError traceback."""
+    """Regression: --output_root or --report_dir naming a file ended in a FileExistsError traceback."""
     blocker = path_in_the_way(tmp_path, kind)
     folder = blocker / "sub" if below else blocker
     argv = ["--preset", "cpu", "--output_root", str(tmp_path / "r"), flag, str(folder)]
@@ -159,7 +159,7 @@ def test_a_model_config_with_a_key_twice_is_refused(tmp_path, capsys, monkeypatc
 
 
 def test_tokenising_time_counts_only_the_caches_the_sweep_made(tmp_path):
-    """Before, every cache in --data_cache_dir counted: a sweep that read a shared or earlier cache reported a
+    """Regression: every cache in --data_cache_dir counted: a sweep that read a shared or earlier cache reported a
     tokenising time no run of it had spent."""
     def cache(name, seconds):
         (tmp_path / name).mkdir()

@@ -174,7 +174,7 @@ def test_patch_stage_only_job_logs_its_final_evaluation_once(workdir, tmp_path):
     ],
 )
 def test_missing_tracker_is_one_line_before_any_work(workdir, tmp_path, capsys, monkeypatch, report_to, message):
-    """Before, a tracker that is not installed ended in transformers' RuntimeError traceback once the first
+    """Regression: a tracker that is not installed ended in transformers' RuntimeError traceback once the first
     stage's Trainer was built. Now: one line naming the package, exit code 2, and the output folder not made."""
     monkeypatch.setitem(tracking.TRACKER_REQUIREMENTS, "mlflow", (lambda: False, "pip install mlflow"))  # absent
     if report_to == "tensorboard":  # installed here: simulate its absence

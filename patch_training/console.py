@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .results import tokens_seen
+from .results import relative_cost_nominal, tokens_seen
 from .stages import global_batch_size, stage_batch_settings, stage_steps
 
 
@@ -69,7 +69,7 @@ def job_line(args, plans, results: dict, tokenizer) -> str:
         split = f"λ = {lam:.4g} of the tokens at patch level, K = {k}"
     stages = ", then ".join(f"{name} stage {count(n)} optimizer steps" for name, n in steps)
     total = f" ({count(sum(n for _, n in steps))} in all)" if len(steps) > 1 else ""
-    cost = lam / k + 1 - lam if lam > 0 else 1.0
+    cost = relative_cost_nominal(lam, k)
     return (f"Job: a budget of {count(results['budget_tokens'])} training tokens ({budget_origin(args, results['dataset_tokens'])})"
             f"{skipped}; {split}: {stages}{total}; relative cost λ/K + 1 - λ = {cost:.3f}; "
             f"{padding_note(tokenizer)}")

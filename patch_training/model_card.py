@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from .results import add_job_totals, relative_cost_nominal
+
 PAPER = "https://arxiv.org/abs/2407.12665"
 CITATION = """@inproceedings{shao2025beyond,
   title     = {Beyond Next Token Prediction: Patch-Level Training for Large Language Models},
@@ -194,22 +196,21 @@ Loaded this way the weights run at token level, as the token stage started from 
     return text
 
 
-def model_card(job, model, stages: dict[str, dict], evaluation: dict, location: str, patch_stage: bool,
-               totals: dict | None = None):
+def model_card(job, model, stages: dict[str, dict], evaluation: dict, location: str, patch_stage: bool):
     """The `huggingface_hub.ModelCard` of a model the job `job` (a `job.JobPlan`) saves at `location` (the folder as
     the user named it, or `--hub_model_id`).
 
     model: the saved model (its class, config and parameter count); stages: the all_results.json records of the
     stages trained so far ({"patch": ..., "token": ...}); evaluation: the model's own token-level evaluation
-    (eval_loss, eval_perplexity; {} for none); patch_stage: the card of the patch stage's model, not the job's;
-    totals: the job's totals (`results.add_job_totals`: relative cost measured), for the final model."""
+    (eval_loss, eval_perplexity; {} for none); patch_stage: the card of the patch stage's model, not the job's
+    (the job's card also gives its relative cost as measured, `results.add_job_totals` over `stages`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     args, header = job.args, job.results
     config = model.config
     stock_class = getattr(model, "_stock_class", type(model)).__name__
     lam, k = header["patch_data_fraction"], header["patch_size"]
-    nominal = lam / k + 1 - lam if lam > 0 else 1.0
+    nominal = relative_cost_nominal(lam, k)
     base = hub_name(args.model.model_name_or_path)
     data = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation",
@@ -234,7 +235,8 @@ def model_card(job, model, stages: dict[str, dict], evaluation: dict, location: 
     role = ("This is the **patch-stage model** of that job: the weights the token stage started from. "
             if patch_stage else "")
     cost = ""
-    if totals is not None:
+    if not patch_stage:
+        totals = add_job_totals({}, [s for s in stages.values() if s], lam, k, evaluation)
         cost = (f"\n\nRelative cost: {totals['relative_cost_nominal']:.3f} nominal (λ/K + 1 - λ), "
                 f"{totals['relative_cost_measured']:.3f} measured (positions / tokens: {totals['positions']:,} / "
                 f"{totals['tokens']:,}).")

@@ -55,6 +55,13 @@ def recipe_results(patch_args, step_fraction, schedule_steps: int | None) -> dic
     }
 
 
+def relative_cost_nominal(patch_fraction: float, patch_size: int) -> float:
+    """The compute of a job at patch fraction λ and patch size K relative to token-level training on the same
+    tokens: λ/K + 1 - λ (the paper's §3.1), 1 for the token-level baseline λ = 0."""
+    lam = float(patch_fraction)
+    return lam / patch_size + 1 - lam if lam > 0 else 1.0
+
+
 def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, patch_size: int, final: dict) -> dict:
     """Add the job's totals to `results`: tokens and positions over `stages`, the nominal relative cost
     λ/K + 1 - λ (the paper's §3.1; 1 for the token-level baseline λ = 0) and the measured one (positions /
@@ -67,8 +74,7 @@ def add_job_totals(results: dict, stages: list[dict], patch_fraction: float, pat
     patch = results.get("patch_stage") or {"tokens": 0, "steps": 0}
     results["patch_token_fraction_measured"] = patch["tokens"] / tokens if tokens else float("nan")
     results["patch_step_fraction_measured"] = patch["steps"] / steps if steps else float("nan")
-    lam = float(patch_fraction)
-    results["relative_cost_nominal"] = lam / patch_size + 1 - lam if lam > 0 else 1.0
+    results["relative_cost_nominal"] = relative_cost_nominal(patch_fraction, patch_size)
     results["relative_cost_measured"] = positions / tokens if tokens else float("nan")
     results["tokens"], results["positions"] = tokens, positions
     results["eval_loss"] = final.get("eval_loss")

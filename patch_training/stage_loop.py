@@ -21,7 +21,7 @@ from .guards import check_preempted, deferred_preemption, preempted_message, pre
 from .job import JobPlan
 from .model_card import model_card, write_model_card
 from .models import build_model
-from .results import add_job_totals, job_results, stage_results
+from .results import job_results, stage_results
 from .run_dir import RunDir
 from .stages import StagePlan, stage_steps
 from .throughput import ThroughputMeter
@@ -100,11 +100,7 @@ def stage_model_card(job: JobPlan, model, plan: StagePlan, folder: str, record: 
     previous stage's: the job's final model's (with the job's totals) for the token stage, the patch stage's
     otherwise."""
     stages = {"patch": previous, "token": record} if plan.name == "token" else {"patch": record}
-    totals = None
-    if plan.name == "token":
-        totals = add_job_totals({}, [s for s in stages.values() if s], job.results["patch_data_fraction"],
-                                job.results["patch_size"], record)
-    return model_card(job, model, stages, record, folder, patch_stage=plan.name == "patch", totals=totals)
+    return model_card(job, model, stages, record, folder, patch_stage=plan.name == "patch")
 
 
 def stage_model(job: JobPlan, plan: StagePlan, init_from: str | None, patch_size: int | None = None):
@@ -135,11 +131,8 @@ def save_patch_model_as_final(job: JobPlan, run: RunDir, trainer, init_from: str
     final_eval = {}
     if job.eval_datasets[0] is not None:  # (the model in memory: the same before and after it is saved)
         results["final_eval"] = final_eval = trainer.evaluate()
-    stages = {"patch": results["patch_stage"]}
-    totals = add_job_totals({}, list(stages.values()), job.results["patch_data_fraction"], job.results["patch_size"],
-                            final_eval)
-    save_stage_model(trainer, run.output_dir, model_card(job, trainer.model, stages, final_eval, run.output_dir,
-                                                         patch_stage=False, totals=totals))
+    save_stage_model(trainer, run.output_dir, model_card(job, trainer.model, {"patch": results["patch_stage"]},
+                                                         final_eval, run.output_dir, patch_stage=False))
     return trainer, final_eval
 
 

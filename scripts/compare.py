@@ -57,6 +57,7 @@ import replicate
 import sweep
 
 from patch_training.cli import UsageError, usage_message
+from patch_training.results import relative_cost_nominal
 
 REPO_ROOT = replicate.REPO_ROOT
 PROG = "compare.py"  # in its messages, also when main() is called from Python
@@ -136,7 +137,7 @@ class Recipe:
         if self.superposition:
             return self.step_fraction * self.patch_size + 1 - self.step_fraction
         if self.data_fraction:
-            return 1 / (self.data_fraction / self.patch_size + 1 - self.data_fraction)
+            return 1 / relative_cost_nominal(self.data_fraction, self.patch_size)
         return 1.0
 
     @property

@@ -25,6 +25,7 @@ from .blocks import IgnoredPadding
 from .cli import UsageError, write_json_atomic, writing
 from .guards import DivergenceWatch, PreemptionCallback, check_finite_weights
 from .loss import count_loss_targets, loss_target_labels
+from .model_card import write_model_card
 from .run_dir import (
     STAGE_PROGRESS_FILE, archive_problem, checkpoints_to_delete, last_complete_checkpoint, safetensors_problem,
 )
@@ -296,7 +297,7 @@ class PatchTrainer(Trainer):
         if self.model_card is None:
             return super().create_model_card(*args, **kwargs)
         if self.args.should_save:
-            self.model_card.save(Path(self.args.output_dir) / "README.md")
+            write_model_card(self.model_card, self.args.output_dir)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.throughput is not None:  # a training log: the rates since the last one

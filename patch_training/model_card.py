@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .results import add_job_totals, relative_cost_nominal
+from .run_dir import MODEL_CARD_FILE
 
 PAPER = "https://arxiv.org/abs/2407.12665"
 CITATION = """@inproceedings{shao2025beyond,
@@ -27,7 +28,6 @@ CITATION = """@inproceedings{shao2025beyond,
   year      = {2025},
   url       = {https://arxiv.org/abs/2407.12665}
 }"""
-README = "README.md"
 
 
 def hub_name(name: str | None) -> str | None:
@@ -281,4 +281,4 @@ A {config.model_type} causal language model ({parameter_count(model):,} paramete
 
 def write_model_card(card, folder: str | Path) -> None:
     """Write `card` as `<folder>/README.md`."""
-    card.save(Path(folder) / README)
+    card.save(Path(folder) / MODEL_CARD_FILE)

@@ -42,6 +42,7 @@ STAGE_COMPLETE_FILE = "stage_complete.json"
 RUN_ARGS_FILE = "run_args.json"
 ALL_RESULTS_FILE = "all_results.json"
 STAGE_PROGRESS_FILE = "stage_progress.json"  # in each checkpoint: the stage's figures up to it (trainer.StageProgress)
+MODEL_CARD_FILE = "README.md"  # beside each saved model (model_card.write_model_card); what --push_to_hub uploads
 STREAM_INDEX_FILE = "stream_index.jsonl"  # --streaming: tokens per part of the data (blocks.StreamingTokenBlocks)
 LOCK_FILE = ".run_clm.lock"  # held by the run using the folder (`output_dir_lock`); never deleted
 
@@ -53,7 +54,7 @@ OWN_OUTPUTS = (
     "trainer_state.json", "training_args.bin", "config.json", "generation_config.json",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "chat_template.jinja", "checkpoint-*", "runs", PATCH_STAGE_DIR, STREAM_INDEX_FILE, "README.md",
+    "chat_template.jinja", "checkpoint-*", "runs", PATCH_STAGE_DIR, STREAM_INDEX_FILE, MODEL_CARD_FILE,
 )
 
 # What a run leaves once it has made progress, in the output folder or its patch_stage/: a checkpoint, a
